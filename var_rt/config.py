@@ -1,0 +1,163 @@
+"""Model configuration: presets of the official release and the fixtures' JSON format.
+
+A checkpoint's shape (depth, width, heads) and its token schedule (``patch_nums``)
+belong together: the schedule is never guessed from a file name, it comes from a
+preset or from a JSON config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Tuple
+
+from var_rt.errors import ConfigError
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig:
+    """Arguments of the official multi-scale VQVAE (``vae_ch160v4096z32``)."""
+
+    vocab_size: int = 4096      # V: codebook rows
+    z_channels: int = 32        # Cvae: channels of f_hat and of each codebook vector
+    ch: int = 160               # base width of encoder and decoder
+    ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)  # 16x downsampling
+    num_res_blocks: int = 2
+    share_quant_resi: int = 4   # number of phi convolutions shared across scales
+    quant_resi: float = 0.5     # phi(h) = (1-r) h + r conv(h)
+    patch_nums: Tuple[int, ...] = PATCH_NUMS_256
+
+
+@dataclasses.dataclass(frozen=True)
+class VARConfig:
+    """Arguments of the official VAR transformer."""
+
+    num_classes: int = 1000
+    depth: int = 16
+    embed_dim: int = 1024
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A VAR transformer together with the VQVAE it was trained on."""
+
+    name: str
+    var: VARConfig
+    vae: VQVAEConfig
+    vae_checkpoint: str | None = None   # path from a JSON config, relative to it
+
+    @property
+    def patch_nums(self) -> Tuple[int, ...]:
+        return self.vae.patch_nums
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.vae.patch_nums)
+
+    @property
+    def num_tokens(self) -> int:
+        """L: tokens over all scales (680 at 256 px, 2240 at 512 px)."""
+        return sum(pn * pn for pn in self.vae.patch_nums)
+
+    @property
+    def image_size(self) -> int:
+        return self.vae.patch_nums[-1] * 2 ** (len(self.vae.ch_mult) - 1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.var.embed_dim // self.var.num_heads
+
+    def scale_ranges(self) -> list[tuple[int, int]]:
+        """(begin, end) token offsets of each scale in the flattened sequence."""
+        out, cur = [], 0
+        for pn in self.vae.patch_nums:
+            out.append((cur, cur + pn * pn))
+            cur += pn * pn
+        return out
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "var": dataclasses.asdict(self.var),
+                "vae": dataclasses.asdict(self.vae)}
+
+
+def _preset(depth: int, patch_nums=PATCH_NUMS_256, shared_aln=False) -> ModelConfig:
+    # Official rule: width = 64 * depth, heads = depth (head dim 64).
+    return ModelConfig(
+        name=f"d{depth}",
+        var=VARConfig(depth=depth, embed_dim=64 * depth, num_heads=depth, shared_aln=shared_aln),
+        vae=VQVAEConfig(patch_nums=tuple(patch_nums)),
+    )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "d16": _preset(16),
+    "d20": _preset(20),
+    "d24": _preset(24),
+    "d30": _preset(30),
+    "d36": _preset(36, PATCH_NUMS_512, shared_aln=True),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)} "
+                          f"or pass a JSON config with --config") from None
+
+
+def _take(section: dict, cls, where: str, renames: dict | None = None):
+    renames = renames or {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in section.items():
+        name = renames.get(key, key)
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {sorted(fields | set(renames))}")
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass errors are already explicit
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read a model config in the fixtures' JSON format (``{"vae": {...}, "var": {...}}``)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or "var" not in raw or "vae" not in raw:
+        raise ConfigError(f"config file {str(path)!r} must be a JSON object with 'var' and 'vae' sections")
+    vae = _take(raw["vae"], VQVAEConfig, f"{path}: vae", {"v_patch_nums": "patch_nums"})
+    var = _take(raw["var"], VARConfig, f"{path}: var")
+    vae_ckpt = raw.get("vae_checkpoint")
+    if vae_ckpt is not None:
+        vae_ckpt = str((path.parent / vae_ckpt).resolve())
+    cfg = ModelConfig(name=path.stem if path.stem != "config" else path.parent.name,
+                      var=var, vae=vae, vae_checkpoint=vae_ckpt)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: ModelConfig) -> None:
+    v = cfg.var
+    if v.embed_dim % v.num_heads:
+        raise ConfigError(f"embed_dim {v.embed_dim} is not divisible by num_heads {v.num_heads}")
+    if sorted(cfg.patch_nums) != list(cfg.patch_nums) or cfg.patch_nums[0] < 1:
+        raise ConfigError(f"patch_nums must grow from at least 1, got {cfg.patch_nums}")
+    if len(cfg.patch_nums) < 2:
+        raise ConfigError("patch_nums needs at least two scales")

@@ -1,0 +1,194 @@
+"""The VAR transformer: AdaLN blocks with a static KV cache, written for inference.
+
+Parameter names follow the official checkpoint, so ``var_d16.pth`` and friends
+load strictly. Notation: B images, 2B = conditional + unconditional rows (CFG),
+l tokens of the current scale, L tokens of all scales, C width, H heads, c head dim.
+
+The inference split, used by every backend:
+- ``condition``: class ids -> AdaLN parameters of every block and of the head.
+  They depend only on the class, so they are computed once per image, not per scale.
+- ``scale_input``: previous f_hat (area-downsampled to this scale) -> block input.
+- ``step``: blocks + head for one scale, reading and extending a KV cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from var_rt.config import ModelConfig
+
+# KV provider: (layer index, k_new, v_new) -> (k_all, v_all), each (2B, H, l_all, c).
+# The eager/CUDA-graph path writes into a preallocated cache and returns views of it;
+# the ONNX export concatenates a past input instead.
+KVProvider = Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+class Condition(NamedTuple):
+    """Per-image AdaLN parameters (computed once, reused at all 10 scales)."""
+
+    ada_blocks: torch.Tensor  # (depth, 2B, 6, C): gamma1, gamma2, scale1, scale2, shift1, shift2
+    ada_head: torch.Tensor    # (2B, 2, C): scale, shift of the head's AdaLN
+    sos: torch.Tensor         # (2B, C): class embedding, the first scale's token
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, C: int, heads: int, l2_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim, self.l2_norm = heads, C // heads, l2_norm
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.register_buffer("zero_k_bias", torch.zeros(C), persistent=False)
+        if l2_norm:
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+        self.proj = nn.Linear(C, C)
+
+    def qkv(self, x_BlC: torch.Tensor):
+        B, l, C = x_BlC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        q, k, v = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.heads, self.head_dim) \
+            .permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, c)
+        if self.l2_norm:
+            # Cosine attention: unit q and k, q scaled per head by exp(min(s, ln 100)), softmax scale 1.
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()
+            k = F.normalize(k, dim=-1)
+        return q, k, v
+
+    @property
+    def softmax_scale(self) -> float:
+        return 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
+
+    def forward(self, x_BlC, layer: int, kv: Optional[KVProvider], attn_bias=None):
+        B, l, C = x_BlC.shape
+        q, k, v = self.qkv(x_BlC)
+        if kv is not None:
+            k, v = kv(layer, k, v)
+        o = F.scaled_dot_product_attention(q.to(v.dtype), k, v, attn_mask=attn_bias, scale=self.softmax_scale)
+        return self.proj(o.transpose(1, 2).reshape(B, l, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, C: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(C, hidden)
+        self.fc2 = nn.Linear(hidden, C)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNSelfAttn(nn.Module):
+    def __init__(self, C: int, heads: int, mlp_ratio: float, eps: float, shared_aln: bool, l2_norm: bool):
+        super().__init__()
+        self.C, self.eps = C, eps
+        self.attn = SelfAttention(C, heads, l2_norm)
+        self.ffn = FFN(C, round(C * mlp_ratio))
+        if shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def _ln(self, x):
+        return F.layer_norm(x, (self.C,), eps=self.eps)
+
+    def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None):
+        g1, g2, s1, s2, b1, b2 = ada_B6C.unsqueeze(1).unbind(2)  # each (B, 1, C)
+        x_BlC = x_BlC + self.attn(self._ln(x_BlC) * (1 + s1) + b1, layer, kv, attn_bias) * g1
+        x_BlC = x_BlC + self.ffn(self._ln(x_BlC) * (1 + s2) + b2) * g2
+        return x_BlC
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.C, self.eps = C, eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def forward(self, x_BlC, ada_B2C):
+        scale, shift = ada_B2C.unsqueeze(1).unbind(2)
+        return F.layer_norm(x_BlC, (self.C,), eps=self.eps) * (1 + scale) + shift
+
+
+class VAR(nn.Module):
+    """VAR transformer for inference (official parameter names; training-only parts left out)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        v = cfg.var
+        C, V, Cvae = v.embed_dim, cfg.vae.vocab_size, cfg.vae.z_channels
+        self.C, self.V, self.depth = C, V, v.depth
+        self.num_classes = v.num_classes
+        self.first_l = cfg.patch_nums[0] ** 2
+        L = cfg.num_tokens
+        self.word_embed = nn.Linear(Cvae, C)
+        self.class_emb = nn.Embedding(v.num_classes + 1, C)  # last row: the null (unconditional) class
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
+        self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
+        if v.shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.blocks = nn.ModuleList([
+            AdaLNSelfAttn(C, v.num_heads, v.mlp_ratio, v.norm_eps, v.shared_aln, v.attn_l2_norm)
+            for _ in range(v.depth)])
+        self.head_nm = AdaLNBeforeHead(C, v.norm_eps)
+        self.head = nn.Linear(C, V)
+        lvl = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(cfg.patch_nums)])
+        self.register_buffer("lvl_1L", lvl.view(1, L), persistent=False)
+
+    # ---- per-image precomputation -------------------------------------------------------
+    def condition(self, labels_2B: torch.Tensor) -> Condition:
+        """AdaLN parameters for conditional + unconditional rows (labels already doubled)."""
+        sos = self.class_emb(labels_2B)  # (2B, C)
+        if self.cfg.var.shared_aln:
+            shared = self.shared_ada_lin(sos).view(-1, 1, 6, self.C)           # (2B, 1, 6, C)
+            ada = torch.stack([(b.ada_gss + shared)[:, 0] for b in self.blocks])
+        else:
+            ada = torch.stack([b.ada_lin(sos).view(-1, 6, self.C) for b in self.blocks])
+        head = self.head_nm.ada_lin(sos).view(-1, 2, self.C)
+        return Condition(ada, head, sos)
+
+    def lvl_pos(self) -> torch.Tensor:
+        """(1, L, C): level embedding plus absolute position, added to every scale's input."""
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def first_input(self, sos_2BC: torch.Tensor) -> torch.Tensor:
+        """Scale-0 tokens (2B, first_l, C): class embedding + pos_start + lvl/pos rows."""
+        n = sos_2BC.shape[0]
+        return (sos_2BC.unsqueeze(1).expand(n, self.first_l, -1) + self.pos_start.expand(n, -1, -1)
+                + self.lvl_pos()[:, :self.first_l])
+
+    def scale_input(self, si: int, tokens_BlCv: torch.Tensor) -> torch.Tensor:
+        """Scale si>0: f_hat downsampled to this scale (B, l, Cvae) -> block input (2B, l, C)."""
+        b, e = self.cfg.scale_ranges()[si]
+        x = self.word_embed(tokens_BlCv) + self.lvl_pos()[:, b:e]
+        return x.repeat(2, 1, 1)  # the same input for conditional and unconditional rows
+
+    # ---- one scale ----------------------------------------------------------------------
+    def step(self, x_2BlC: torch.Tensor, cond: Condition, kv: KVProvider) -> torch.Tensor:
+        """Blocks + head for one scale. Returns logits (2B, l, V) in float32."""
+        for i, blk in enumerate(self.blocks):
+            x_2BlC = blk(x_2BlC, cond.ada_blocks[i], i, kv)
+        return self.logits(x_2BlC, cond.ada_head)
+
+    def logits(self, x_BlC: torch.Tensor, ada_head: torch.Tensor) -> torch.Tensor:
+        # The official code runs the head in float32.
+        h = self.head_nm(x_BlC.float(), ada_head.float())
+        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+    # ---- teacher forcing (parity with the official forward) -----------------------------
+    def forward_teacher(self, labels_B: torch.Tensor, x_BLCv_wo_first: torch.Tensor) -> torch.Tensor:
+        """Official training-style forward (no class dropout): all scales at once under the block-causal mask."""
+        cond = self.condition(labels_B)
+        B = labels_B.shape[0]
+        sos = cond.sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        x = torch.cat((sos, self.word_embed(x_BLCv_wo_first)), dim=1) + self.lvl_pos()
+        lvl = self.lvl_1L
+        mask = torch.where(lvl.view(-1, 1) >= lvl.view(1, -1), 0.0, -math.inf).to(x.dtype)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cond.ada_blocks[i], i, None, attn_bias=mask)
+        return self.logits(x, cond.ada_head)
