@@ -11,14 +11,13 @@ import hashlib
 import math
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Dict
 
 import torch
 from torch import nn
 
-from var_rt.config import PRESETS, ModelConfig
+from var_rt.config import PRESETS
 from var_rt.errors import CheckpointError
 
 # Buffers of the official modules that inference does not need.
@@ -33,14 +32,11 @@ def read_state_dict(path: str | Path, what: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{what} checkpoint {str(path)!r} does not exist")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # zip, pickle, EOF and unpickler errors: the file is not a loadable state_dict
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{what} checkpoint {str(path)!r} could not be read ({first}); the file is truncated, corrupt "
-            f"or not a PyTorch state_dict: download it again") from None
-    except Exception as e:  # pickle errors for non-weights content
-        raise CheckpointError(f"{what} checkpoint {str(path)!r} is not a plain state_dict "
-                              f"({type(e).__name__}: {e})") from None
+            f"{what} checkpoint {str(path)!r} could not be read ({type(e).__name__}: {first}); the file is "
+            f"truncated, corrupt or not a PyTorch state_dict: download it again") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # some trainers wrap the weights
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -140,8 +136,3 @@ def weights_hash(*modules: nn.Module) -> str:
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def config_for_checkpoint_error(cfg: ModelConfig) -> str:
-    return (f"model config {cfg.name!r}: depth {cfg.var.depth}, width {cfg.var.embed_dim}, "
-            f"{cfg.num_tokens} tokens, shared AdaLN {cfg.var.shared_aln}")

@@ -26,8 +26,9 @@ class VQVAEConfig:
     ch: int = 160               # base width of encoder and decoder
     ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)  # 16x downsampling
     num_res_blocks: int = 2
-    share_quant_resi: int = 4   # number of phi convolutions shared across scales
-    quant_resi: float = 0.5     # phi(h) = (1-r) h + r conv(h)
+    share_quant_resi: int = 4   # phi convolutions: 0 one per scale, 1 one for all, n>1 n shared ones
+    quant_resi: float = 0.5     # phi(h) = (1-r) h + r conv(h); |r| ~ 0 means no phi at all
+    default_qresi_counts: int = 0  # with share_quant_resi 0: number of phis (0 = one per scale)
     patch_nums: Tuple[int, ...] = PATCH_NUMS_256
 
 
@@ -114,11 +115,24 @@ def get_preset(name: str) -> ModelConfig:
                           f"or pass a JSON config with --config") from None
 
 
-def _take(section: dict, cls, where: str, renames: dict | None = None):
-    renames = renames or {}
+# Official constructor arguments that only matter for training (or are fixed): accepted and ignored
+# when they hold the value inference assumes.
+_IGNORED = {
+    "vae": {"dropout": None, "beta": None, "test_mode": None, "using_znorm": False, "quant_conv_ks": 3},
+    "var": {"drop_rate": None, "attn_drop_rate": None, "drop_path_rate": None, "cond_drop_rate": None,
+            "flash_if_available": None, "fused_if_available": None, "patch_nums": None},
+}
+
+
+def _take(section: dict, cls, where: str, renames: dict | None = None, ignored: dict | None = None):
+    renames, ignored = renames or {}, ignored or {}
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in section.items():
+        if key in ignored:
+            if ignored[key] is not None and value != ignored[key]:
+                raise ConfigError(f"{where}: {key}={value!r} is not supported (only {ignored[key]!r})")
+            continue
         name = renames.get(key, key)
         if name not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {sorted(fields | set(renames))}")
@@ -142,8 +156,11 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or "var" not in raw or "vae" not in raw:
         raise ConfigError(f"config file {str(path)!r} must be a JSON object with 'var' and 'vae' sections")
-    vae = _take(raw["vae"], VQVAEConfig, f"{path}: vae", {"v_patch_nums": "patch_nums"})
-    var = _take(raw["var"], VARConfig, f"{path}: var")
+    vae = _take(raw["vae"], VQVAEConfig, f"{path}: vae", {"v_patch_nums": "patch_nums"}, _IGNORED["vae"])
+    var = _take(raw["var"], VARConfig, f"{path}: var", None, _IGNORED["var"])
+    var_pn = raw["var"].get("patch_nums")
+    if var_pn is not None and tuple(var_pn) != vae.patch_nums:
+        raise ConfigError(f"{path}: var.patch_nums {var_pn} differs from vae.v_patch_nums {list(vae.patch_nums)}")
     vae_ckpt = raw.get("vae_checkpoint")
     if vae_ckpt is not None:
         vae_ckpt = str((path.parent / vae_ckpt).resolve())

@@ -179,31 +179,55 @@ class Phi(nn.Conv2d):
         return h_BChw * (1 - self.ratio) + super().forward(h_BChw) * self.ratio
 
 
-class _PhiSet(nn.Module):
-    def __init__(self, count: int, channels: int, ratio: float):
+class _PhiShared(nn.Module):
+    """share_quant_resi == 1: one phi for every scale (checkpoint key ``quant_resi.qresi``)."""
+
+    def __init__(self, phi: nn.Module):
         super().__init__()
-        self.qresi_ls = nn.ModuleList([Phi(channels, ratio) for _ in range(count)])
+        self.qresi = phi
+
+
+class _PhiPartiallyShared(nn.Module):
+    """share_quant_resi == n > 1: n phis (checkpoint keys ``quant_resi.qresi_ls.{i}``)."""
+
+    def __init__(self, phis: List[nn.Module]):
+        super().__init__()
+        self.qresi_ls = nn.ModuleList(phis)
+
+
+def _phi_ticks(k: int) -> np.ndarray:
+    return np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
 
 
 class VectorQuantizer(nn.Module):
-    """Codebook plus the shared phi convolutions; holds the multi-scale residual arithmetic."""
+    """Codebook plus the phi convolutions; holds the multi-scale residual arithmetic."""
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
-        if cfg.share_quant_resi < 2:
-            raise NotImplementedError("only partially shared phi (share_quant_resi >= 2) is supported; "
-                                      "every released VAR VQVAE uses 4")
         self.patch_nums = tuple(cfg.patch_nums)
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
-        self.quant_resi = _PhiSet(cfg.share_quant_resi, cfg.z_channels, cfg.quant_resi)
-        k = cfg.share_quant_resi
-        ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
         n = len(self.patch_nums)
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
+
+        def make():
+            return Phi(cfg.z_channels, cfg.quant_resi) if abs(cfg.quant_resi) > 1e-6 else nn.Identity()
+
+        share = cfg.share_quant_resi
+        if share == 0:    # one phi per scale (or default_qresi_counts of them)
+            phis = [make() for _ in range(cfg.default_qresi_counts or n)]
+            self.quant_resi = nn.ModuleList(phis)
+        elif share == 1:  # a single phi for all scales
+            phis = [make()]
+            self.quant_resi = _PhiShared(phis[0])
+        else:
+            phis = [make() for _ in range(share)]
+            self.quant_resi = _PhiPartiallyShared(phis)
+        self._phis = phis  # plain list (not registered twice): index by phi_index
+        ticks = _phi_ticks(len(phis))
         # Scale si uses the phi whose tick is nearest to si / (n - 1).
         self.phi_index = [int(np.argmin(np.abs(ticks - si / (n - 1)))) for si in range(n)]
 
-    def phi(self, si: int) -> Phi:
-        return self.quant_resi.qresi_ls[self.phi_index[si]]
+    def phi(self, si: int) -> nn.Module:
+        return self._phis[self.phi_index[si]]
 
     def scale_residual(self, si: int, h_BChw: torch.Tensor) -> torch.Tensor:
         """Scale si's contribution to f_hat: bicubic upsample to the last grid (except the last scale), then phi."""

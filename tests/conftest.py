@@ -1,0 +1,65 @@
+"""Shared test fixtures: the golden fixtures from the official implementation, loaded once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
+from var_rt.config import load_config
+from var_rt.models.var import VAR
+from var_rt.models.vqvae import VQVAE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fixtures_dir() -> Path:
+    """The golden fixtures: $VAR_RT_FIXTURES, else ../shared/fixtures beside the checkout."""
+    env = os.environ.get("VAR_RT_FIXTURES")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "fixtures", REPO / "shared" / "fixtures"]:
+        if (cand / "var_tiny_256" / "cases.pt").is_file():
+            return cand
+    raise RuntimeError("golden fixtures not found: set VAR_RT_FIXTURES or put shared/fixtures beside the checkout")
+
+
+FIXTURE_NAMES = ["var_tiny_256", "var_tiny_512_saln"]
+
+
+class Fixture:
+    def __init__(self, name: str):
+        self.name = name
+        self.dir = fixtures_dir() / name
+        self.config_path = self.dir / "config.json"
+        self.cfg = load_config(self.config_path)
+        self.var_ckpt = self.dir / "var.pth"
+        self.vae_ckpt = Path(self.cfg.vae_checkpoint)
+        self.cases = torch.load(self.dir / "cases.pt", weights_only=True)
+        self.var, self.vae = VAR(self.cfg).eval(), VQVAE(self.cfg.vae).eval()
+        load_var_checkpoint(self.var, self.var_ckpt)
+        load_vae_checkpoint(self.vae, self.vae_ckpt)
+
+
+_cache: dict = {}
+
+
+def get_fixture(name: str) -> Fixture:
+    if name not in _cache:
+        _cache[name] = Fixture(name)
+    return _cache[name]
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def fx(request) -> Fixture:
+    return get_fixture(request.param)
+
+
+@pytest.fixture
+def fx256() -> Fixture:
+    return get_fixture("var_tiny_256")
+
+
+def token_mismatch(a_list, b_list) -> tuple[int, int]:
+    bad = sum(int((a != b).sum()) for a, b in zip(a_list, b_list))
+    return bad, sum(a.numel() for a in a_list)

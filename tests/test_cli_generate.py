@@ -1,0 +1,167 @@
+"""`python -m var_rt generate`: output files, parity of the PNGs, and one clear error per bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, get_fixture
+from var_rt.images import load_image, to_uint8
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "var_rt", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=300)
+
+
+def fixture_args(fx):
+    return ["--config", fx.config_path, "--var-ckpt", fx.var_ckpt, "--vae-ckpt", fx.vae_ckpt]
+
+
+@pytest.mark.parametrize("name", ["var_tiny_256", "var_tiny_512_saln"])
+def test_generate_matches_greedy_fixture(tmp_path, name):
+    fx = get_fixture(name)
+    labels = fx.cases["labels"].tolist()
+    r = run_cli("generate", *fixture_args(fx), "--class-labels", *labels, "--cfg", 1.5, "--top-k", 1, "--seed", 0,
+                "--device", "cpu", "--dtype", "float32", "--output-dir", tmp_path / "out",
+                "--grid", tmp_path / "grid.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert len(files) == len(labels)
+    want = to_uint8(fx.cases["greedy_image"])
+    for i, f in enumerate(files):
+        got = load_image(f)
+        diff = np.abs(got.astype(int) - want[i].astype(int))
+        assert diff.max() <= 1, f"{f.name}: max difference {diff.max()} levels"
+        assert (diff > 0).mean() < 0.01
+    g = load_image(tmp_path / "grid.png")
+    H = fx.cfg.image_size
+    assert g.shape[0] >= H and g.shape[1] >= len(labels) * H
+
+
+def test_random_labels_and_batches_follow_seeds(tmp_path):
+    """Random labels come from the seeds; splitting into batches changes nothing."""
+    fx = get_fixture("var_tiny_256")
+    common = [*fixture_args(fx), "--num-images", 3, "--seed", 5, "--device", "cpu", "--no-progress"]
+    r1 = run_cli("generate", *common, "--output-dir", tmp_path / "a")
+    r2 = run_cli("generate", *common, "--batch-size", 2, "--output-dir", tmp_path / "b")
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert [f.name for f in a] == [f.name for f in b]
+    assert [f.name.split("_")[2] for f in a] == ["seed5.png", "seed6.png", "seed7.png"]
+    for fa, fb in zip(a, b):  # equal up to float rounding of different batch shapes
+        assert np.abs(load_image(fa).astype(int) - load_image(fb).astype(int)).max() <= 1
+
+
+def _bad(tmp_path, *args):
+    out = tmp_path / "never"
+    r = run_cli("generate", *args, "--output-dir", out, "--no-progress")
+    assert r.returncode != 0
+    assert not out.exists(), "a failed run must write nothing"
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_error_depth_mismatch(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    msg = _bad(tmp_path, "--model", "d16", "--var-ckpt", fx.var_ckpt, "--vae-ckpt", fx.vae_ckpt, "--device", "cpu")
+    assert "does not match" in msg and "class_emb.weight" in msg and "depth 2" in msg
+
+
+def test_error_preset_suggested_for_real_layout(tmp_path):
+    """A d16-shaped file loaded as d20 names d16 as the preset that fits (built on the meta device: no RAM)."""
+    from var_rt.checkpoint import describe_var_state_dict
+    from var_rt.config import get_preset
+    from var_rt.models.var import VAR
+    with torch.device("meta"):
+        sd = VAR(get_preset("d16")).state_dict()
+    assert "'d16'" in describe_var_state_dict(sd)
+
+
+def test_error_wrong_schedule(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    other = get_fixture("var_tiny_512_saln")
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", other.var_ckpt, "--vae-ckpt", fx.vae_ckpt,
+               "--device", "cpu")
+    assert "pos_1LC" in msg or "shared_ada_lin" in msg
+
+
+def test_error_swapped_checkpoints(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", fx.vae_ckpt, "--vae-ckpt", fx.var_ckpt,
+               "--device", "cpu")
+    assert "VQVAE checkpoint" in msg or "swap" in msg
+
+
+def test_error_truncated_checkpoint(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    cut = tmp_path / "cut.pth"
+    data = Path(fx.var_ckpt).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", cut, "--vae-ckpt", fx.vae_ckpt, "--device", "cpu")
+    assert "truncated" in msg
+
+
+def test_error_corrupt_checkpoint(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"this is not a checkpoint" * 100)
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", bad, "--vae-ckpt", fx.vae_ckpt, "--device", "cpu")
+    assert "could not be read" in msg
+
+
+def test_error_missing_checkpoint_file(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", tmp_path / "nope.pth", "--device", "cpu")
+    assert "does not exist" in msg
+
+
+def test_error_no_checkpoint(tmp_path):
+    msg = _bad(tmp_path, "--model", "d16", "--device", "cpu")
+    assert "--random-weights" in msg and "download" in msg
+
+
+def test_error_class_out_of_range(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    msg = _bad(tmp_path, *fixture_args(fx), "--class-labels", 3, 11, "--device", "cpu")
+    assert "11" in msg and "0..9" in msg
+
+
+def test_error_bad_sampling_options(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    assert "top-p" in _bad(tmp_path, *fixture_args(fx), "--top-p", 1.5, "--device", "cpu")
+    assert "one value per scale" in _bad(tmp_path, *fixture_args(fx), "--cfg-schedule", "1,2", "--device", "cpu")
+    assert "batch-size" in _bad(tmp_path, *fixture_args(fx), "--batch-size", 0, "--device", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_error_missing_gpu(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    msg = _bad(tmp_path, *fixture_args(fx), "--device", "cuda")
+    assert "no CUDA GPU" in msg
+
+
+def test_error_unknown_backend(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    msg = _bad(tmp_path, *fixture_args(fx), "--backend", "nope", "--device", "cpu")
+    assert "backend" in msg
+
+
+def test_error_bad_config_json(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{"var": {"depth": 2, "bogus": 1}, "vae": {}}')
+    msg = _bad(tmp_path, "--config", p, "--random-weights", "--device", "cpu")
+    assert "bogus" in msg
+
+
+def test_random_weights_run(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    r = run_cli("generate", "--config", fx.config_path, "--random-weights", "--num-images", 2, "--device", "cpu",
+                "--grid", tmp_path / "g.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stderr
+    assert load_image(tmp_path / "g.png").shape[2] == 3

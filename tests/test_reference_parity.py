@@ -1,0 +1,50 @@
+"""The PyTorch reference against the official implementation's outputs (float32, CPU)."""
+import torch
+
+from conftest import token_mismatch
+from var_rt.runtime import SamplingParams, run_scale_loop
+
+ATOL = 1e-4
+
+
+@torch.no_grad()
+def test_teacher_forcing_logits(fx):
+    c = fx.cases
+    logits = fx.var.forward_teacher(c["labels"], c["teacher_forcing_input"])
+    assert logits.shape == c["teacher_forcing_logits"].shape
+    assert (logits - c["teacher_forcing_logits"]).abs().max() < ATOL
+
+
+@torch.no_grad()
+def test_teacher_forcing_input_from_idx(fx):
+    c = fx.cases
+    got = fx.vae.quantize.idx_to_var_input(c["gt_idx"])
+    assert (got - c["teacher_forcing_input"]).abs().max() < ATOL
+
+
+@torch.no_grad()
+def test_fhat_and_decoded_image(fx):
+    c = fx.cases
+    f_hat = fx.vae.quantize.idx_to_fhat(c["gt_idx"])
+    assert (f_hat - c["fhat_from_idx"]).abs().max() < ATOL
+    img = fx.vae.decode_fhat(f_hat)
+    assert (img - c["image_from_idx"]).abs().max() < ATOL
+
+
+@torch.no_grad()
+def test_encoder_token_maps(fx256):
+    c = fx256.cases
+    idx = fx256.vae.encode_idx(c["encoder_input_image"])
+    bad, total = token_mismatch(idx, c["encoder_idx"])
+    assert bad <= total * 0.003, f"{bad}/{total} encoder tokens differ"
+
+
+@torch.no_grad()
+def test_greedy_generation(fx):
+    c = fx.cases
+    labels = c["labels"]
+    out = run_scale_loop(fx.var, fx.vae, labels, torch.arange(len(labels)),
+                         SamplingParams(cfg=float(c["greedy_cfg"]), top_k=1, top_p=0.0))
+    bad, total = token_mismatch(out.tokens, c["greedy_tokens"])
+    assert bad <= total * 0.003, f"{bad}/{total} greedy tokens differ"
+    assert (out.images - c["greedy_image"]).abs().max() < ATOL

@@ -1,0 +1,169 @@
+"""Command line: ``python -m var_rt generate|download``.
+
+Each command parses with argparse (kebab-case flags), validates once into a frozen
+dataclass, and only then touches models or files: a bad request writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from var_rt.errors import ConfigError, VarRtError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="preset: d16, d20, d24, d30 (256 px) or d36 (512 px)")
+    src.add_argument("--config", help="model config JSON (the fixtures' format)")
+    g.add_argument("--var-ckpt", help="VAR transformer checkpoint (official var_dNN.pth)")
+    g.add_argument("--vae-ckpt", help="VQVAE checkpoint (official vae_ch160v4096z32.pth)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="no checkpoints: random weights (images are noise; for trying the pipeline)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="default: float16 on GPU, float32 on CPU")
+    g.add_argument("--backend", default="torch", help="execution backend (default: torch)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance strength (default 1.5)")
+    g.add_argument("--cfg-schedule", default="linear",
+                   help="'linear' (official), 'constant', or one comma-separated value per scale")
+    g.add_argument("--top-k", type=int, default=900, help="0 turns it off (default 900)")
+    g.add_argument("--top-p", type=float, default=0.96, help="0 turns it off (default 0.96)")
+    g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax codes (official option)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
+    g.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: all)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    model: Optional[str]
+    config: Optional[str]
+    var_ckpt: Optional[str]
+    vae_ckpt: Optional[str]
+    random_weights: bool
+    device: str
+    dtype: str
+    backend: str
+    class_labels: Optional[List[int]]
+    num_images: Optional[int]
+    cfg: float
+    cfg_schedule: object
+    top_k: int
+    top_p: float
+    more_smooth: bool
+    seed: int
+    batch_size: Optional[int]
+    output_dir: Optional[Path]
+    grid: Optional[Path]
+    progress: bool
+
+
+def parse_cfg_schedule(text: str):
+    if text in ("linear", "constant"):
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--cfg-schedule {text!r}: use 'linear', 'constant' or comma-separated numbers") from None
+
+
+def validate_generate(a: argparse.Namespace) -> GenerateRequest:
+    if a.output_dir is None and a.grid is None:
+        raise ConfigError("nothing to write: give --output-dir DIR and/or --grid FILE.png")
+    if a.grid is not None and Path(a.grid).suffix.lower() != ".png":
+        raise ConfigError(f"--grid {a.grid!r}: the grid is written as PNG, give a .png file name")
+    if a.batch_size is not None and a.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.num_images is not None and a.num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {a.num_images}")
+    for path in (a.output_dir, a.grid):
+        if path is not None:
+            p = Path(path)
+            if p.exists() and p.is_dir() != (path == a.output_dir):
+                raise ConfigError(f"{path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
+    return GenerateRequest(
+        model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
+        random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
+        class_labels=a.class_labels, num_images=a.num_images, cfg=a.cfg,
+        cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k, top_p=a.top_p,
+        more_smooth=a.more_smooth, seed=a.seed, batch_size=a.batch_size,
+        output_dir=Path(a.output_dir) if a.output_dir else None, grid=Path(a.grid) if a.grid else None,
+        progress=not a.no_progress)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from var_rt.images import grid, save_png, save_pngs
+    from var_rt.pipeline import VARPipeline
+
+    req = validate_generate(a)
+    pipe = VARPipeline.load(model=req.model, config=req.config, var_ckpt=req.var_ckpt, vae_ckpt=req.vae_ckpt,
+                            random_weights=req.random_weights, device=req.device, dtype=req.dtype,
+                            backend=req.backend, progress=req.progress)
+    if req.random_weights:
+        print("note: random weights (--random-weights): the images show the pipeline working, not content",
+              file=sys.stderr)
+    t0 = time.perf_counter()
+    res = pipe.generate(class_labels=req.class_labels, num_images=req.num_images, seed=req.seed, cfg=req.cfg,
+                        cfg_schedule=req.cfg_schedule, top_k=req.top_k, top_p=req.top_p,
+                        more_smooth=req.more_smooth, batch_size=req.batch_size)
+    dt = time.perf_counter() - t0
+    arr = res.numpy()
+    if req.output_dir is not None:
+        width = max(5, len(str(len(arr) - 1)))
+        names = [f"{i:0{width}d}_class{c}_seed{s}.png" for i, (c, s) in enumerate(zip(res.labels, res.seeds))]
+        save_pngs(arr, req.output_dir, names)
+        print(f"wrote {len(names)} PNG(s) to {req.output_dir}")
+    if req.grid is not None:
+        save_png(grid(arr), req.grid)
+        print(f"wrote grid {req.grid}")
+    print(f"{len(arr)} image(s) in {dt:.2f} s on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, "
+          f"backend {pipe.backend})")
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from var_rt.download import download
+    for path in download(a.model, a.dir):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m var_rt", description="var-rt: fast VAR image generation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="class-conditional image generation")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--class-labels", type=int, nargs="+", help="class ids (random per seed if omitted)")
+    g.add_argument("--num-images", type=int, help="number of images (default: one per label, or 1)")
+    g.add_argument("--output-dir", help="one PNG per image; sorted names follow batch order")
+    g.add_argument("--grid", help="also write all images tiled into one PNG")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("download", help="fetch official checkpoints (needs internet)")
+    d.add_argument("--model", required=True, help="d16, d20, d24, d30 or d36")
+    d.add_argument("--dir", default="checkpoints", help="where to put them (default ./checkpoints)")
+    d.set_defaults(func=cmd_download)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VarRtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,217 @@
+"""VARPipeline: load a model once, generate many times (the object services embed)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from var_rt import sampling
+from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
+from var_rt.config import ModelConfig, get_preset, load_config
+from var_rt.errors import ConfigError, InputError
+from var_rt.images import to_pil, to_uint8
+from var_rt.models.var import VAR
+from var_rt.models.vqvae import VQVAE
+from var_rt.progress import progress_bar
+from var_rt.runtime import EditSpec, SamplingParams, run_scale_loop
+
+BACKENDS = ("torch",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Images (N, 3, H, W) float32 in [0, 1] on the CPU, with the labels, seeds and tokens that made them."""
+
+    images: torch.Tensor
+    labels: List[int]
+    seeds: List[int]
+    tokens: List[torch.Tensor]  # per scale (N, pn*pn)
+
+    def numpy(self) -> np.ndarray:
+        """(N, H, W, 3) uint8."""
+        return to_uint8(self.images)
+
+    def pil(self) -> list:
+        return to_pil(self.images)
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible to PyTorch "
+                              f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
+def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def init_random_weights(var: VAR, vae: VQVAE, seed: int = 0) -> None:
+    """Deterministic random weights in the spirit of the official initialisation (for trying things out)."""
+    g = torch.Generator().manual_seed(seed)
+    C = var.C
+    with torch.no_grad():
+        for m in list(var.modules()) + list(vae.modules()):
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, 0.02, generator=g)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.uniform_(-1, 1, generator=g).mul_(math.sqrt(3.0 / fan_in))
+                m.bias.zero_()
+        std = math.sqrt(1 / C / 3)
+        for p in (var.class_emb.weight, var.pos_start, var.pos_1LC, var.lvl_embed.weight):
+            p.normal_(0, std, generator=g)
+        vae.quantize.embedding.weight.uniform_(-1, 1, generator=g).div_(vae.cfg.vocab_size)
+        for name, p in var.named_parameters():
+            if name.endswith("ada_gss"):
+                p.normal_(0, 1 / math.sqrt(C), generator=g)
+
+
+class VARPipeline:
+    """A loaded VAR model (transformer + VQVAE) and the settings to run it.
+
+    Thread safety: one pipeline runs one generation at a time; concurrent calls from several
+    threads are serialised by a lock (the models and caches are shared state).
+    """
+
+    def __init__(self, cfg: ModelConfig, var: VAR, vae: VQVAE, device: torch.device, dtype: torch.dtype,
+                 backend: str = "torch", progress: bool = True):
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r}: available here: {', '.join(BACKENDS)}")
+        self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
+        self.var = var.to(device=device, dtype=dtype).eval()
+        self.vae = vae.to(device=device, dtype=dtype).eval()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model: Optional[str] = None, config: Optional[Union[str, Path, ModelConfig]] = None,
+             var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_weights: bool = False,
+             device: Optional[str] = None, dtype: Optional[str] = None, backend: str = "torch",
+             progress: bool = True, weight_seed: int = 0) -> "VARPipeline":
+        """Build a pipeline from a preset name or JSON config plus checkpoints (or explicit random weights)."""
+        cfg = resolve_config(model, config)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if random_weights and (var_ckpt or vae_ckpt):
+            raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+        vae_ckpt = vae_ckpt or cfg.vae_checkpoint
+        if not random_weights and (var_ckpt is None or vae_ckpt is None):
+            missing = " and ".join(n for n, p in (("--var-ckpt", var_ckpt), ("--vae-ckpt", vae_ckpt)) if p is None)
+            raise ConfigError(f"no checkpoint given ({missing}): pass the official checkpoints "
+                              f"(`python -m var_rt download --model {cfg.name}` fetches them where there is "
+                              f"internet) or --random-weights to try the pipeline without them")
+        with torch.device("cpu"):
+            var, vae = VAR(cfg), VQVAE(cfg.vae)
+        if random_weights:
+            init_random_weights(var, vae, weight_seed)
+        else:
+            load_var_checkpoint(var, var_ckpt)
+            load_vae_checkpoint(vae, vae_ckpt)
+        return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress)
+
+    # ---- requests -------------------------------------------------------------------------
+    def check_labels(self, labels: Sequence[int]) -> List[int]:
+        n = self.cfg.var.num_classes
+        out = []
+        for c in labels:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) <= n:
+                raise InputError(f"class id {c!r} is out of range for this model: use 0..{n - 1} "
+                                 f"({n} = the null class, i.e. unconditional)")
+            out.append(int(c))
+        return out
+
+    def plan(self, class_labels: Optional[Sequence[int]], num_images: Optional[int],
+             seed: Union[int, Sequence[int]]) -> tuple[List[int], List[int]]:
+        """Resolve labels and per-image seeds (seed + i unless a list is given)."""
+        if class_labels is not None:
+            labels = self.check_labels(list(class_labels))
+            if num_images is not None and len(labels) not in (1, num_images):
+                raise InputError(f"{len(labels)} class labels for {num_images} images: give one label, "
+                                 f"one per image, or leave --num-images out")
+            n = num_images or len(labels)
+            labels = labels * n if len(labels) == 1 else labels
+        else:
+            n = 1 if num_images is None else num_images
+            labels = None
+        if n < 1:
+            raise InputError(f"number of images must be >= 1, got {n}")
+        if isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(n)]
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != n:
+                raise InputError(f"{len(seeds)} seeds for {n} images")
+        if any(not 0 <= s < 2 ** 63 for s in seeds):
+            raise InputError("seeds must be in [0, 2^63)")
+        if labels is None:
+            labels = sampling.random_labels(torch.tensor(seeds), self.cfg.var.num_classes).tolist()
+        return labels, seeds
+
+    def generate(self, class_labels: Optional[Sequence[int]] = None, num_images: Optional[int] = None,
+                 seed: Union[int, Sequence[int]] = 0, cfg: float = 1.5, cfg_schedule="linear",
+                 top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
+                 batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                 edit: Optional[EditSpec] = None) -> GenerationResult:
+        """Generate images. Each image depends only on its class and its seed.
+
+        Args:
+            class_labels: class ids (0..num_classes-1, num_classes = unconditional); random per seed if None.
+            num_images: number of images (defaults to the number of labels, or 1).
+            seed: first seed (image i gets seed + i) or one seed per image.
+            cfg, cfg_schedule: guidance strength and schedule ('linear', 'constant' or a list per scale).
+            top_k, top_p: sampling filters (0 turns each off). more_smooth: Gumbel-softmax codes.
+            batch_size: images per forward pass (default: all at once).
+        """
+        labels, seeds = self.plan(class_labels, num_images, seed)
+        n = len(labels)
+        sampling.validate_sampling(top_k, top_p, self.cfg.vae.vocab_size)
+        sampling.guidance_schedule(cfg, cfg_schedule, self.cfg.num_scales)  # validates
+        bs = batch_size or n
+        if bs < 1:
+            raise InputError(f"batch size must be >= 1, got {bs}")
+        params = SamplingParams(cfg=float(cfg), cfg_schedule=cfg_schedule, top_k=int(top_k),
+                                top_p=float(top_p), more_smooth=bool(more_smooth))
+        show = self.progress if progress is None else progress
+        images, tokens = [], []
+        with self._lock, progress_bar(total=math.ceil(n / bs) * self.cfg.num_scales, enabled=show,
+                                      desc=f"VAR {self.cfg.name}", unit="scale") as bar:
+            for i in range(0, n, bs):
+                lab = torch.tensor(labels[i:i + bs], device=self.device)
+                sd = torch.tensor(seeds[i:i + bs], device=self.device)
+                out = run_scale_loop(self.var, self.vae, lab, sd, params, edit=edit,
+                                     on_scale=lambda si: bar.update(1))
+                images.append(out.images.cpu())
+                tokens.append([t.cpu() for t in out.tokens])
+        merged = [torch.cat([t[si] for t in tokens]) for si in range(self.cfg.num_scales)]
+        return GenerationResult(torch.cat(images), labels, seeds, merged)
+
+    __call__ = generate
+
+
+def resolve_config(model: Optional[str], config) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        return config
+    if (model is None) == (config is None):
+        raise ConfigError("give exactly one of --model PRESET or --config JSON")
+    return get_preset(model) if model is not None else load_config(config)
