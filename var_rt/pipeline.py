@@ -208,6 +208,16 @@ class VARPipeline:
 
     __call__ = generate
 
+    @torch.no_grad()
+    def encode_tokens(self, images_B3HW: torch.Tensor) -> List[torch.Tensor]:
+        """Images (B, 3, H, W) float in [0, 1] at the model's resolution -> per scale (B, pn*pn) token ids."""
+        S = self.cfg.image_size
+        if images_B3HW.dim() != 4 or images_B3HW.shape[1] != 3 or tuple(images_B3HW.shape[2:]) != (S, S):
+            raise InputError(f"images must be (B, 3, {S}, {S}) for this model, got {tuple(images_B3HW.shape)}")
+        with self._lock:
+            x = images_B3HW.to(self.device, self.dtype).mul(2).sub(1)
+            return self.vae.encode_idx(x)
+
 
 def resolve_config(model: Optional[str], config) -> ModelConfig:
     if isinstance(config, ModelConfig):
