@@ -74,10 +74,7 @@ class StepGraph(nn.Module):
             return torch.cat((past_k[layer], k), dim=2), torch.cat((past_v[layer], v), dim=2)
 
         logits = self.var.step(x, Condition(ada_blocks, ada_head, None), kv)  # (2B, l, V) float32
-        B = logits.shape[0] // 2
-        t = cfg_t.float()
-        guided = (1 + t) * logits[:B] - t * logits[B:]
-        return guided, torch.stack(present_k), torch.stack(present_v)
+        return guide(logits, cfg_t), torch.stack(present_k), torch.stack(present_v)
 
     def io_spec(self, B: int) -> Tuple[IOSpec, IOSpec]:
         v, cfg = self.var, self.var.cfg
@@ -180,3 +177,10 @@ def all_graphs(var: VAR, vae: VQVAE) -> Dict[str, nn.Module]:
     g["decode"] = DecodeGraph(vae)
     g["encode"] = EncodeGraph(vae)
     return g
+
+
+def guide(logits_2BlV: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance: (1 + t) cond - t uncond; rows [:B] conditional, [B:] unconditional."""
+    B = logits_2BlV.shape[0] // 2
+    t = t.float()
+    return (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]

@@ -18,9 +18,9 @@ from var_rt.images import to_pil, to_uint8
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
 from var_rt.progress import progress_bar
-from var_rt.runtime import EditSpec, SamplingParams, run_scale_loop
+from var_rt.runtime import CudaGraphLoop, EditSpec, SamplingParams, ScaleLoop
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cudagraph")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -31,7 +31,8 @@ class GenerationResult:
     images: torch.Tensor
     labels: List[int]
     seeds: List[int]
-    tokens: List[torch.Tensor]  # per scale (N, pn*pn)
+    tokens: List[torch.Tensor]  # per scale (N, pn*pn): the tokens behind the image
+    sampled: List[torch.Tensor] = None  # per scale (N, pn*pn): as sampled, before edit tokens were put back
 
     def numpy(self) -> np.ndarray:
         """(N, H, W, 3) uint8."""
@@ -99,10 +100,45 @@ class VARPipeline:
                  backend: str = "torch", progress: bool = True):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}: available here: {', '.join(BACKENDS)}")
+        if backend == "cudagraph" and device.type != "cuda":
+            raise ConfigError("backend 'cudagraph' needs a CUDA GPU (--device cuda); use --backend torch on the CPU")
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
         self.var = var.to(device=device, dtype=dtype).eval()
         self.vae = vae.to(device=device, dtype=dtype).eval()
         self._lock = threading.Lock()
+        self._engine = None
+        self._loops: dict = {}  # batch size -> (ScaleLoop, runner): buffers allocated once per batch size
+
+    # ---- engines and loops ----------------------------------------------------------------
+    @property
+    def engine(self):
+        if self._engine is None:
+            from var_rt.engines.torch_engine import TorchEngine
+            self._engine = TorchEngine(self.var, self.vae, name=self.backend)
+        return self._engine
+
+    def _loop(self, B: int):
+        if B not in self._loops:
+            loop = ScaleLoop(self.engine, self.cfg, B, self.vae.quantize.embedding.weight)
+            runner = CudaGraphLoop(loop) if self.backend == "cudagraph" else loop
+            self._loops[B] = (loop, runner)
+        return self._loops[B]
+
+    def _chunk_size(self, n: int, batch_size: Optional[int]) -> int:
+        allowed = self.engine.batch_sizes
+        if batch_size is not None and allowed is not None and batch_size not in allowed:
+            raise InputError(f"batch size {batch_size} is not one the engines were built for "
+                             f"({', '.join(map(str, allowed))}): pick one of those or rebuild with export.build")
+        if batch_size is not None:
+            return batch_size
+        if allowed is not None:
+            fitting = [b for b in allowed if b <= n]
+            return max(fitting) if fitting else min(allowed)
+        return n
+
+    def warmup(self, batch_size: int = 1, **sampling_kwargs) -> None:
+        """Allocate buffers (and capture CUDA graphs) for a batch size before serving requests."""
+        self.generate(class_labels=[0] * batch_size, batch_size=batch_size, progress=False, **sampling_kwargs)
 
     @classmethod
     def load(cls, model: Optional[str] = None, config: Optional[Union[str, Path, ModelConfig]] = None,
@@ -187,24 +223,36 @@ class VARPipeline:
         n = len(labels)
         sampling.validate_sampling(top_k, top_p, self.cfg.vae.vocab_size)
         sampling.guidance_schedule(cfg, cfg_schedule, self.cfg.num_scales)  # validates
-        bs = batch_size or n
+        bs = self._chunk_size(n, batch_size)
         if bs < 1:
             raise InputError(f"batch size must be >= 1, got {bs}")
         params = SamplingParams(cfg=float(cfg), cfg_schedule=cfg_schedule, top_k=int(top_k),
                                 top_p=float(top_p), more_smooth=bool(more_smooth))
         show = self.progress if progress is None else progress
-        images, tokens = [], []
+        images, tokens, sampled = [], [], []
         with self._lock, progress_bar(total=math.ceil(n / bs) * self.cfg.num_scales, enabled=show,
                                       desc=f"VAR {self.cfg.name}", unit="scale") as bar:
             for i in range(0, n, bs):
-                lab = torch.tensor(labels[i:i + bs], device=self.device)
-                sd = torch.tensor(seeds[i:i + bs], device=self.device)
-                out = run_scale_loop(self.var, self.vae, lab, sd, params, edit=edit,
-                                     on_scale=lambda si: bar.update(1))
-                images.append(out.images.cpu())
-                tokens.append([t.cpu() for t in out.tokens])
-        merged = [torch.cat([t[si] for t in tokens]) for si in range(self.cfg.num_scales)]
-        return GenerationResult(torch.cat(images), labels, seeds, merged)
+                m = min(bs, n - i)
+                # A short last chunk is padded to the batch size, so buffers and captured graphs are reused.
+                pad = [0] * (bs - m) if (self.engine.batch_sizes is not None or self.backend == "cudagraph") else []
+                rows = list(range(i, i + m)) + [i] * len(pad)
+                try:
+                    loop, runner = self._loop(len(rows))
+                    loop.set_request(torch.tensor([labels[r] for r in rows]), torch.tensor([seeds[r] for r in rows]),
+                                     params, _edit_rows(edit, rows) if edit is not None else None)
+                    runner.run(params, edit is not None, on_scale=lambda si: bar.update(1))
+                    out = loop.output()
+                except torch.cuda.OutOfMemoryError:
+                    self._loops.clear()
+                    torch.cuda.empty_cache()
+                    raise InputError(f"out of GPU memory at batch size {len(rows)} on {self.device}: use a smaller "
+                                     f"--batch-size (the pipeline is still usable)") from None
+                images.append(out.images[:m].cpu())
+                tokens.append([t[:m].cpu() for t in out.tokens])
+                sampled.append([t[:m].cpu() for t in out.sampled])
+        merge = lambda parts: [torch.cat([p[si] for p in parts]) for si in range(self.cfg.num_scales)]  # noqa: E731
+        return GenerationResult(torch.cat(images), labels, seeds, merge(tokens), merge(sampled))
 
     __call__ = generate
 
@@ -217,6 +265,12 @@ class VARPipeline:
         with self._lock:
             x = images_B3HW.to(self.device, self.dtype).mul(2).sub(1)
             return self.vae.encode_idx(x)
+
+
+def _edit_rows(edit: EditSpec, rows: List[int]) -> EditSpec:
+    """The edit tokens and masks of the given images (masks shared by all images pass through)."""
+    pick = lambda t: t if t.shape[0] == 1 else t[rows]  # noqa: E731
+    return EditSpec([pick(t) for t in edit.idx], [pick(t) for t in edit.keep])
 
 
 def resolve_config(model: Optional[str], config) -> ModelConfig:

@@ -5,28 +5,34 @@ official ``autoregressive_infer_cfg``: the batch is doubled with the null class,
 guidance mixes the two halves, tokens are sampled, looked up in the codebook,
 upsampled, refined by phi and accumulated into f_hat, whose area-downsampled
 copy is the next scale's input.
+
+``ScaleLoop`` owns every buffer for one batch size (allocated once) and drives an
+engine (var_rt.engines.base.Engine) through the graphs by name; it never reads a
+value back to the host until the image is done, so the whole loop can be
+captured as one CUDA graph (``CudaGraphLoop``).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from var_rt import sampling
-from var_rt.models.var import VAR
-from var_rt.models.vqvae import VQVAE
+from var_rt.config import ModelConfig
 
 
 class KVCache:
     """Keys and values of every block for all scales, allocated once: (depth, 2B, H, L, c) each."""
 
-    def __init__(self, depth: int, rows: int, heads: int, tokens: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    @classmethod
+    def allocate(cls, depth, rows, heads, tokens, head_dim, dtype, device) -> "KVCache":
         shape = (depth, rows, heads, tokens, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
     def provider(self, begin: int, end: int):
         """KV provider for one scale: write this scale's rows at [begin, end), attend to [0, end)."""
@@ -45,6 +51,10 @@ class SamplingParams:
     top_p: float = 0.96
     more_smooth: bool = False
 
+    def key(self):
+        """What changes the captured work (guidance values do not: they are buffers)."""
+        return (self.top_k, self.top_p, self.more_smooth)
+
 
 @dataclasses.dataclass
 class EditSpec:
@@ -61,47 +71,154 @@ class LoopOutput:
     sampled: List[torch.Tensor]    # per scale (B, pn*pn), as sampled (before edit tokens were put back)
 
 
-@torch.no_grad()
-def run_scale_loop(var: VAR, vae: VQVAE, labels_B: torch.Tensor, seeds_B: torch.Tensor,
-                   params: SamplingParams, edit: Optional[EditSpec] = None,
-                   on_scale: Optional[Callable[[int], None]] = None) -> LoopOutput:
-    """Generate B images with the PyTorch modules (the reference backend)."""
-    cfg = var.cfg
-    device, dtype = var.head.weight.device, var.head.weight.dtype
-    B = labels_B.shape[0]
-    pns = cfg.patch_nums
-    K = len(pns)
-    ts = sampling.guidance_schedule(params.cfg, params.cfg_schedule, K)
-    quant = vae.quantize
-    codebook = quant.embedding.weight
+class ScaleLoop:
+    """All buffers of one generation at batch size B on one engine, and the loop over scales."""
 
-    labels_2B = torch.cat((labels_B, torch.full_like(labels_B, var.num_classes)))
-    cond = var.condition(labels_2B)
-    cache = KVCache(var.depth, 2 * B, cfg.var.num_heads, cfg.num_tokens, cfg.head_dim, dtype, device)
-    f_hat = torch.zeros(B, cfg.vae.z_channels, pns[-1], pns[-1], dtype=torch.float32, device=device)
-    x = var.first_input(cond.sos)
-    tokens, sampled = [], []
-    for si, (pn, (b, e)) in enumerate(zip(pns, cfg.scale_ranges())):
-        logits = var.step(x, cond, cache.provider(b, e))           # (2B, l, V) float32
-        t = ts[si]
-        logits = (1 + t) * logits[:B] - t * logits[B:]
-        idx = sampling.sample_tokens(logits, seeds_B, si, params.top_k, params.top_p)
-        sampled.append(idx)
-        if params.more_smooth:
-            h_BlC = sampling.smooth_codes(logits, seeds_B, si, si / (K - 1), params.top_k, params.top_p, codebook)
+    def __init__(self, engine, cfg: ModelConfig, B: int, codebook_VC: torch.Tensor):
+        self.engine, self.cfg, self.B = engine, cfg, B
+        dev, act = engine.device, engine.act_dtype
+        v = cfg.var
+        C, K, V, Cv, P = v.embed_dim, cfg.num_scales, cfg.vae.vocab_size, cfg.vae.z_channels, cfg.patch_nums[-1]
+        self.codebook = codebook_VC.to(dev, torch.float32)
+        z = lambda *s, dtype=act: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
+        self.labels = z(B, dtype=torch.int64)
+        self.seeds = z(B, dtype=torch.int64)
+        self.cfg_t = [z(1, dtype=torch.float32) for _ in range(K)]
+        self.ada_blocks = z(v.depth, 2 * B, 6, C)
+        self.ada_head = z(2 * B, 2, C)
+        self.x = [z(2 * B, pn * pn, C) for pn in cfg.patch_nums]
+        self.logits = [z(B, pn * pn, V, dtype=torch.float32) for pn in cfg.patch_nums]
+        self.h = [z(B, pn * pn, Cv, dtype=torch.float32) for pn in cfg.patch_nums]
+        self.f_hat = [z(B, Cv, P, P, dtype=torch.float32) for _ in range(2)]  # ping-pong: no aliasing
+        self.tokens = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
+        self.sampled = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
+        self.image = z(B, 3, cfg.image_size, cfg.image_size, dtype=torch.float32)
+        self.edit_idx = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
+        self.edit_keep = [z(B, pn * pn, dtype=torch.bool) for pn in cfg.patch_nums]
+        H, c, L = v.num_heads, cfg.head_dim, cfg.num_tokens
+        if engine.inplace_kv:
+            self.kv = KVCache.allocate(v.depth, 2 * B, H, L, c, act, dev)
         else:
-            h_BlC = F.embedding(idx, codebook).float()
+            # Exported graphs take a contiguous past (depth, 2B, H, begin, c): two flat buffers,
+            # each scale's past read from one and past+present written into the other.
+            n = v.depth * 2 * B * H * L * c
+            self.kv_flat = [(z(n), z(n)), (z(n), z(n))]
+            self.present = [(z(v.depth, 2 * B, H, pn * pn, c), z(v.depth, 2 * B, H, pn * pn, c))
+                            for pn in cfg.patch_nums]
+
+    # ---- inputs ------------------------------------------------------------------------
+    def set_request(self, labels: torch.Tensor, seeds: torch.Tensor, params: SamplingParams,
+                    edit: Optional[EditSpec] = None) -> None:
+        """Copy a request into the loop's buffers (host -> device copies, before the loop runs)."""
+        self.labels.copy_(labels)
+        self.seeds.copy_(seeds)
+        for buf, t in zip(self.cfg_t, sampling.guidance_schedule(params.cfg, params.cfg_schedule,
+                                                                 self.cfg.num_scales)):
+            buf.fill_(t)
         if edit is not None:
-            keep = edit.keep[si]
-            idx = torch.where(keep, edit.idx[si], idx)
-            h_BlC = torch.where(keep.unsqueeze(-1), F.embedding(edit.idx[si], codebook).float(), h_BlC)
-        tokens.append(idx)
-        h_BChw = h_BlC.transpose(1, 2).reshape(B, -1, pn, pn)
-        f_hat = f_hat + quant.scale_residual(si, h_BChw.to(dtype)).float()
-        if si + 1 < K:
-            nxt = F.interpolate(f_hat, size=(pns[si + 1], pns[si + 1]), mode="area")
-            x = var.scale_input(si + 1, nxt.flatten(2).transpose(1, 2).to(dtype))
+            for si in range(self.cfg.num_scales):
+                self.edit_idx[si].copy_(edit.idx[si].expand_as(self.edit_idx[si]))
+                self.edit_keep[si].copy_(edit.keep[si].expand_as(self.edit_keep[si]))
+
+    def _past(self, si: int, which: int):
+        """Contiguous (depth, 2B, H, begin, c) view of the cache before scale si."""
+        v, cfg = self.cfg.var, self.cfg
+        b = cfg.scale_ranges()[si][0]
+        shape = (v.depth, 2 * self.B, v.num_heads, b, cfg.head_dim)
+        n = v.depth * 2 * self.B * v.num_heads * b * cfg.head_dim
+        flat_k, flat_v = self.kv_flat[which]
+        return flat_k[:n].view(shape), flat_v[:n].view(shape)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self, params: SamplingParams, edit: bool = False,
+            on_scale: Optional[Callable[[int], None]] = None) -> None:
+        """Generate into self.image / self.tokens from the request buffers. No host sync."""
+        eng, cfg, B = self.engine, self.cfg, self.B
+        pns, K = cfg.patch_nums, cfg.num_scales
+        eng.run("condition", {"labels": self.labels},
+                {"ada_blocks": self.ada_blocks, "ada_head": self.ada_head, "x": self.x[0]})
+        self.f_hat[0].zero_()
+        for si, pn in enumerate(pns):
+            ins = {"x": self.x[si], "ada_blocks": self.ada_blocks, "ada_head": self.ada_head, "cfg_t": self.cfg_t[si]}
+            outs = {"logits": self.logits[si]}
+            if eng.inplace_kv:
+                ins.update(cache_k=self.kv.k, cache_v=self.kv.v)
+            else:
+                if si:
+                    ins["past_k"], ins["past_v"] = self._past(si, si % 2)
+                outs["present_k"], outs["present_v"] = self.present[si]
+            eng.run(f"step_{si}", ins, outs)
+            if not eng.inplace_kv and si + 1 < K:
+                from var_rt import ops
+                nk, nv = self._past(si + 1, (si + 1) % 2)
+                pk, pv = self._past(si, si % 2)
+                ops.kv_append(nk, pk, self.present[si][0])
+                ops.kv_append(nv, pv, self.present[si][1])
+            logits = self.logits[si]
+            idx = sampling.sample_tokens(logits, self.seeds, si, params.top_k, params.top_p)
+            self.sampled[si].copy_(idx)
+            if params.more_smooth:
+                h = sampling.smooth_codes(logits, self.seeds, si, si / (K - 1), params.top_k, params.top_p,
+                                          self.codebook)
+            else:
+                h = F.embedding(idx, self.codebook)
+            if edit:
+                keep = self.edit_keep[si]
+                idx = torch.where(keep, self.edit_idx[si], idx)
+                h = torch.where(keep.unsqueeze(-1), F.embedding(self.edit_idx[si], self.codebook), h)
+            self.tokens[si].copy_(idx)
+            self.h[si].copy_(h)
+            outs = {"f_hat_out": self.f_hat[(si + 1) % 2]}
+            if si + 1 < K:
+                outs["x"] = self.x[si + 1]
+            eng.run(f"transition_{si}", {"f_hat": self.f_hat[si % 2], "h": self.h[si]}, outs)
+            if on_scale is not None:
+                on_scale(si)
+        eng.run("decode", {"f_hat": self.f_hat[K % 2]}, {"image": self.image})
+
+    def output(self) -> LoopOutput:
+        return LoopOutput(self.image.clone(), [t.clone() for t in self.tokens], [t.clone() for t in self.sampled])
+
+
+class CudaGraphLoop:
+    """Captures a ScaleLoop's whole generation (10 scales + decode) as one CUDA graph per sampling setup.
+
+    Requests only change buffer contents (labels, seeds, guidance values, edit tokens), so one
+    capture serves every later call with the same batch size, top-k, top-p, more_smooth and edit flag.
+    """
+
+    def __init__(self, loop: ScaleLoop):
+        self.loop = loop
+        self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def run(self, params: SamplingParams, edit: bool = False, on_scale=None) -> None:
+        key = params.key() + (edit,)
+        g = self.graphs.get(key)
+        if g is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside capture (lazy init, cuBLAS handles)
+                self.loop.run(params, edit)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.loop.run(params, edit)
+            self.pool = g.pool()
+            self.graphs[key] = g
+        g.replay()
         if on_scale is not None:
-            on_scale(si)
-    img = vae.decode_fhat(f_hat.to(dtype)).float().add(1).mul(0.5)
-    return LoopOutput(img, tokens, sampled)
+            for si in range(self.loop.cfg.num_scales):
+                on_scale(si)
+
+
+@torch.no_grad()
+def run_scale_loop(var, vae, labels_B: torch.Tensor, seeds_B: torch.Tensor, params: SamplingParams,
+                   edit: Optional[EditSpec] = None, on_scale: Optional[Callable[[int], None]] = None) -> LoopOutput:
+    """One generation with the PyTorch modules (the reference backend), buffers allocated for this call."""
+    from var_rt.engines.torch_engine import TorchEngine
+    engine = TorchEngine(var, vae)
+    loop = ScaleLoop(engine, var.cfg, labels_B.shape[0], vae.quantize.embedding.weight)
+    loop.set_request(labels_B, seeds_B, params, edit)
+    loop.run(params, edit is not None, on_scale)
+    return loop.output()

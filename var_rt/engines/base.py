@@ -1,0 +1,32 @@
+"""The engine protocol: every backend runs the named graphs of var_rt.graphs the same way.
+
+An engine holds one model (weights loaded once) and runs a graph by name on
+caller-owned, preallocated, contiguous tensors, writing the outputs in place on
+the current stream with no host synchronisation. The scale loop
+(var_rt.runtime.ScaleLoop) only talks to this interface, so it does not know
+which backend runs.
+
+KV cache: an engine with ``inplace_kv = True`` (the PyTorch engines) receives the
+full caches ``cache_k``/``cache_v`` (depth, 2B, H, L, c) as step inputs and
+writes the scale's keys/values into them itself. Other engines (exported graphs)
+take ``past_k``/``past_v`` (depth, 2B, H, begin, c) and return
+``present_k``/``present_v``; the loop appends them with ``var_rt.ops.kv_append``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    device: torch.device
+    act_dtype: torch.dtype
+    batch_sizes: Optional[Tuple[int, ...]]  # None: any batch size
+    inplace_kv: bool
+
+    def graph_names(self) -> List[str]: ...
+
+    def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None: ...
