@@ -97,7 +97,7 @@ class VARPipeline:
     """
 
     def __init__(self, cfg: ModelConfig, var: VAR, vae: VQVAE, device: torch.device, dtype: torch.dtype,
-                 backend: str = "torch", progress: bool = True):
+                 backend: str = "torch", progress: bool = True, compile: Optional[bool] = None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}: available here: {', '.join(BACKENDS)}")
         if backend == "cudagraph" and device.type != "cuda":
@@ -106,6 +106,8 @@ class VARPipeline:
         self.var = var.to(device=device, dtype=dtype).eval()
         self.vae = vae.to(device=device, dtype=dtype).eval()
         self._lock = threading.Lock()
+        # Inductor fusion pays where launches dominate and compile time is amortised: the CUDA-graph backend.
+        self.compile = (backend == "cudagraph") if compile is None else compile
         self._engine = None
         self._loops: dict = {}  # batch size -> (ScaleLoop, runner): buffers allocated once per batch size
 
@@ -114,7 +116,7 @@ class VARPipeline:
     def engine(self):
         if self._engine is None:
             from var_rt.engines.torch_engine import TorchEngine
-            self._engine = TorchEngine(self.var, self.vae, name=self.backend)
+            self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile)
         return self._engine
 
     def _loop(self, B: int):
@@ -144,7 +146,7 @@ class VARPipeline:
     def load(cls, model: Optional[str] = None, config: Optional[Union[str, Path, ModelConfig]] = None,
              var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_weights: bool = False,
              device: Optional[str] = None, dtype: Optional[str] = None, backend: str = "torch",
-             progress: bool = True, weight_seed: int = 0) -> "VARPipeline":
+             progress: bool = True, weight_seed: int = 0, compile: Optional[bool] = None) -> "VARPipeline":
         """Build a pipeline from a preset name or JSON config plus checkpoints (or explicit random weights)."""
         cfg = resolve_config(model, config)
         dev = resolve_device(device)
@@ -164,7 +166,7 @@ class VARPipeline:
         else:
             load_var_checkpoint(var, var_ckpt)
             load_vae_checkpoint(vae, vae_ckpt)
-        return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress)
+        return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile)
 
     # ---- requests -------------------------------------------------------------------------
     def check_labels(self, labels: Sequence[int]) -> List[int]:

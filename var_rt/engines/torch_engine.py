@@ -15,7 +15,7 @@ try:
 except ImportError:  # pragma: no cover - ops.py is part of the package
     ops = None
 from var_rt.graphs import all_graphs, guide
-from var_rt.models.var import VAR, Condition
+from var_rt.models.var import VAR, Condition, enable_fusion
 from var_rt.models.vqvae import VQVAE
 from var_rt.runtime import KVCache
 
@@ -24,7 +24,7 @@ class TorchEngine:
     inplace_kv = True
     batch_sizes = None
 
-    def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True):
+    def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype
@@ -33,6 +33,15 @@ class TorchEngine:
         self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
+        self._decode = None
+        if compile and self.device.type == "cuda":
+            # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
+            # GroupNorm/SiLU passes are fused (the decoder dominates at large batch). Compiled at the
+            # first call (tens of seconds), outside any CUDA-graph capture (CudaGraphLoop warms up first).
+            enable_fusion(True)
+            vae.decoder.to(memory_format=torch.channels_last)
+            vae.post_quant_conv.to(memory_format=torch.channels_last)
+            self._decode = torch.compile(self.graphs["decode"], dynamic=False)
 
     def graph_names(self) -> List[str]:
         return list(self.graphs)
@@ -42,6 +51,8 @@ class TorchEngine:
         kind, _, si = graph.partition("_")
         if kind == "step":
             self._step(int(si), inputs, outputs)
+        elif graph == "decode" and self._decode is not None:
+            outputs["image"].copy_(self._decode(inputs["f_hat"].contiguous(memory_format=torch.channels_last)))
         elif kind == "transition" and self.use_ops:
             self._transition_fused(int(si), inputs, outputs)
         else:

@@ -27,6 +27,57 @@ from var_rt.config import ModelConfig
 KVProvider = Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
+class _Fusion:
+    """Switch for compiled pointwise pieces (see ``enable_fusion``)."""
+
+    enabled = False
+    compiled: dict = {}
+
+
+def enable_fusion(on: bool = True) -> None:
+    """On CUDA, run each block's pointwise pieces as Inductor-generated kernels (one launch each).
+
+    At batch 1 a VAR scale is a few thousand tiny kernels; fusing the layer norm with the AdaLN
+    modulation, the q/k normalisation and the gated residuals removes most of them. The functions
+    below are the reference arithmetic either way; compiled copies are made once, for dynamic shapes.
+    """
+    _Fusion.enabled = on
+
+
+def fusable(fn):
+    def run(*args):
+        if _Fusion.enabled and args[0].is_cuda and not torch.compiler.is_compiling():
+            c = _Fusion.compiled.get(fn)
+            if c is None:
+                c = _Fusion.compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+            return c(*args)
+        return fn(*args)
+    run.__wrapped__ = fn
+    return run
+
+
+@fusable
+def modulated_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift with float32 statistics (LN has no affine weights in VAR)."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (y * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+@fusable
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return x + y * gamma
+
+
+@fusable
+def split_heads_l2(qkv: torch.Tensor, scale_mul_1H11: torch.Tensor, heads: int):
+    """(B, l, 3C) -> q, k, v (B, H, l, c); cosine attention: unit q and k, q scaled per head."""
+    B, l, C3 = qkv.shape
+    q, k, v = qkv.view(B, l, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    q = F.normalize(q, dim=-1) * scale_mul_1H11.clamp(max=math.log(100.0)).exp()
+    k = F.normalize(k, dim=-1)
+    return q.to(v.dtype), k.to(v.dtype), v
+
+
 class Condition(NamedTuple):
     """Per-image AdaLN parameters (computed once, reused at all 10 scales)."""
 
@@ -50,13 +101,11 @@ class SelfAttention(nn.Module):
     def qkv(self, x_BlC: torch.Tensor):
         B, l, C = x_BlC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.heads, self.head_dim) \
-            .permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, c)
+        qkv = F.linear(x_BlC, self.mat_qkv.weight, bias)
         if self.l2_norm:
             # Cosine attention: unit q and k, q scaled per head by exp(min(s, ln 100)), softmax scale 1.
-            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()
-            k = F.normalize(k, dim=-1)
-        return q, k, v
+            return split_heads_l2(qkv, self.scale_mul_1H11, self.heads)
+        return qkv.view(B, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, c)
 
     @property
     def softmax_scale(self) -> float:
@@ -92,14 +141,12 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def _ln(self, x):
-        return F.layer_norm(x, (self.C,), eps=self.eps)
-
     def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None):
         g1, g2, s1, s2, b1, b2 = ada_B6C.unsqueeze(1).unbind(2)  # each (B, 1, C)
-        x_BlC = x_BlC + self.attn(self._ln(x_BlC) * (1 + s1) + b1, layer, kv, attn_bias) * g1
-        x_BlC = x_BlC + self.ffn(self._ln(x_BlC) * (1 + s2) + b2) * g2
-        return x_BlC
+        h = self.attn(modulated_layer_norm(x_BlC, s1, b1, self.eps), layer, kv, attn_bias)
+        x_BlC = gated_residual(x_BlC, h, g1)
+        h = self.ffn(modulated_layer_norm(x_BlC, s2, b2, self.eps))
+        return gated_residual(x_BlC, h, g2)
 
 
 class AdaLNBeforeHead(nn.Module):
