@@ -1,0 +1,1 @@
+"""Benchmarks: speed against the official algorithm and DiT, and the floor analysis."""
