@@ -1,7 +1,8 @@
 // CUDA implementations of the var_rt ops. The schemas are defined in Python (var_rt/ops.py,
 // torch.library); this file only registers the CUDA kernels for them, so the library must be
 // loaded after var_rt.ops has defined the namespace (var_rt.ops does this itself).
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -26,7 +27,16 @@ DType to_dtype(const at::Tensor& t, const char* name) {
 
 int64_t addr(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
 
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// Multiprocessors of the current device (cached per device; ATen's CUDAContext.h would pull in the
+// cuBLAS/cuSPARSE headers for the same number).
+int num_sms() {
+  static int cache[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int& n = cache[dev & 63];
+  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
+}
 
 void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "var_rt: ", name, " must be on ", ref.device());
@@ -85,7 +95,7 @@ void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Ten
   p.pn_next = static_cast<int>(pn_next);
   p.h_dtype = to_dtype(h, "h");
   p.next_dtype = next_dtype;
-  C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -136,7 +146,7 @@ void kv_write_cuda(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k
   const int vec = vector_bytes({all});
   const int64_t rows = cache_k.size(0) * cache_k.size(1) * cache_k.size(2) * l;
   C10_CUDA_CHECK(launch_kv_write(a[0], a[1], rows, static_cast<int>(row_bytes), vec, num_sms(),
-                                 at::cuda::getCurrentCUDAStream()));
+                                 c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -154,7 +164,7 @@ void kv_append_cuda(at::Tensor& dst, const at::Tensor& past, const at::Tensor& p
   const int vec = vector_bytes({past_bytes, present_bytes, addr(dst.data_ptr()),
                                 addr(past.data_ptr()), addr(present.data_ptr())});
   C10_CUDA_CHECK(launch_kv_append(dst.data_ptr(), past.data_ptr(), present.data_ptr(), dh, past_bytes, present_bytes, vec,
-                                  num_sms(), at::cuda::getCurrentCUDAStream()));
+                                  num_sms(), c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
