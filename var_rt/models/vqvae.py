@@ -16,8 +16,21 @@ from torch import nn
 from var_rt.config import VQVAEConfig
 
 
+class _GroupNorm32(nn.GroupNorm):
+    """GroupNorm with float32 statistics whatever the activation dtype (no-op for float32 models).
+
+    FP16 exports need it: a strongly typed TensorRT network computes a norm in its input's type.
+    Autocast runs group_norm in float32 too.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return _GroupNorm32(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:

@@ -1,0 +1,292 @@
+"""ONNX export of the graphs of var_rt.graphs, all referencing one shared weights file.
+
+Files written into ``<out>/onnx/``:
+- ``{graph}.b{B}.onnx`` for every graph and batch size B: fixed shapes (2B rows with the unconditional
+  half, the tokens of the scale, the KV cache of all earlier scales). ONNX Runtime runs these.
+- ``{graph}.dyn.onnx``: the same graphs with a dynamic batch axis, and for ``step`` one graph for all
+  scales with dynamic token and past-length axes. TensorRT builds these with one optimisation profile
+  per (batch, scale), min = opt = max, so every shape it runs is still fixed, but the weights are in
+  one engine instead of ten.
+- ``weights.bin``: every initializer of 1 KiB or more, stored once. Tensors are content-addressed
+  (SHA-256 of dtype, shape and bytes): ``step_3.b1`` and ``step_7.b8`` hold the same blocks, so they
+  point at the same offsets. Deduplicating by content instead of by parameter name also catches the
+  copies the exporter makes by constant folding (transposed MatMul weights, folded position rows),
+  and keeps working for graphs over 2 GB, which the exporter itself writes as external data.
+  Equal tensors also get the same initializer name in every graph, so ONNX Runtime can share one
+  in-memory copy between sessions (``SessionOptions.add_initializer``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from var_rt.graphs import all_graphs
+from var_rt.models.var import VAR
+from var_rt.models.vqvae import VQVAE
+
+WEIGHTS_FILE = "weights.bin"
+EXTERNAL_MIN_BYTES = 1024   # smaller tensors (shape constants, biases of tiny models) stay inline
+ALIGN = 64                  # offsets aligned for memory mapping
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+def io_dtype(kind: str, act_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an io_spec entry ("act" is the model's activation dtype)."""
+    return act_dtype if kind == "act" else DTYPES[kind]
+
+
+def sample_inputs(module, B: int, act_dtype: torch.dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Random inputs with the shapes of ``module.io_spec(B)`` (labels/ids valid, images in [0, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    ins, _ = module.io_spec(B)
+    out = {}
+    for name, (shape, kind) in ins.items():
+        dt = io_dtype(kind, act_dtype)
+        if dt == torch.int64:
+            out[name] = torch.randint(0, 10, shape, generator=g)
+        elif name == "image":
+            out[name] = torch.rand(shape, generator=g).to(dt)
+        elif name == "cfg_t":
+            out[name] = torch.full(shape, 0.75, dtype=dt)
+        else:
+            out[name] = (torch.randn(shape, generator=g) * 0.5).to(dt)
+    return out
+
+
+# ---- area downsampling without adaptive pooling ------------------------------------------------
+def _area_matrix(n_out: int, n_in: int, dtype, device) -> torch.Tensor:
+    """(n_out, n_in) averaging matrix of adaptive average pooling (bins [floor(i n/o), ceil((i+1) n/o)))."""
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        s, e = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        a[i, s:e] = 1.0 / (e - s)
+    return a.to(dtype=dtype, device=device)
+
+
+class _HalfConv2d(torch.autograd.Function):
+    """An FP16 convolution that runs in float32 on the CPU while tracing, and exports as one FP16 Conv.
+
+    PyTorch's CPU FP16 convolution is about 500x slower than FP32 (a 256 px decode takes minutes at
+    fixture size and would take half an hour for the real VQVAE), and tracing runs the model once.
+    The ONNX node is the same Conv the exporter writes for an FP16 conv2d.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups):
+        return F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding, dilation,
+                        groups).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, w, b, stride, padding, dilation, groups):
+        k = list(w.type().sizes()[2:])
+        pads = list(padding) * 2 if not isinstance(padding, str) else None
+        args = (x, w) if b is None or b.node().mustBeNone() else (x, w, b)
+        return g.op("Conv", *args, kernel_shape_i=k, strides_i=list(stride), pads_i=pads,
+                    dilations_i=list(dilation), group_i=groups)
+
+
+@contextlib.contextmanager
+def export_patches():
+    """Substitutions of torch functions while tracing, each computing the same numbers (see also
+    ``_HalfConv2d``).
+
+    - ``F.interpolate(mode="area")`` becomes ``A_h @ x @ A_w^T``. Area downsampling is adaptive
+      average pooling; ONNX has none, and the exporter only handles sizes that divide (16 -> 13 or
+      32 -> 24 do not) and fails where it cannot see the input size (the encoder's residual loop).
+      Two small constant matrices compute the same averages for any sizes.
+    - ``F.layer_norm``'s normalized_shape is made of Python ints: the model reads it from
+      ``x.shape[-1]``, which the tracer records as a graph value, and the exporter needs a constant.
+    """
+    original, original_ln = F.interpolate, F.layer_norm
+
+    def layer_norm(x, normalized_shape, *args, **kwargs):
+        return original_ln(x, tuple(int(s) for s in normalized_shape), *args, **kwargs)
+
+    def interpolate(x, size=None, scale_factor=None, mode="nearest", *args, **kwargs):
+        if mode != "area" or size is None:
+            return original(x, size, scale_factor, mode, *args, **kwargs)
+        oh, ow = (size, size) if isinstance(size, int) else size
+        ih, iw = int(x.shape[-2]), int(x.shape[-1])
+        a_h = _area_matrix(oh, ih, x.dtype, x.device)
+        a_w = _area_matrix(ow, iw, x.dtype, x.device)
+        return a_h @ x @ a_w.T
+
+    original_conv = F.conv2d
+
+    def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        if x.dtype != torch.float16 or x.is_cuda or isinstance(padding, str):
+            return original_conv(x, w, b, stride, padding, dilation, groups)
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        return _HalfConv2d.apply(x, w, b, pair(stride), pair(padding), pair(dilation), groups)
+
+    F.interpolate, F.layer_norm, F.conv2d = interpolate, layer_norm, conv2d
+    try:
+        yield
+    finally:
+        F.interpolate, F.layer_norm, F.conv2d = original, original_ln, original_conv
+
+
+# ---- dynamic axes ----------------------------------------------------------------------------------
+def dynamic_axes(graphs: Dict[str, torch.nn.Module], name: str) -> Dict[str, Dict[int, str]]:
+    """Axes that change with the batch size (and, for ``step``, with the scale), named for readers.
+
+    Found by comparing io_spec at B=1 and B=2 (and step_1 with step_2) rather than written twice.
+    """
+    module = graphs["step_1" if name == "step" else name]
+    a_in, a_out = module.io_spec(1)
+    b_in, b_out = module.io_spec(2)
+    other = graphs["step_2"].io_spec(1) if name == "step" else (a_in, a_out)
+    axes: Dict[str, Dict[int, str]] = {}
+    for a, b, c in ((a_in, b_in, other[0]), (a_out, b_out, other[1])):
+        for key, (shape, _) in a.items():
+            for d, n in enumerate(shape):
+                if n != b[key][0][d]:
+                    axes.setdefault(key, {})[d] = "B" if n == 1 else "2B"
+                elif n != c[key][0][d]:
+                    axes.setdefault(key, {})[d] = "past" if key.startswith("past") else "l"
+    return axes
+
+
+# ---- the shared weights file -----------------------------------------------------------------------
+class WeightStore:
+    """Appends tensors to ``weights.bin`` once each, keyed by content; rewrites models to point at it."""
+
+    def __init__(self, onnx_dir: Path):
+        self.path = onnx_dir / WEIGHTS_FILE
+        self.file = open(self.path, "wb")
+        self.index: Dict[str, Tuple[str, int, int]] = {}  # content hash -> (name, offset, length)
+        self.names: Dict[str, str] = {}                   # name -> content hash (names are unique)
+        self.size = 0
+
+    def close(self) -> None:
+        self.file.close()
+
+    def add(self, key: str, name: str, data: bytes) -> Tuple[str, int, int]:
+        if key in self.index:
+            return self.index[key]
+        if name in self.names:  # same name, different content (e.g. onnx::MatMul_123 in two graphs)
+            name = f"{name}.{key[:12]}"
+        pad = -self.size % ALIGN
+        self.file.write(b"\0" * pad + data)
+        entry = (name, self.size + pad, len(data))
+        self.size += pad + len(data)
+        self.index[key], self.names[name] = entry, key
+        return entry
+
+    def externalize(self, model, base_dir: Path) -> None:
+        """Move every large initializer of ``model`` (an onnx.ModelProto) into the store."""
+        import onnx
+        from onnx import numpy_helper
+
+        renames = {}
+        for t in model.graph.initializer:
+            arr = numpy_helper.to_array(t, base_dir=str(base_dir))
+            data = arr.tobytes()  # ONNX raw data: little-endian, row-major
+            if len(data) < EXTERNAL_MIN_BYTES:
+                if t.data_location == onnx.TensorProto.EXTERNAL:  # small but written outside: inline it
+                    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+                continue
+            key = hashlib.sha256(f"{t.data_type}:{list(t.dims)}:".encode() + data).hexdigest()
+            name, offset, length = self.add(key, t.name, data)
+            if name != t.name:
+                renames[t.name] = name
+            dims, dtype = list(t.dims), t.data_type
+            t.Clear()
+            t.name, t.data_type = name, dtype
+            t.dims.extend(dims)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+        if renames:
+            for node in model.graph.node:
+                for i, n in enumerate(node.input):
+                    if n in renames:
+                        node.input[i] = renames[n]
+
+
+# ---- export -----------------------------------------------------------------------------------------
+def export_one(module, name: str, B: int, act_dtype: torch.dtype, opset: int, tmp_dir: Path,
+               axes: Optional[Dict[str, Dict[int, str]]] = None) -> Path:
+    """torch.onnx.export of one graph into ``tmp_dir`` (the TorchScript exporter, see below)."""
+    ins, outs = module.io_spec(B)
+    args = sample_inputs(module, B, act_dtype)
+    path = tmp_dir / f"{name}.onnx"
+    # The TorchScript-based exporter (dynamo=False): these graphs are plain tensor code with static
+    # control flow, which it traces in seconds even for d30, keeps parameter names on initializers and
+    # constant-folds; it writes external data by itself when a graph is over 2 GB.
+    with warnings.catch_warnings(), torch.no_grad(), export_patches():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(args[n] for n in ins), str(path), input_names=list(ins),
+                          output_names=list(outs), opset_version=opset, dynamo=False,
+                          do_constant_folding=True, dynamic_axes=axes)
+    return path
+
+
+def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], opset: int,
+               on_progress: Callable[[str], None] = lambda s: None) -> Dict[str, dict]:
+    """Export every graph (fixed shapes per batch size, plus the dynamic variants) sharing weights.bin.
+
+    Returns ``{file name: {"graph", "batch", "inputs", "outputs"}}`` for the manifest, where inputs and
+    outputs map names to ``{"shape", "dtype"}`` (a dynamic axis is its name, e.g. "2B" or "past").
+    """
+    import onnx
+
+    act_dtype = var.head.weight.dtype
+    graphs = all_graphs(var, vae)
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    store = WeightStore(onnx_dir)
+    files: Dict[str, dict] = {}
+    jobs = [(f"{g}.b{B}.onnx", g, B, None) for B in batch_sizes for g in graphs]
+    # The dynamic step graph is traced from a scale with a past (step_2), and covers scale 0 with a
+    # past of length 0; the other graphs only get a dynamic batch axis.
+    jobs += [(f"{g}.dyn.onnx", g, 2, dynamic_axes(graphs, g))
+             for g in ["condition", "step"] + [g for g in graphs if not g.startswith(("condition", "step"))]]
+    try:
+        for i, (fname, gname, B, axes) in enumerate(jobs):
+            on_progress(f"[{i + 1}/{len(jobs)}] exporting {fname}")
+            module = graphs["step_2"] if gname == "step" else graphs[gname]
+            with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=".tmp-") as tmp:
+                path = export_one(module, gname, B, act_dtype, opset, Path(tmp), axes)
+                model = onnx.load(str(path), load_external_data=False)
+                store.externalize(model, Path(tmp))
+                model.graph.name = gname
+            onnx.save(model, str(onnx_dir / fname))
+            files[fname] = describe(module, gname, None if axes else B, act_dtype, axes)
+    finally:
+        store.close()
+    return files
+
+
+def describe(module, graph: str, B: Optional[int], act_dtype: torch.dtype, axes=None) -> dict:
+    """Manifest entry of one file: graph name, batch (None = dynamic), input/output shapes and dtypes."""
+    def fmt(spec, key_axes):
+        out = {}
+        for n, (shape, kind) in spec.items():
+            shape = list(shape)
+            for d, sym in (key_axes or {}).get(n, {}).items():
+                shape[d] = sym
+            out[n] = {"shape": shape, "dtype": str(io_dtype(kind, act_dtype)).replace("torch.", "")}
+        return out
+
+    ins, outs = module.io_spec(B or 1)
+    return {"graph": graph, "batch": B, "inputs": fmt(ins, axes), "outputs": fmt(outs, axes)}
+
+
+def onnx_sizes(onnx_dir: Path) -> Tuple[int, int]:
+    """(bytes of weights.bin, bytes of all .onnx files)."""
+    w = (onnx_dir / WEIGHTS_FILE).stat().st_size
+    return w, sum(p.stat().st_size for p in onnx_dir.glob("*.onnx"))
+
+
+def remove_partial(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else (os.path.exists(path) and os.remove(path))
