@@ -709,7 +709,23 @@ def build_cpu_models(args, model: Optional[str], config: Optional[str]):
     return mc, (var, vae, round(time.perf_counter() - t0, 3))
 
 
+def render(json_path: str, out_dir: str) -> None:
+    """Re-make results.md and plot.png from a results.json (e.g. here, where matplotlib is installed)."""
+    results = json.loads(Path(json_path).read_text())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    add_ratios(results)
+    note = write_plot(results, out / "plot.png")
+    if note:
+        print(note)
+    write_markdown(results, out / "results.md")
+
+
 def main(argv=None) -> dict:
+    argv_chk = sys.argv[1:] if argv is None else list(argv)
+    if argv_chk[:1] == ["--render"]:  # python -m benchmarks.bench --render results.json OUT_DIR
+        render(argv_chk[1], argv_chk[2] if len(argv_chk) > 2 else str(Path(argv_chk[1]).parent))
+        return {}
     args = parse_args(argv)
     MAX_CASE_S[0] = args.max_case_s
     budget = Budget(args.time_budget_s)
