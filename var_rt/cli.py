@@ -27,7 +27,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="default: float16 on GPU, float32 on CPU")
-    g.add_argument("--backend", default="torch", help="execution backend (default: torch)")
+    g.add_argument("--backend", default="torch",
+                   help="torch (reference), cudagraph (GPU: whole loop in one CUDA graph), onnxruntime or "
+                        "tensorrt (exported graphs from `python -m export.build`, see --engine-dir)")
+    g.add_argument("--engine-dir", help="export directory (ONNX files / TensorRT engines + manifest.json) "
+                                        "for the onnxruntime and tensorrt backends")
+    g.add_argument("--no-compile", action="store_true",
+                   help="cudagraph backend: skip torch.compile fusion (faster start, slower steady state)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -149,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", help="one PNG per image; sorted names follow batch order")
     g.add_argument("--grid", help="also write all images tiled into one PNG")
     g.set_defaults(func=cmd_generate)
+
+    from var_rt.edit import add_edit_parser
+    add_edit_parser(sub)
 
     d = sub.add_parser("download", help="fetch official checkpoints (needs internet)")
     d.add_argument("--model", required=True, help="d16, d20, d24, d30 or d36")

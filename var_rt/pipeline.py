@@ -244,15 +244,15 @@ class VARPipeline:
                     loop.set_request(torch.tensor([labels[r] for r in rows]), torch.tensor([seeds[r] for r in rows]),
                                      params, _edit_rows(edit, rows) if edit is not None else None)
                     runner.run(params, edit is not None, on_scale=lambda si: bar.update(1))
-                    out = loop.output()
+                    out = loop.output(rows=m, device="cpu")
                 except torch.cuda.OutOfMemoryError:
                     self._loops.clear()
                     torch.cuda.empty_cache()
                     raise InputError(f"out of GPU memory at batch size {len(rows)} on {self.device}: use a smaller "
                                      f"--batch-size (the pipeline is still usable)") from None
-                images.append(out.images[:m].cpu())
-                tokens.append([t[:m].cpu() for t in out.tokens])
-                sampled.append([t[:m].cpu() for t in out.sampled])
+                images.append(out.images)
+                tokens.append(out.tokens)
+                sampled.append(out.sampled)
         merge = lambda parts: [torch.cat([p[si] for p in parts]) for si in range(self.cfg.num_scales)]  # noqa: E731
         return GenerationResult(torch.cat(images), labels, seeds, merge(tokens), merge(sampled))
 

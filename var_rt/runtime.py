@@ -90,8 +90,11 @@ class ScaleLoop:
         self.logits = [z(B, pn * pn, V, dtype=torch.float32) for pn in cfg.patch_nums]
         self.h = [z(B, pn * pn, Cv, dtype=torch.float32) for pn in cfg.patch_nums]
         self.f_hat = [z(B, Cv, P, P, dtype=torch.float32) for _ in range(2)]  # ping-pong: no aliasing
-        self.tokens = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
-        self.sampled = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
+        # Tokens of all scales in one (B, L) buffer each, so a result comes back in one copy.
+        self.tokens_BL = z(B, cfg.num_tokens, dtype=torch.int64)
+        self.sampled_BL = z(B, cfg.num_tokens, dtype=torch.int64)
+        self.tokens = [self.tokens_BL[:, b:e] for b, e in cfg.scale_ranges()]
+        self.sampled = [self.sampled_BL[:, b:e] for b, e in cfg.scale_ranges()]
         self.image = z(B, 3, cfg.image_size, cfg.image_size, dtype=torch.float32)
         self.edit_idx = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
         self.edit_keep = [z(B, pn * pn, dtype=torch.bool) for pn in cfg.patch_nums]
@@ -176,8 +179,13 @@ class ScaleLoop:
                 on_scale(si)
         eng.run("decode", {"f_hat": self.f_hat[K % 2]}, {"image": self.image})
 
-    def output(self) -> LoopOutput:
-        return LoopOutput(self.image.clone(), [t.clone() for t in self.tokens], [t.clone() for t in self.sampled])
+    def output(self, rows: Optional[int] = None, device=None) -> LoopOutput:
+        """Copies of the results (first ``rows`` images), on ``device`` (default: the engine's)."""
+        n = self.B if rows is None else rows
+        dev = device or self.image.device
+        split = lambda t: [t[:, b:e] for b, e in self.cfg.scale_ranges()]  # noqa: E731
+        copy = lambda t: t[:n].to(dev, copy=True)  # noqa: E731
+        return LoopOutput(copy(self.image), split(copy(self.tokens_BL)), split(copy(self.sampled_BL)))
 
 
 class CudaGraphLoop:
