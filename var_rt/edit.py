@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -415,6 +416,8 @@ class EditRequest:
     device: str
     dtype: str
     backend: str
+    engine_dir: Optional[str]
+    no_compile: bool
     image: Path
     mask: Optional[Path]
     box: Optional[Box]
@@ -465,6 +468,7 @@ def validate_edit(a: argparse.Namespace) -> EditRequest:
     return EditRequest(
         model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
         random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
+        engine_dir=getattr(a, "engine_dir", None), no_compile=bool(getattr(a, "no_compile", False)),
         image=Path(a.image), mask=Path(a.mask) if a.mask else None, box=box, mode=a.mode, canvas_place=place,
         class_label=a.class_label, num_images=a.num_images, resize=a.resize, cfg=a.cfg,
         cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k, top_p=a.top_p,
@@ -489,9 +493,16 @@ def cmd_edit(a: argparse.Namespace) -> int:
     req = validate_edit(a)
     image = _read_image(req.image, "image")
     mask = _read_image(req.mask, "mask") if req.mask is not None else None
+    # The backend options the model group may carry (--engine-dir, --no-compile), where load takes them.
+    accepted = inspect.signature(VARPipeline.load).parameters
+    extra = {}
+    if req.engine_dir is not None and "engine_dir" in accepted:
+        extra["engine_dir"] = req.engine_dir
+    if req.no_compile and "compile" in accepted:
+        extra["compile"] = False
     pipe = VARPipeline.load(model=req.model, config=req.config, var_ckpt=req.var_ckpt, vae_ckpt=req.vae_ckpt,
                             random_weights=req.random_weights, device=req.device, dtype=req.dtype,
-                            backend=req.backend, progress=req.progress)
+                            backend=req.backend, progress=req.progress, **extra)
     region = req.box if req.box is not None else mask
     # Check image, mask and class before the (slow) edit, so a bad request fails fast and writes nothing.
     prepare(pipe, image, region, req.mode, req.resize, req.canvas_place)
