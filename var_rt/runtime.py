@@ -36,11 +36,26 @@ class KVCache:
 
     def provider(self, begin: int, end: int):
         """KV provider for one scale: write this scale's rows at [begin, end), attend to [0, end)."""
+        fused = self.k.is_cuda and _ops_loaded()
+
         def kv(layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-            self.k[layer, :, :, begin:end].copy_(k_new)
-            self.v[layer, :, :, begin:end].copy_(v_new)
+            if fused:  # K and V in one launch (CUDA extension)
+                from var_rt import ops
+                ops.kv_write(self.k[layer:layer + 1], self.v[layer:layer + 1], k_new.unsqueeze(0),
+                             v_new.unsqueeze(0), begin)
+            else:
+                self.k[layer, :, :, begin:end].copy_(k_new)
+                self.v[layer, :, :, begin:end].copy_(v_new)
             return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         return kv
+
+
+def _ops_loaded() -> bool:
+    try:
+        from var_rt import ops
+    except ImportError:  # pragma: no cover
+        return False
+    return ops.extension_loaded()
 
 
 @dataclasses.dataclass(frozen=True)

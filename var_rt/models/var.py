@@ -69,10 +69,22 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> tor
 
 
 @fusable
-def split_heads_l2(qkv: torch.Tensor, scale_mul_1H11: torch.Tensor, heads: int):
-    """(B, l, 3C) -> q, k, v (B, H, l, c); cosine attention: unit q and k, q scaled per head."""
+def residual_modulated_layer_norm(x, y, gamma, scale, shift, eps: float):
+    """x + y * gamma, and its modulated layer norm: the two halves of a block meet here."""
+    x = x + y * gamma
+    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return x, (n * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+@fusable
+def split_heads_l2(qkv: torch.Tensor, q_bias: torch.Tensor, v_bias: torch.Tensor, scale_mul_1H11: torch.Tensor,
+                   heads: int):
+    """(B, l, 3C) without bias -> q, k, v (B, H, l, c); q and v get their biases (k has none);
+    cosine attention: unit q and k, q scaled per head by exp(min(s, ln 100))."""
     B, l, C3 = qkv.shape
     q, k, v = qkv.view(B, l, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    q = q + q_bias.view(heads, 1, -1)
+    v = v + v_bias.view(heads, 1, -1)
     q = F.normalize(q, dim=-1) * scale_mul_1H11.clamp(max=math.log(100.0)).exp()
     k = F.normalize(k, dim=-1)
     return q.to(v.dtype), k.to(v.dtype), v
@@ -100,11 +112,11 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x_BlC: torch.Tensor):
         B, l, C = x_BlC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BlC, self.mat_qkv.weight, bias)
         if self.l2_norm:
-            # Cosine attention: unit q and k, q scaled per head by exp(min(s, ln 100)), softmax scale 1.
-            return split_heads_l2(qkv, self.scale_mul_1H11, self.heads)
+            # Cosine attention, softmax scale 1; biases added in the same fused pass as the normalisation.
+            qkv = F.linear(x_BlC, self.mat_qkv.weight)
+            return split_heads_l2(qkv, self.q_bias, self.v_bias, self.scale_mul_1H11, self.heads)
+        qkv = F.linear(x_BlC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         return qkv.view(B, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, c)
 
     @property
@@ -144,9 +156,8 @@ class AdaLNSelfAttn(nn.Module):
     def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None):
         g1, g2, s1, s2, b1, b2 = ada_B6C.unsqueeze(1).unbind(2)  # each (B, 1, C)
         h = self.attn(modulated_layer_norm(x_BlC, s1, b1, self.eps), layer, kv, attn_bias)
-        x_BlC = gated_residual(x_BlC, h, g1)
-        h = self.ffn(modulated_layer_norm(x_BlC, s2, b2, self.eps))
-        return gated_residual(x_BlC, h, g2)
+        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, s2, b2, self.eps)
+        return gated_residual(x_BlC, self.ffn(y), g2)
 
 
 class AdaLNBeforeHead(nn.Module):
