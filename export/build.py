@@ -1,0 +1,168 @@
+"""``python -m export.build``: export the VAR graphs to ONNX and build TensorRT engines into one directory.
+
+    python -m export.build --model d16 --random-weights --fp16 --batch-size 1 8 --out-dir build/d16-fp16
+
+Layout of ``--out-dir``: ``onnx/`` (``*.onnx`` + one shared ``weights.bin``), ``engines/`` (TensorRT),
+``manifest.json`` (written last; see export/manifest.py). Errors print one ``error: ...`` line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from export.manifest import MANIFEST, write_manifest
+from export.onnx_export import export_all, onnx_sizes
+from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+
+MAX_BATCH = 256  # 2B rows of KV cache per profile; beyond this the step no longer fits an H100 at d30
+PRECISIONS = {False: "fp32", True: "fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    model: Optional[str]
+    config: Optional[str]
+    var_ckpt: Optional[str]
+    vae_ckpt: Optional[str]
+    random_weights: bool
+    fp16: bool
+    batch_sizes: Tuple[int, ...]
+    out_dir: Path
+    onnx_only: bool
+    opset: int
+    timing_cache: Optional[Path]
+    trt_flavor: str
+    optimization_level: int
+    workspace_gb: float
+    force: bool
+    progress: bool
+
+    @property
+    def precision(self) -> str:
+        return PRECISIONS[self.fp16]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="preset: d16, d20, d24, d30, d36")
+    m.add_argument("--config", help="JSON model config (the fixtures' format)")
+    m.add_argument("--var-ckpt", help="official VAR checkpoint (var_d16.pth ...)")
+    m.add_argument("--vae-ckpt", help="official VQVAE checkpoint (vae_ch160v4096z32.pth)")
+    m.add_argument("--random-weights", action="store_true", help="random weights (no checkpoints; for trying)")
+    o = p.add_argument_group("output")
+    o.add_argument("--fp16", action="store_true", help="FP16 weights and activations (float32 norms, logits)")
+    o.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes to build for (default 1)")
+    o.add_argument("--out-dir", required=True, help="export directory (onnx/, engines/, manifest.json)")
+    o.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export")
+    o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    o.add_argument("--force", action="store_true", help="replace an existing export directory")
+    o.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    t = p.add_argument_group("TensorRT")
+    t.add_argument("--trt-flavor", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"])
+    t.add_argument("--timing-cache", help="timing cache file, read if present and updated")
+    t.add_argument("--optimization-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
+    t.add_argument("--workspace-gb", type=float, default=4.0, help="workspace limit in GiB (default 4)")
+    return p
+
+
+def validate(a: argparse.Namespace) -> BuildOptions:
+    """The one place options are checked; raises ConfigError with what to change."""
+    if (a.model is None) == (a.config is None):
+        raise ConfigError("give exactly one of --model PRESET or --config JSON")
+    if a.random_weights and (a.var_ckpt or a.vae_ckpt):
+        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+    bad = [b for b in a.batch_size if not 1 <= b <= MAX_BATCH]
+    if bad:
+        raise ConfigError(f"unsupported batch size {bad[0]}: use 1..{MAX_BATCH}")
+    if not 13 <= a.opset <= 21:
+        raise ConfigError(f"opset {a.opset} is not supported: use 13..21 (17 is tested)")
+    if not 0 <= a.optimization_level <= 5:
+        raise ConfigError(f"--optimization-level {a.optimization_level}: use 0..5")
+    if a.workspace_gb <= 0:
+        raise ConfigError("--workspace-gb must be > 0")
+    out = Path(a.out_dir)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        what = "an export" if (out / MANIFEST).is_file() else "files"
+        raise ConfigError(f"{out} already holds {what} (possibly stale): pass --force to replace it "
+                          f"or choose another --out-dir")
+    return BuildOptions(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
+                        random_weights=a.random_weights, fp16=a.fp16,
+                        batch_sizes=tuple(sorted(set(a.batch_size))), out_dir=out, onnx_only=a.onnx_only,
+                        opset=a.opset, timing_cache=Path(a.timing_cache) if a.timing_cache else None,
+                        trt_flavor=a.trt_flavor, optimization_level=a.optimization_level,
+                        workspace_gb=a.workspace_gb, force=a.force, progress=not a.no_progress)
+
+
+def build(opts: BuildOptions) -> dict:
+    """Export (and build unless --onnx-only); returns the manifest written. Raises VarRtError / OSError."""
+    from var_rt.checkpoint import weights_hash
+    from var_rt.pipeline import VARPipeline
+
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if opts.progress else (lambda s: None)
+    t0 = time.perf_counter()
+    pipe = VARPipeline.load(model=opts.model, config=opts.config, var_ckpt=opts.var_ckpt, vae_ckpt=opts.vae_ckpt,
+                            random_weights=opts.random_weights, device="cpu",
+                            dtype="float16" if opts.fp16 else "float32", progress=False)
+    var, vae, cfg = pipe.var, pipe.vae, pipe.cfg
+    if opts.out_dir.exists():
+        shutil.rmtree(opts.out_dir)  # validate() allowed it (--force or empty)
+    opts.out_dir.mkdir(parents=True)
+    say(f"exporting {cfg.name} ({opts.precision}, batch {list(opts.batch_sizes)}) to {opts.out_dir}/onnx")
+    files = export_all(var, vae, opts.out_dir / "onnx", list(opts.batch_sizes), opts.opset, say)
+    w_bytes, g_bytes = onnx_sizes(opts.out_dir / "onnx")
+    manifest = {
+        "model": cfg.to_dict(), "weights_hash": weights_hash(var, vae), "precision": opts.precision,
+        "batch_sizes": list(opts.batch_sizes), "opset": opts.opset, "torch_version": torch.__version__,
+        "onnx": {"weights_file": "onnx/weights.bin", "weights_bytes": w_bytes, "graph_bytes": g_bytes,
+                 "files": {f"onnx/{k}": v for k, v in files.items()},
+                 "seconds": round(time.perf_counter() - t0, 1)},
+        "tensorrt": None,
+    }
+    trt_error = None
+    if not opts.onnx_only:
+        from export.trt_build import build_engines
+        try:
+            manifest["tensorrt"] = build_engines(
+                opts.out_dir / "onnx", opts.out_dir / "engines", files, cfg.scale_ranges(), list(opts.batch_sizes),
+                flavor=opts.trt_flavor, optimization_level=opts.optimization_level,
+                workspace_gb=opts.workspace_gb, timing_cache=opts.timing_cache, on_progress=say)
+        except BackendUnavailableError as e:
+            trt_error = e  # the ONNX export is still useful: write its manifest, then report
+    write_manifest(opts.out_dir, manifest)
+    say(f"done in {time.perf_counter() - t0:.1f} s: weights.bin {w_bytes / 2**20:.1f} MiB, "
+        f"graphs {g_bytes / 2**20:.1f} MiB")
+    if trt_error is not None:
+        raise BackendUnavailableError(f"{trt_error} (the ONNX graphs were written to {opts.out_dir}/onnx; "
+                                      f"run again without --onnx-only once TensorRT is installed)")
+    return manifest
+
+
+def main(argv=None) -> int:
+    try:
+        build(validate(parser().parse_args(argv)))
+    except VarRtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full while writing the export ({e.filename or ''}): free space or choose "
+                  f"another --out-dir, then run again with --force", file=sys.stderr)
+            return 2
+        raise
+    except RuntimeError as e:  # TensorRT parse/build failures
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
