@@ -59,6 +59,8 @@ class GenerateRequest:
     device: str
     dtype: str
     backend: str
+    engine_dir: Optional[str]
+    no_compile: bool
     class_labels: Optional[List[int]]
     num_images: Optional[int]
     cfg: float
@@ -99,24 +101,31 @@ def validate_generate(a: argparse.Namespace) -> GenerateRequest:
     return GenerateRequest(
         model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
         random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
-        class_labels=a.class_labels, num_images=a.num_images, cfg=a.cfg,
+        engine_dir=a.engine_dir, no_compile=a.no_compile, class_labels=a.class_labels, num_images=a.num_images, cfg=a.cfg,
         cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k, top_p=a.top_p,
         more_smooth=a.more_smooth, seed=a.seed, batch_size=a.batch_size,
         output_dir=Path(a.output_dir) if a.output_dir else None, grid=Path(a.grid) if a.grid else None,
         progress=not a.no_progress)
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    from var_rt.images import grid, save_png, save_pngs
+def load_pipeline(req):
+    """A pipeline from a validated request's model options (shared by generate and edit)."""
     from var_rt.pipeline import VARPipeline
-
-    req = validate_generate(a)
     pipe = VARPipeline.load(model=req.model, config=req.config, var_ckpt=req.var_ckpt, vae_ckpt=req.vae_ckpt,
                             random_weights=req.random_weights, device=req.device, dtype=req.dtype,
-                            backend=req.backend, progress=req.progress)
+                            backend=req.backend, progress=req.progress, engine_dir=req.engine_dir,
+                            compile=False if req.no_compile else None)
     if req.random_weights:
         print("note: random weights (--random-weights): the images show the pipeline working, not content",
               file=sys.stderr)
+    return pipe
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from var_rt.images import grid, save_png, save_pngs
+
+    req = validate_generate(a)
+    pipe = load_pipeline(req)
     t0 = time.perf_counter()
     res = pipe.generate(class_labels=req.class_labels, num_images=req.num_images, seed=req.seed, cfg=req.cfg,
                         cfg_schedule=req.cfg_schedule, top_k=req.top_k, top_p=req.top_p,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -487,30 +486,18 @@ def _read_image(path: Path, what: str) -> np.ndarray:
 
 
 def cmd_edit(a: argparse.Namespace) -> int:
+    from var_rt.cli import load_pipeline
     from var_rt.images import save_png, save_pngs
-    from var_rt.pipeline import VARPipeline
 
     req = validate_edit(a)
     image = _read_image(req.image, "image")
     mask = _read_image(req.mask, "mask") if req.mask is not None else None
-    # The backend options the model group may carry (--engine-dir, --no-compile), where load takes them.
-    accepted = inspect.signature(VARPipeline.load).parameters
-    extra = {}
-    if req.engine_dir is not None and "engine_dir" in accepted:
-        extra["engine_dir"] = req.engine_dir
-    if req.no_compile and "compile" in accepted:
-        extra["compile"] = False
-    pipe = VARPipeline.load(model=req.model, config=req.config, var_ckpt=req.var_ckpt, vae_ckpt=req.vae_ckpt,
-                            random_weights=req.random_weights, device=req.device, dtype=req.dtype,
-                            backend=req.backend, progress=req.progress, **extra)
+    pipe = load_pipeline(req)
     region = req.box if req.box is not None else mask
     # Check image, mask and class before the (slow) edit, so a bad request fails fast and writes nothing.
     prepare(pipe, image, region, req.mode, req.resize, req.canvas_place)
     if req.class_label is not None:
         pipe.check_labels([req.class_label])
-    if req.random_weights:
-        print("note: random weights (--random-weights): the images show the pipeline working, not content",
-              file=sys.stderr)
     t0 = time.perf_counter()
     res = edit(pipe, image, region, mode=req.mode, class_label=req.class_label, num_images=req.num_images,
                seed=req.seed, cfg=req.cfg, cfg_schedule=req.cfg_schedule, top_k=req.top_k, top_p=req.top_p,

@@ -20,7 +20,8 @@ from var_rt.models.vqvae import VQVAE
 from var_rt.progress import progress_bar
 from var_rt.runtime import CudaGraphLoop, EditSpec, SamplingParams, ScaleLoop
 
-BACKENDS = ("torch", "cudagraph")
+BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
+EXPORTED = ("onnxruntime", "tensorrt")  # backends that run graphs from `python -m export.build`
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -97,9 +98,14 @@ class VARPipeline:
     """
 
     def __init__(self, cfg: ModelConfig, var: VAR, vae: VQVAE, device: torch.device, dtype: torch.dtype,
-                 backend: str = "torch", progress: bool = True, compile: Optional[bool] = None):
+                 backend: str = "torch", progress: bool = True, compile: Optional[bool] = None,
+                 engine_dir: Optional[Union[str, Path]] = None):
         if backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {backend!r}: available here: {', '.join(BACKENDS)}")
+            raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend in EXPORTED and engine_dir is None:
+            raise ConfigError(f"backend {backend!r} runs exported graphs: build them with `python -m export.build` "
+                              f"and pass the directory with --engine-dir")
+        self.engine_dir = Path(engine_dir) if engine_dir is not None else None
         if backend == "cudagraph" and device.type != "cuda":
             raise ConfigError("backend 'cudagraph' needs a CUDA GPU (--device cuda); use --backend torch on the CPU")
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
@@ -146,7 +152,8 @@ class VARPipeline:
     def load(cls, model: Optional[str] = None, config: Optional[Union[str, Path, ModelConfig]] = None,
              var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_weights: bool = False,
              device: Optional[str] = None, dtype: Optional[str] = None, backend: str = "torch",
-             progress: bool = True, weight_seed: int = 0, compile: Optional[bool] = None) -> "VARPipeline":
+             progress: bool = True, weight_seed: int = 0, compile: Optional[bool] = None,
+             engine_dir: Optional[Union[str, Path]] = None) -> "VARPipeline":
         """Build a pipeline from a preset name or JSON config plus checkpoints (or explicit random weights)."""
         cfg = resolve_config(model, config)
         dev = resolve_device(device)
@@ -166,7 +173,7 @@ class VARPipeline:
         else:
             load_var_checkpoint(var, var_ckpt)
             load_vae_checkpoint(vae, vae_ckpt)
-        return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile)
+        return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile, engine_dir=engine_dir)
 
     # ---- requests -------------------------------------------------------------------------
     def check_labels(self, labels: Sequence[int]) -> List[int]:
