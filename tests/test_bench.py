@@ -59,6 +59,7 @@ def test_bench_time_budget(tiny_config, tmp_path):
     assert (tmp_path / "results.md").is_file()
 
 
+@pytest.mark.slow
 def test_bench_dit_tiny(tmp_path, tiny_config):
     ok, why = bench.dit_mod.available()
     res = bench.main(["--config", tiny_config, "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1",
