@@ -40,8 +40,50 @@ __device__ __forceinline__ void store_from_float(void* p, int64_t i, float v, DT
 // scale_transition
 // ---------------------------------------------------------------------------------------------
 
+template <typename T> __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Copies channels [ci0, ci0 + nc) of npix token-major rows of h + hb (row stride Cv) into shared memory,
+// element (pix, c) -> dst[c * cstride + pix / row * rstride + pix % row] (zero for c >= nc).
+// Loads go out in batches of kBatch per thread before any store, so a thread waits for one
+// memory latency per batch rather than one per element.
+template <typename T>
+__device__ __forceinline__ void load_h_chunk(const T* __restrict__ h, int64_t hb, int Cv, int ci0, int nc, int npix, int row,
+                                             float* dst, int cstride, int rstride) {
+  constexpr int kBatch = 8, C = 8;  // C = kTransitionChunk
+  const int total = C * npix, step = blockDim.x;
+  for (int base = threadIdx.x; base < total; base += kBatch * step) {
+    float v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = base + k * step, c = i % C, pix = i / C;
+      v[k] = (i < total && c < nc) ? to_float(__ldg(h + hb + static_cast<int64_t>(pix) * Cv + ci0 + c)) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = base + k * step, c = i % C, pix = i / C;
+      if (i < total) dst[c * cstride + (pix / row) * rstride + pix % row] = v[k];
+    }
+  }
+}
+
+__device__ __forceinline__ void load_h_chunk_any(const void* h, DType t, int64_t hb, int Cv, int ci0, int nc, int npix, int row,
+                                                 float* dst, int cstride, int rstride) {
+  switch (t) {
+    case DType::kFloat16:
+      load_h_chunk(static_cast<const __half*>(h), hb, Cv, ci0, nc, npix, row, dst, cstride, rstride); break;
+    case DType::kBFloat16:
+      load_h_chunk(static_cast<const __nv_bfloat16*>(h), hb, Cv, ci0, nc, npix, row, dst, cstride, rstride); break;
+    default:
+      load_h_chunk(static_cast<const float*>(h), hb, Cv, ci0, nc, npix, row, dst, cstride, rstride);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
 constexpr int kTransitionThreads = 256;
-constexpr int kTransitionChunk = 8;  // input channels upsampled into shared memory at a time
+constexpr int kTransitionChunk = 8;  // (load_h_chunk assumes 8) input channels upsampled into shared memory at a time
 constexpr int kMaxGrid = 32;         // largest P (last token grid side)
 constexpr int kMaxChannels = 64;     // largest Cv
 
@@ -86,7 +128,7 @@ __host__ __device__ inline int transition_smem_floats(int Cv, int P, int pn, int
 // image: it upsamples every input channel itself (cheap next to the conv), so CTAs never wait
 // on each other. PPT = pixels per thread = ceil(P*P / threads).
 template <int G, int PPT>
-__global__ void __launch_bounds__(kTransitionThreads)
+__global__ void __launch_bounds__(kTransitionThreads, 2)  // <= 128 registers: two CTAs per SM
 scale_transition_kernel(const TransitionParams p) {
   extern __shared__ float smem[];
   const int Cv = p.Cv, P = p.P, pn = p.pn, PP = P * P, Q = P + 2;
@@ -129,11 +171,17 @@ scale_transition_kernel(const TransitionParams p) {
   // Zero the halo once; the interior is rewritten for every chunk.
   for (int i = tid; i < kTransitionChunk * Q * Q; i += blockDim.x) s_u[i] = 0.f;
 
+  // The accumulators start from f_hat: its loads overlap the first chunk, and the epilogue
+  // needs no second round of dependent loads.
   float acc[PPT][G];
+  const float* __restrict__ f_in = p.f_hat + static_cast<int64_t>(b) * Cv * PP;
 #pragma unroll
   for (int k = 0; k < PPT; ++k)
 #pragma unroll
-    for (int g = 0; g < G; ++g) acc[k][g] = 0.f;
+    for (int g = 0; g < G; ++g) {
+      const int pix = tid + k * kTransitionThreads;
+      acc[k][g] = (pix < PP && co0 + g < Cv) ? __ldg(f_in + (co0 + g) * PP + pix) : 0.f;
+    }
 
   const int64_t h_base = static_cast<int64_t>(b) * pn * pn * Cv;
   for (int ci0 = 0; ci0 < Cv; ci0 += kTransitionChunk) {
@@ -141,18 +189,11 @@ scale_transition_kernel(const TransitionParams p) {
     const int nc = min(kTransitionChunk, Cv - ci0);
     if (pn == P) {
       // Last scale: no upsample, h goes straight into the padded tile.
-      for (int i = tid; i < kTransitionChunk * PP; i += blockDim.x) {
-        const int c = i % kTransitionChunk, pix = i / kTransitionChunk;
-        const float v = c < nc ? load_as_float(p.h, h_base + static_cast<int64_t>(pix) * Cv + ci0 + c, p.h_dtype) : 0.f;
-        s_u[c * Q * Q + (pix / P + 1) * Q + pix % P + 1] = v;
-      }
+      load_h_chunk_any(p.h, p.h_dtype, h_base, Cv, ci0, nc, PP, P, s_u + Q + 1, Q * Q, Q);
     } else {
       // h (token-major, channel-last) -> s_h [c][y][x]; consecutive threads read consecutive channels.
       const int n = pn * pn;
-      for (int i = tid; i < kTransitionChunk * n; i += blockDim.x) {
-        const int c = i % kTransitionChunk, pix = i / kTransitionChunk;
-        s_h[c * n + pix] = c < nc ? load_as_float(p.h, h_base + static_cast<int64_t>(pix) * Cv + ci0 + c, p.h_dtype) : 0.f;
-      }
+      load_h_chunk_any(p.h, p.h_dtype, h_base, Cv, ci0, nc, n, n, s_h, n, n);
       __syncthreads();
       // Rows: s_t[c][y][X] = sum_k cw[X][k] h[c][y][clamp(ci[X] + k)].
       for (int i = tid; i < kTransitionChunk * pn * P; i += blockDim.x) {
@@ -223,7 +264,7 @@ scale_transition_kernel(const TransitionParams p) {
     for (int k = 0; k < PPT; ++k) {
       const int pix = tid + k * kTransitionThreads;
       if (pix < PP) {
-        const float v = f[pix] + (acc[k][g] + rb);
+        const float v = acc[k][g] + rb;
         f[pix] = v;
         s_out[g * PP + pix] = v;
       }
