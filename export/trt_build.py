@@ -104,9 +104,10 @@ def build_engines(onnx_dir: Path, engine_dir: Path, files: Dict[str, dict], scal
         config = builder.create_builder_config()
         config.builder_optimization_level = optimization_level
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        if cache is None:
-            cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if flavor == "tensorrt":  # TensorRT-RTX has no timing cache (its calls are deprecated no-ops)
+            if cache is None:
+                cache = config.create_timing_cache(cache_bytes)
+            config.set_timing_cache(cache, ignore_mismatch=False)
         profiles = []
         for B in batch_sizes:
             scales = list(enumerate(scale_ranges)) if graph == "step" else [(None, (0, 0))]

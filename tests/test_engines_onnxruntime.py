@@ -1,0 +1,97 @@
+"""ONNX Runtime engine: a full greedy generation driven by the exported graphs reproduces the fixtures.
+
+The loop is written out here (condition -> per scale: step, argmax, codebook lookup, transition ->
+decode) so the test depends only on the engine protocol and the fixtures, not on the runtime's loop.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FIXTURE_NAMES, get_fixture, token_mismatch
+from var_rt.errors import EngineMismatchError, InputError
+
+pytest.importorskip("onnxruntime")
+
+from test_export import exported  # noqa: E402  (module-scoped export cache)
+from var_rt.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+
+
+def alloc(spec: dict, act_dtype: torch.dtype) -> dict:
+    return {n: torch.empty(io["shape"], dtype=getattr(torch, io["dtype"])) for n, io in spec.items()}
+
+
+def greedy_generate(engine: OnnxRuntimeEngine, fx, labels: torch.Tensor, cfg: float):
+    """Greedy (top-k 1) generation with the linear guidance schedule, as in the fixtures."""
+    B, K = labels.shape[0], fx.cfg.num_scales
+    files = engine.manifest["onnx"]["files"]
+    spec = lambda g: files[f"onnx/{g}.b{B}.onnx"]  # noqa: E731
+    cond = alloc(spec("condition")["outputs"], engine.act_dtype)
+    engine.run("condition", {"labels": labels.contiguous()}, cond)
+    x = cond["x"]
+    pk = pv = None
+    f_hat = torch.zeros(spec("transition_0")["inputs"]["f_hat"]["shape"])
+    codebook = fx.vae.quantize.embedding.weight.detach().float()
+    tokens = []
+    for si in range(K):
+        ins = {"x": x, "ada_blocks": cond["ada_blocks"], "ada_head": cond["ada_head"],
+               "cfg_t": torch.tensor([cfg * si / (K - 1)], dtype=torch.float32)}
+        if si:
+            ins.update(past_k=pk, past_v=pv)
+        out = alloc(spec(f"step_{si}")["outputs"], engine.act_dtype)
+        engine.run(f"step_{si}", ins, out)
+        idx = out["logits"].argmax(-1)
+        tokens.append(idx)
+        pk = out["present_k"] if pk is None else torch.cat((pk, out["present_k"]), 3).contiguous()
+        pv = out["present_v"] if pv is None else torch.cat((pv, out["present_v"]), 3).contiguous()
+        t_out = alloc(spec(f"transition_{si}")["outputs"], engine.act_dtype)
+        engine.run(f"transition_{si}", {"f_hat": f_hat, "h": codebook[idx].contiguous()}, t_out)
+        f_hat, x = t_out["f_hat_out"], t_out.get("x")
+    image = torch.empty(spec("decode")["outputs"]["image"]["shape"])
+    engine.run("decode", {"f_hat": f_hat}, {"image": image})
+    return tokens, image
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_greedy_generation_matches_fixture(name):
+    fx = get_fixture(name)
+    out_dir = exported(name, "fp32")
+    B = fx.cases["labels"].shape[0]
+    engine = OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=B, precision="fp32")
+    assert engine.act_dtype == torch.float32 and engine.batch_sizes == (B,)
+    assert "step_9" in engine.graph_names() and "decode" in engine.graph_names()
+    tokens, image = greedy_generate(engine, fx, fx.cases["labels"], float(fx.cases["greedy_cfg"]))
+    bad, total = token_mismatch(tokens, fx.cases["greedy_tokens"])
+    assert bad <= max(2, total // 500), f"{bad}/{total} tokens differ"
+    if bad == 0:
+        assert (image - fx.cases["greedy_image"]).abs().max() < 1e-4
+
+
+def test_dynamic_graphs_match_fixed(fx256):
+    """The dynamic graphs (what TensorRT builds, and what ORT runs on CUDA) give the fixed graphs' numbers."""
+    out_dir = exported(fx256.name, "fp32")
+    fixed = OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2)
+    dyn = OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2, dynamic=True)
+    labels = fx256.cases["labels"]
+    t1, img1 = greedy_generate(fixed, fx256, labels, 1.5)
+    t2, img2 = greedy_generate(dyn, fx256, labels, 1.5)
+    assert all(torch.equal(a, b) for a, b in zip(t1, t2))
+    assert (img1 - img2).abs().max() < 1e-5
+
+
+def test_bad_inputs_and_stale_manifest(fx256):
+    out_dir = exported(fx256.name, "fp32")
+    engine = OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2)
+    with pytest.raises(InputError, match="shape"):
+        engine.run("condition", {"labels": torch.zeros(3, dtype=torch.long)}, {})
+    with pytest.raises(InputError, match="not in this export"):
+        engine.run("step_42", {}, {})
+    with pytest.raises(EngineMismatchError, match="batch size 3 was not built"):
+        OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=3)
+    with pytest.raises(EngineMismatchError, match="weights differ"):
+        OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2, expected_weights_hash="0" * 64)
+    with pytest.raises(EngineMismatchError, match="precision"):
+        OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2, precision="fp16")
+    other = get_fixture("var_tiny_512_saln").cfg
+    with pytest.raises(EngineMismatchError, match="shared_aln"):
+        OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2, expected_cfg=other)

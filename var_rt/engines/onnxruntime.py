@@ -1,0 +1,157 @@
+"""ONNX Runtime engine: runs the exported graphs of an export directory (``python -m export.build``).
+
+Inputs and outputs are bound with IO binding to the caller's torch tensors (no copies, no allocation
+per call). On the CPU it runs the fixed-shape graphs ``{graph}.b{B}.onnx``, one session each, with the
+large initializers shared between sessions (one memory-mapped ``weights.bin``, registered with
+``SessionOptions.add_initializer``), so the ten step sessions hold one copy of the blocks. On CUDA,
+ORT copies every session's initializers to the GPU, so there the engine runs the dynamic graphs
+(``*.dyn.onnx``): one step session for all scales, one copy of the weights on the GPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from var_rt.errors import BackendUnavailableError, InputError
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+        return onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime "
+                                      "(CPU) or onnxruntime-gpu (CUDA), or pip install 'var-rt[onnx]'") from None
+
+
+class OnnxRuntimeEngine:
+    """Engine protocol over ONNX Runtime sessions (see var_rt/engines/base.py)."""
+
+    inplace_kv = False  # step graphs take past_k/past_v and return present_k/present_v
+
+    def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch: int,
+                 providers: Optional[Sequence] = None, dynamic: Optional[bool] = None):
+        ort = _import_ort()
+        self.out_dir, self.manifest = Path(out_dir), manifest
+        self.device, self.batch = torch.device(device), batch
+        self.name = "onnxruntime"
+        self.act_dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
+        self.batch_sizes = (batch,)
+        if providers is None:
+            if self.device.type == "cuda":
+                idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                # ORT runs on the stream current at creation: create the engine on the stream it will run on.
+                providers = [("CUDAExecutionProvider", {
+                    "device_id": idx, "user_compute_stream": str(torch.cuda.current_stream(idx).cuda_stream)}),
+                    "CPUExecutionProvider"]
+            else:
+                providers = ["CPUExecutionProvider"]
+        self.dynamic = self.device.type == "cuda" if dynamic is None else dynamic
+        self._ext_names: Dict[str, List[str]] = {}
+        files = manifest["onnx"]["files"]
+        self._io = {f: e for f, e in files.items()}
+        self._sessions: Dict[str, object] = {}
+        self._file_of: Dict[str, str] = {}
+        graphs = [e["graph"] for e in files.values() if e["batch"] == batch]
+        self._graph_names = graphs
+        shared = None if self.dynamic else self._shared_initializers(ort)
+        by_file: Dict[str, object] = {}
+        for g in graphs:
+            f = f"onnx/{'step' if g.startswith('step_') else g}.dyn.onnx" if self.dynamic else f"onnx/{g}.b{batch}.onnx"
+            if f not in by_file:
+                so = ort.SessionOptions()
+                so.log_severity_level = 3
+                if shared is not None:
+                    for name in self._external_names(self.out_dir / f):
+                        so.add_initializer(name, shared[name])
+                by_file[f] = ort.InferenceSession(str(self.out_dir / f), so, providers=list(providers))
+            self._sessions[g], self._file_of[g] = by_file[f], f
+        self._run_options = ort.RunOptions()
+        # No host synchronisation after a run: the caller orders work on its stream.
+        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._empty = torch.zeros(1, dtype=self.act_dtype, device=self.device)  # past of length 0 (step_0)
+        self._shared_keepalive = shared
+
+    @classmethod
+    def from_dir(cls, out_dir: str | Path, device="cpu", providers: Optional[Sequence] = None, batch: int = 1,
+                 expected_cfg=None, expected_weights_hash: Optional[str] = None, precision: Optional[str] = None,
+                 dynamic: Optional[bool] = None) -> "OnnxRuntimeEngine":
+        """Check the manifest (EngineMismatchError if it differs), then open the sessions for ``batch``."""
+        from export.manifest import check_engine_files, load_manifest
+
+        _import_ort()
+        m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)
+        check_engine_files(Path(out_dir), m, list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]])
+        return cls(out_dir, m, torch.device(device), batch, providers, dynamic)
+
+    # ---- shared weights ---------------------------------------------------------------------
+    def _shared_initializers(self, ort) -> Dict[str, object]:
+        """One OrtValue per tensor of weights.bin, viewing a read-only memory map (no copy)."""
+        import onnx
+
+        weights = np.memmap(self.out_dir / self.manifest["onnx"]["weights_file"], dtype=np.uint8, mode="r")
+        out = {}
+        for f, e in self._io.items():
+            if e["batch"] != self.batch:
+                continue
+            model = onnx.load(str(self.out_dir / f), load_external_data=False)
+            for t in model.graph.initializer:
+                if t.data_location != onnx.TensorProto.EXTERNAL or t.name in out:
+                    continue
+                info = {kv.key: kv.value for kv in t.external_data}
+                off, n = int(info["offset"]), int(info["length"])
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+                arr = np.frombuffer(weights, dtype=dtype, count=n // dtype.itemsize, offset=off).reshape(list(t.dims))
+                out[t.name] = ort.OrtValue.ortvalue_from_numpy(arr)
+            self._ext_names[f] = [t.name for t in model.graph.initializer
+                                  if t.data_location == onnx.TensorProto.EXTERNAL]
+        return out
+
+    def _external_names(self, path: Path) -> List[str]:
+        rel = str(path.relative_to(self.out_dir))
+        return self._ext_names.get(rel, [])
+
+    # ---- engine protocol --------------------------------------------------------------------
+    def graph_names(self) -> List[str]:
+        return list(self._graph_names)
+
+    def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
+        sess = self._sessions.get(graph)
+        if sess is None:
+            raise InputError(f"graph {graph!r} is not in this export (batch {self.batch}); "
+                             f"graphs: {', '.join(self._graph_names)}")
+        io = sess.io_binding()
+        dev = "cuda" if self.device.type == "cuda" else "cpu"
+        idx = self.device.index or 0
+        spec = self._io[f"onnx/{graph}.b{self.batch}.onnx"]
+        for name, io_spec in spec["inputs"].items():
+            t = inputs.get(name)
+            if t is None:
+                raise InputError(f"graph {graph!r}: input {name!r} missing")
+            self._check(graph, name, t, io_spec)
+            io.bind_input(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        if graph == "step_0" and self.dynamic:  # the dynamic step graph takes a past of length 0
+            spec1 = self._io["onnx/step.dyn.onnx"]["inputs"]["past_k"]["shape"]
+            shape = [0 if d == "past" else (2 * self.batch if d == "2B" else d) for d in spec1]
+            for name in ("past_k", "past_v"):
+                io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())
+        for name, io_spec in spec["outputs"].items():
+            t = outputs.get(name)
+            if t is None:
+                raise InputError(f"graph {graph!r}: output buffer {name!r} missing")
+            self._check(graph, name, t, io_spec)
+            io.bind_output(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        sess.run_with_iobinding(io, self._run_options)
+
+    def _check(self, graph: str, name: str, t: torch.Tensor, io_spec: dict) -> None:
+        want_dtype = getattr(torch, io_spec["dtype"])
+        if tuple(t.shape) != tuple(io_spec["shape"]) or t.dtype != want_dtype or t.device != self.device \
+                or not t.is_contiguous():
+            raise InputError(f"graph {graph!r}: {name!r} must be a contiguous {io_spec['dtype']} tensor of shape "
+                             f"{tuple(io_spec['shape'])} on {self.device}, got {t.dtype} {tuple(t.shape)} on "
+                             f"{t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
