@@ -173,6 +173,9 @@ class WeightStore:
     def add(self, key: str, name: str, data: bytes) -> Tuple[str, int, int]:
         if key in self.index:
             return self.index[key]
+        # A prefix no exporter-made value name has: the canonical name of a tensor goes into graphs where
+        # the first graph's name (e.g. onnx::Add_1510) may already name a node output.
+        name = f"w.{name}"
         if name in self.names:  # same name, different content (e.g. onnx::MatMul_123 in two graphs)
             name = f"{name}.{key[:12]}"
         pad = -self.size % ALIGN
