@@ -109,12 +109,17 @@ class VARPipeline:
         if backend == "cudagraph" and device.type != "cuda":
             raise ConfigError("backend 'cudagraph' needs a CUDA GPU (--device cuda); use --backend torch on the CPU")
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
-        self.var = var.to(device=device, dtype=dtype).eval()
-        self.vae = vae.to(device=device, dtype=dtype).eval()
+        # Exported backends hold their own weights: the PyTorch modules stay on the CPU (they give the
+        # weight hash that the export's manifest is checked against, and the codebook).
+        home = torch.device("cpu") if backend in EXPORTED else device
+        self.var = var.to(device=home, dtype=dtype).eval()
+        self.vae = vae.to(device=home, dtype=dtype).eval()
         self._lock = threading.Lock()
         # Inductor fusion pays where launches dominate and compile time is amortised: the CUDA-graph backend.
         self.compile = (backend == "cudagraph") if compile is None else compile
         self._engine = None
+        self._engines: dict = {}  # batch size -> exported engine (sessions / contexts are per batch size)
+        self._manifest = None
         self._loops: dict = {}  # batch size -> (ScaleLoop, runner): buffers allocated once per batch size
 
     # ---- engines and loops ----------------------------------------------------------------
@@ -125,15 +130,44 @@ class VARPipeline:
             self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile)
         return self._engine
 
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.dtype == torch.float16 else "fp32"
+
+    def _exported_manifest(self) -> dict:
+        """The export directory's manifest, checked against this model's config, weights and precision."""
+        if self._manifest is None:
+            from export.manifest import load_manifest
+            from var_rt.checkpoint import weights_hash
+            self._manifest = load_manifest(self.engine_dir, self.cfg, weights_hash(self.var, self.vae),
+                                           self.precision, None)
+        return self._manifest
+
+    def _engine_for(self, B: int):
+        if self.backend not in EXPORTED:
+            return self.engine
+        if B not in self._engines:
+            m = self._exported_manifest()
+            if self.backend == "onnxruntime":
+                from var_rt.engines.onnxruntime import OnnxRuntimeEngine as Engine
+            else:
+                from var_rt.engines.tensorrt import TensorRTEngine as Engine
+            self._engines[B] = Engine.from_dir(self.engine_dir, self.device, batch=B, expected_cfg=self.cfg,
+                                               expected_weights_hash=m["weights_hash"], precision=self.precision)
+        return self._engines[B]
+
+    def _built_batch_sizes(self):
+        return tuple(self._exported_manifest()["batch_sizes"]) if self.backend in EXPORTED else None
+
     def _loop(self, B: int):
         if B not in self._loops:
-            loop = ScaleLoop(self.engine, self.cfg, B, self.vae.quantize.embedding.weight)
+            loop = ScaleLoop(self._engine_for(B), self.cfg, B, self.vae.quantize.embedding.weight)
             runner = CudaGraphLoop(loop) if self.backend == "cudagraph" else loop
             self._loops[B] = (loop, runner)
         return self._loops[B]
 
     def _chunk_size(self, n: int, batch_size: Optional[int]) -> int:
-        allowed = self.engine.batch_sizes
+        allowed = self._built_batch_sizes()
         if batch_size is not None and allowed is not None and batch_size not in allowed:
             raise InputError(f"batch size {batch_size} is not one the engines were built for "
                              f"({', '.join(map(str, allowed))}): pick one of those or rebuild with export.build")
@@ -244,7 +278,7 @@ class VARPipeline:
             for i in range(0, n, bs):
                 m = min(bs, n - i)
                 # A short last chunk is padded to the batch size, so buffers and captured graphs are reused.
-                pad = [0] * (bs - m) if (self.engine.batch_sizes is not None or self.backend == "cudagraph") else []
+                pad = [0] * (bs - m) if self.backend in EXPORTED + ("cudagraph",) else []
                 rows = list(range(i, i + m)) + [i] * len(pad)
                 try:
                     loop, runner = self._loop(len(rows))
@@ -272,7 +306,7 @@ class VARPipeline:
         if images_B3HW.dim() != 4 or images_B3HW.shape[1] != 3 or tuple(images_B3HW.shape[2:]) != (S, S):
             raise InputError(f"images must be (B, 3, {S}, {S}) for this model, got {tuple(images_B3HW.shape)}")
         with self._lock:
-            x = images_B3HW.to(self.device, self.dtype).mul(2).sub(1)
+            x = images_B3HW.to(self.var.head.weight.device, self.dtype).mul(2).sub(1)
             return self.vae.encode_idx(x)
 
 

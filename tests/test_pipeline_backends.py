@@ -1,0 +1,71 @@
+"""The pipeline over exported graphs: `--backend onnxruntime` reproduces the fixtures (CPU here, CUDA EP on a GPU)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, get_fixture, token_mismatch
+from var_rt.errors import ConfigError, EngineMismatchError, InputError
+from var_rt.pipeline import VARPipeline
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'var-rt[onnx]')")
+from test_export import exported  # noqa: E402  (module-scoped export cache)
+
+
+def _pipe(fx, engine_dir, device="cpu", dtype="float32"):
+    return VARPipeline.load(config=fx.config_path, var_ckpt=fx.var_ckpt, vae_ckpt=fx.vae_ckpt, device=device,
+                            dtype=dtype, backend="onnxruntime", engine_dir=engine_dir, progress=False)
+
+
+def _check_greedy(pipe, fx):
+    c = fx.cases
+    res = pipe.generate(class_labels=c["labels"].tolist(), seed=0, cfg=float(c["greedy_cfg"]), top_k=1, top_p=0.0)
+    bad, total = token_mismatch(res.tokens, c["greedy_tokens"])
+    assert bad <= total * 0.003, f"{bad}/{total} tokens differ"
+    assert (res.images - c["greedy_image"]).abs().max() < 1e-3
+    return res
+
+
+@pytest.mark.parametrize("name", ["var_tiny_256", "var_tiny_512_saln"])
+def test_onnxruntime_backend_greedy_cpu(name):
+    fx = get_fixture(name)
+    _check_greedy(_pipe(fx, exported(name, "fp32")), fx)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs a CUDA GPU and onnxruntime-gpu")
+@pytest.mark.parametrize("name", ["var_tiny_256", "var_tiny_512_saln"])
+def test_onnxruntime_backend_greedy_cuda(name):
+    fx = get_fixture(name)
+    pipe = _pipe(fx, exported(name, "fp32"), device="cuda")
+    res = _check_greedy(pipe, fx)
+    assert pipe._engine_for(len(res.labels)).device.type == "cuda"
+
+
+def test_exported_backend_errors(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    d = exported("var_tiny_256", "fp32")
+    with pytest.raises(ConfigError, match="--engine-dir"):
+        VARPipeline.load(config=fx.config_path, var_ckpt=fx.var_ckpt, vae_ckpt=fx.vae_ckpt, device="cpu",
+                         backend="onnxruntime")
+    pipe = VARPipeline.load(config=fx.config_path, random_weights=True, device="cpu", dtype="float32",
+                            backend="onnxruntime", engine_dir=d, progress=False)
+    with pytest.raises(EngineMismatchError, match="stale"):  # other weights than the export's
+        pipe.generate(class_labels=[1, 2])
+    with pytest.raises(EngineMismatchError, match="precision"):
+        _pipe(fx, d, dtype="float16").generate(class_labels=[1, 2])
+    with pytest.raises(InputError, match="not one the engines were built for"):
+        _pipe(fx, d).generate(class_labels=[1, 2, 3], batch_size=3)
+
+
+def test_cli_onnxruntime_backend(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    d = exported("var_tiny_256", "fp32")
+    r = subprocess.run([sys.executable, "-m", "var_rt", "generate", "--config", str(fx.config_path), "--var-ckpt",
+                        str(fx.var_ckpt), "--vae-ckpt", str(fx.vae_ckpt), "--backend", "onnxruntime",
+                        "--engine-dir", str(d), "--class-labels", "3", "7", "1", "--device", "cpu", "--dtype",
+                        "float32", "--top-k", "1", "--output-dir", str(tmp_path / "o"), "--no-progress"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "o").glob("*.png"))) == 3  # 3 images on batch-2 engines: padded last chunk
