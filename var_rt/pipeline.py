@@ -45,7 +45,7 @@ class GenerationResult:
 
 def resolve_device(device: Optional[str]) -> torch.device:
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -56,6 +56,8 @@ def resolve_device(device: Optional[str]) -> torch.device:
                               f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+        if dev.index is None:  # 'cuda' -> 'cuda:N', the form tensors report, so device checks compare equal
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -37,6 +37,8 @@ class OnnxRuntimeEngine:
     def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch: int,
                  providers: Optional[Sequence] = None, dynamic: Optional[bool] = None):
         ort = _import_ort()
+        if torch.device(device).type == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # onnxruntime-gpu finds the CUDA/cuDNN libraries of the torch install
         self.out_dir, self.manifest = Path(out_dir), manifest
         self.device, self.batch = torch.device(device), batch
         self.name = "onnxruntime"
