@@ -50,7 +50,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateRequest:
+class ModelOptions:
+    """The model group of a command: what to load and where to run it."""
+
     model: Optional[str]
     config: Optional[str]
     var_ckpt: Optional[str]
@@ -61,8 +63,19 @@ class GenerateRequest:
     backend: str
     engine_dir: Optional[str]
     no_compile: bool
-    class_labels: Optional[List[int]]
-    num_images: Optional[int]
+    progress: bool
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "ModelOptions":
+        return cls(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
+                   random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
+                   engine_dir=a.engine_dir, no_compile=a.no_compile, progress=not a.no_progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """The sampling group of a command, as keyword arguments of VARPipeline.generate."""
+
     cfg: float
     cfg_schedule: object
     top_k: int
@@ -70,9 +83,26 @@ class GenerateRequest:
     more_smooth: bool
     seed: int
     batch_size: Optional[int]
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "SamplingOptions":
+        if a.batch_size is not None and a.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {a.batch_size}")
+        return cls(cfg=a.cfg, cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k, top_p=a.top_p,
+                   more_smooth=a.more_smooth, seed=a.seed, batch_size=a.batch_size)
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    model: ModelOptions
+    sampling: SamplingOptions
+    class_labels: Optional[List[int]]
+    num_images: Optional[int]
     output_dir: Optional[Path]
     grid: Optional[Path]
-    progress: bool
 
 
 def parse_cfg_schedule(text: str):
@@ -84,59 +114,53 @@ def parse_cfg_schedule(text: str):
         raise ConfigError(f"--cfg-schedule {text!r}: use 'linear', 'constant' or comma-separated numbers") from None
 
 
-def validate_generate(a: argparse.Namespace) -> GenerateRequest:
-    if a.output_dir is None and a.grid is None:
+def check_outputs(output_dir: Optional[str], grid_file: Optional[str]) -> None:
+    """--output-dir / --grid: something to write, a PNG grid, no file/folder clash."""
+    if output_dir is None and grid_file is None:
         raise ConfigError("nothing to write: give --output-dir DIR and/or --grid FILE.png")
-    if a.grid is not None and Path(a.grid).suffix.lower() != ".png":
-        raise ConfigError(f"--grid {a.grid!r}: the grid is written as PNG, give a .png file name")
-    if a.batch_size is not None and a.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.num_images is not None and a.num_images < 1:
-        raise ConfigError(f"--num-images must be >= 1, got {a.num_images}")
-    for path in (a.output_dir, a.grid):
+    if grid_file is not None and Path(grid_file).suffix.lower() != ".png":
+        raise ConfigError(f"--grid {grid_file!r}: the grid is written as PNG, give a .png file name")
+    for path in (output_dir, grid_file):
         if path is not None:
             p = Path(path)
-            if p.exists() and p.is_dir() != (path == a.output_dir):
+            if p.exists() and p.is_dir() != (path == output_dir):
                 raise ConfigError(f"{path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
+
+
+def validate_generate(a: argparse.Namespace) -> GenerateRequest:
+    check_outputs(a.output_dir, a.grid)
+    if a.num_images is not None and a.num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {a.num_images}")
     return GenerateRequest(
-        model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
-        random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
-        engine_dir=a.engine_dir, no_compile=a.no_compile, class_labels=a.class_labels, num_images=a.num_images, cfg=a.cfg,
-        cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k, top_p=a.top_p,
-        more_smooth=a.more_smooth, seed=a.seed, batch_size=a.batch_size,
-        output_dir=Path(a.output_dir) if a.output_dir else None, grid=Path(a.grid) if a.grid else None,
-        progress=not a.no_progress)
+        model=ModelOptions.from_args(a), sampling=SamplingOptions.from_args(a), class_labels=a.class_labels,
+        num_images=a.num_images, output_dir=Path(a.output_dir) if a.output_dir else None,
+        grid=Path(a.grid) if a.grid else None)
 
 
-def load_pipeline(req):
-    """A pipeline from a validated request's model options (shared by generate and edit)."""
+def load_pipeline(opts: ModelOptions):
+    """A pipeline from a command's model options (shared by generate, edit and the other commands)."""
     from var_rt.pipeline import VARPipeline
-    pipe = VARPipeline.load(model=req.model, config=req.config, var_ckpt=req.var_ckpt, vae_ckpt=req.vae_ckpt,
-                            random_weights=req.random_weights, device=req.device, dtype=req.dtype,
-                            backend=req.backend, progress=req.progress, engine_dir=req.engine_dir,
-                            compile=False if req.no_compile else None)
-    if req.random_weights:
+    pipe = VARPipeline.load(model=opts.model, config=opts.config, var_ckpt=opts.var_ckpt, vae_ckpt=opts.vae_ckpt,
+                            random_weights=opts.random_weights, device=opts.device, dtype=opts.dtype,
+                            backend=opts.backend, progress=opts.progress, engine_dir=opts.engine_dir,
+                            compile=False if opts.no_compile else None)
+    if opts.random_weights:
         print("note: random weights (--random-weights): the images show the pipeline working, not content",
               file=sys.stderr)
     return pipe
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from var_rt.images import grid, save_png, save_pngs
+    from var_rt.images import grid, save_png, save_results
 
     req = validate_generate(a)
-    pipe = load_pipeline(req)
+    pipe = load_pipeline(req.model)
     t0 = time.perf_counter()
-    res = pipe.generate(class_labels=req.class_labels, num_images=req.num_images, seed=req.seed, cfg=req.cfg,
-                        cfg_schedule=req.cfg_schedule, top_k=req.top_k, top_p=req.top_p,
-                        more_smooth=req.more_smooth, batch_size=req.batch_size)
+    res = pipe.generate(class_labels=req.class_labels, num_images=req.num_images, **req.sampling.kwargs())
     dt = time.perf_counter() - t0
     arr = res.numpy()
     if req.output_dir is not None:
-        width = max(5, len(str(len(arr) - 1)))
-        names = [f"{i:0{width}d}_class{c}_seed{s}.png" for i, (c, s) in enumerate(zip(res.labels, res.seeds))]
-        save_pngs(arr, req.output_dir, names)
-        print(f"wrote {len(names)} PNG(s) to {req.output_dir}")
+        save_results(arr, res.labels, res.seeds, req.output_dir)
     if req.grid is not None:
         save_png(grid(arr), req.grid)
         print(f"wrote grid {req.grid}")

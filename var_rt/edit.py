@@ -407,16 +407,8 @@ def _keep_from_arg(keep, patch_nums: Sequence[int]) -> Tuple[torch.Tensor, List[
 
 @dataclasses.dataclass(frozen=True)
 class EditRequest:
-    model: Optional[str]
-    config: Optional[str]
-    var_ckpt: Optional[str]
-    vae_ckpt: Optional[str]
-    random_weights: bool
-    device: str
-    dtype: str
-    backend: str
-    engine_dir: Optional[str]
-    no_compile: bool
+    model: "ModelOptions"
+    sampling: "SamplingOptions"
     image: Path
     mask: Optional[Path]
     box: Optional[Box]
@@ -425,30 +417,14 @@ class EditRequest:
     class_label: Optional[int]
     num_images: int
     resize: bool
-    cfg: float
-    cfg_schedule: object
-    top_k: int
-    top_p: float
-    more_smooth: bool
-    seed: int
-    batch_size: Optional[int]
     output_dir: Optional[Path]
     grid: Optional[Path]
-    progress: bool
 
 
 def validate_edit(a: argparse.Namespace) -> EditRequest:
     """Check the options that need no model; the image and mask are checked against the model later."""
-    from var_rt.cli import parse_cfg_schedule
-    if a.output_dir is None and a.grid is None:
-        raise ConfigError("nothing to write: give --output-dir DIR and/or --grid FILE.png")
-    if a.grid is not None and Path(a.grid).suffix.lower() != ".png":
-        raise ConfigError(f"--grid {a.grid!r}: the grid is written as PNG, give a .png file name")
-    for path in (a.output_dir, a.grid):
-        if path is not None:
-            p = Path(path)
-            if p.exists() and p.is_dir() != (path == a.output_dir):
-                raise ConfigError(f"{path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
+    from var_rt.cli import ModelOptions, SamplingOptions, check_outputs
+    check_outputs(a.output_dir, a.grid)
     given = [n for n, v in (("--mask", a.mask), ("--box", a.box), ("--canvas-place", a.canvas_place)) if v is not None]
     if len(given) != 1:
         raise ConfigError("give exactly one of --mask MASK.png, --box Y0 X0 Y1 X1 or --canvas-place"
@@ -462,18 +438,11 @@ def validate_edit(a: argparse.Namespace) -> EditRequest:
         raise ConfigError("--canvas-place is outpainting: leave out --mode or use --mode outpaint")
     if a.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {a.num_images}")
-    if a.batch_size is not None and a.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {a.batch_size}")
     return EditRequest(
-        model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
-        random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
-        engine_dir=getattr(a, "engine_dir", None), no_compile=bool(getattr(a, "no_compile", False)),
+        model=ModelOptions.from_args(a), sampling=SamplingOptions.from_args(a),
         image=Path(a.image), mask=Path(a.mask) if a.mask else None, box=box, mode=a.mode, canvas_place=place,
-        class_label=a.class_label, num_images=a.num_images, resize=a.resize, cfg=a.cfg,
-        cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k, top_p=a.top_p,
-        more_smooth=a.more_smooth, seed=a.seed, batch_size=a.batch_size,
-        output_dir=Path(a.output_dir) if a.output_dir else None, grid=Path(a.grid) if a.grid else None,
-        progress=not a.no_progress)
+        class_label=a.class_label, num_images=a.num_images, resize=a.resize,
+        output_dir=Path(a.output_dir) if a.output_dir else None, grid=Path(a.grid) if a.grid else None)
 
 
 def _read_image(path: Path, what: str) -> np.ndarray:
@@ -487,12 +456,12 @@ def _read_image(path: Path, what: str) -> np.ndarray:
 
 def cmd_edit(a: argparse.Namespace) -> int:
     from var_rt.cli import load_pipeline
-    from var_rt.images import save_png, save_pngs
+    from var_rt.images import save_png, save_results
 
     req = validate_edit(a)
     image = _read_image(req.image, "image")
     mask = _read_image(req.mask, "mask") if req.mask is not None else None
-    pipe = load_pipeline(req)
+    pipe = load_pipeline(req.model)
     region = req.box if req.box is not None else mask
     # Check image, mask and class before the (slow) edit, so a bad request fails fast and writes nothing.
     prepare(pipe, image, region, req.mode, req.resize, req.canvas_place)
@@ -500,16 +469,11 @@ def cmd_edit(a: argparse.Namespace) -> int:
         pipe.check_labels([req.class_label])
     t0 = time.perf_counter()
     res = edit(pipe, image, region, mode=req.mode, class_label=req.class_label, num_images=req.num_images,
-               seed=req.seed, cfg=req.cfg, cfg_schedule=req.cfg_schedule, top_k=req.top_k, top_p=req.top_p,
-               more_smooth=req.more_smooth, resize=req.resize, canvas_place=req.canvas_place,
-               batch_size=req.batch_size)
+               resize=req.resize, canvas_place=req.canvas_place, **req.sampling.kwargs())
     dt = time.perf_counter() - t0
     arr = res.numpy()
     if req.output_dir is not None:
-        width = max(5, len(str(len(arr) - 1)))
-        names = [f"{i:0{width}d}_class{c}_seed{s}.png" for i, (c, s) in enumerate(zip(res.labels, res.seeds))]
-        save_pngs(arr, req.output_dir, names)
-        print(f"wrote {len(names)} PNG(s) to {req.output_dir}")
+        save_results(arr, res.labels, res.seeds, req.output_dir)
     if req.grid is not None:
         save_png(res.grid(), req.grid)
         print(f"wrote grid {req.grid} (input, mask, results)")

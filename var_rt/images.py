@@ -50,3 +50,13 @@ def load_image(path: str | Path) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def save_results(images_BHW3: np.ndarray, labels: Sequence[int], seeds: Sequence[int], out_dir: str | Path,
+                 start: int = 0) -> List[Path]:
+    """One PNG per image named ``{index}_class{c}_seed{s}.png``: sorting the names gives batch order."""
+    width = max(5, len(str(start + len(images_BHW3) - 1)))
+    names = [f"{start + i:0{width}d}_class{c}_seed{s}.png" for i, (c, s) in enumerate(zip(labels, seeds))]
+    paths = save_pngs(images_BHW3, out_dir, names)
+    print(f"wrote {len(paths)} PNG(s) to {out_dir}")
+    return paths
