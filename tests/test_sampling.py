@@ -107,3 +107,22 @@ def test_class_ids_checked():
     with pytest.raises(InputError, match="out of range"):
         pipe.generate(class_labels=[-1])
     pipe.generate(class_labels=[10], top_k=1)  # 10 = the null class of this 10-class model
+
+
+def test_out_of_memory_is_reported_and_pipeline_recovers(monkeypatch):
+    """An OOM inside the loop becomes one clear error naming the batch size; the next call works."""
+    from var_rt.runtime import ScaleLoop
+    pipe = _pipe()
+    real_run = ScaleLoop.run
+    calls = {"n": 0}
+
+    def run_once_oom(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScaleLoop, "run", run_once_oom)
+    with pytest.raises(InputError, match="out of GPU memory at batch size 2"):
+        pipe.generate(class_labels=[1, 2], top_k=1)
+    assert pipe.generate(class_labels=[1, 2], top_k=1).images.shape[0] == 2
