@@ -1,0 +1,322 @@
+"""HTTP serving on Ray Serve: ``python -m var_rt serve`` (needs the ``[serve]`` extra).
+
+One replica holds one loaded :class:`~var_rt.pipeline.VARPipeline` (one GPU each, or CPU replicas).
+Requests are split into single images and collected by ``@serve.batch`` into batches of up to
+``max_batch_size`` images; inside a batch, images are grouped by their sampling settings (cfg, schedule,
+top-k, top-p, smoothing) and each group is one pipeline call. Seeds and classes may differ freely within a
+call: an image depends only on its own seed and class, so a served image is exactly the image that
+``pipe.generate(class_labels=[c], seed=s, ...)`` gives.
+
+API (JSON in, PNG or JSON out)::
+
+    POST /generate  {"class_label": 207, "seed": 0, "cfg": 1.5, "top_k": 900, "top_p": 0.96}
+                    -> image/png (one image; headers X-Class-Label, X-Seed)
+    POST /generate  {"class_labels": [207, 360], "seed": 0, "format": "base64"}
+                    -> {"images": [{"class_label": 207, "seed": 0, "png_base64": "..."}, ...]}
+    GET  /health    -> {"status": "ok", "model": ..., "max_batch_size": ...}
+
+Image i of a request uses seed + i (or give "seeds": [...]). Bad requests get 400 with {"error": message};
+overload (more than ``max_queued_requests`` waiting at the proxy) gets 503 from Ray Serve.
+
+Ray is imported only here (and in var_rt.sample): the core runtime does not need it.
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from var_rt.errors import BackendUnavailableError, ConfigError, InputError
+
+DEFAULT_MAX_BATCH_SIZE = 16
+REQUEST_KEYS = {"class_label", "class_labels", "seed", "seeds", "cfg", "cfg_schedule", "top_k", "top_p",
+                "more_smooth", "format"}
+SAMPLING_DEFAULTS = {"cfg": 1.5, "cfg_schedule": "linear", "top_k": 900, "top_p": 0.96, "more_smooth": False}
+
+
+def import_ray():
+    try:
+        import ray  # noqa: F401
+        from ray import serve
+    except ImportError:
+        raise BackendUnavailableError("serving needs Ray Serve: pip install 'var-rt[serve]' "
+                                      "(or pip install 'ray[serve]>=2.9')") from None
+    return ray, serve
+
+
+def png_bytes(array_HW3) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array_HW3).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def exported_batch_sizes(engine_dir) -> Optional[List[int]]:
+    """The batch sizes in an export's manifest.json, or None where it cannot be read here."""
+    try:
+        return [int(b) for b in json.loads((Path(engine_dir) / "manifest.json").read_text())["batch_sizes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ---- request parsing (no Ray needed: unit-testable) -------------------------------------------------
+def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
+    """A JSON body -> {labels, seeds, settings (hashable), format}; InputError with a message otherwise."""
+    from var_rt import sampling
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object, e.g. {\"class_label\": 207, \"seed\": 0}")
+    unknown = sorted(set(body) - REQUEST_KEYS)
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(unknown)}: use {', '.join(sorted(REQUEST_KEYS))}")
+    if "class_label" in body and "class_labels" in body:
+        raise InputError("give class_label or class_labels, not both")
+    if "class_labels" in body:
+        labels = body["class_labels"]
+        if not isinstance(labels, list) or not labels:
+            raise InputError("class_labels must be a non-empty list of class ids")
+    elif "class_label" in body:
+        labels = [body["class_label"]]
+    else:
+        raise InputError(f"class_label is required (0..{pipe.cfg.var.num_classes - 1}, "
+                         f"{pipe.cfg.var.num_classes} = unconditional)")
+    if len(labels) > max_images:
+        raise InputError(f"{len(labels)} images in one request: at most {max_images} (the batch size); "
+                         f"split it into several requests")
+    labels = pipe.check_labels(labels)
+    if "seed" in body and "seeds" in body:
+        raise InputError("give seed or seeds, not both")
+    if "seeds" in body:
+        seeds = body["seeds"]
+        if not isinstance(seeds, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+            raise InputError("seeds must be a list of integers")
+        if len(seeds) != len(labels):
+            raise InputError(f"{len(seeds)} seeds for {len(labels)} images")
+    else:
+        seed = body.get("seed")
+        if seed is None:
+            seed = secrets.randbelow(2 ** 62)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InputError(f"seed must be an integer, got {seed!r}")
+        seeds = [seed + i for i in range(len(labels))]
+    if any(not 0 <= s < 2 ** 63 for s in seeds):
+        raise InputError("seeds must be in [0, 2^63)")
+    s = dict(SAMPLING_DEFAULTS)
+    for k in SAMPLING_DEFAULTS:
+        if k in body:
+            s[k] = body[k]
+    for k in ("cfg", "top_p"):
+        if isinstance(s[k], bool) or not isinstance(s[k], (int, float)) or not math.isfinite(s[k]):
+            raise InputError(f"{k} must be a number, got {s[k]!r}")
+        s[k] = float(s[k])
+    if isinstance(s["top_k"], bool) or not isinstance(s["top_k"], int):
+        raise InputError(f"top_k must be an integer, got {s['top_k']!r}")
+    if not isinstance(s["more_smooth"], bool):
+        raise InputError("more_smooth must be true or false")
+    sched = s["cfg_schedule"]
+    if isinstance(sched, list):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in sched):
+            raise InputError("cfg_schedule must be 'linear', 'constant' or a list of numbers")
+        sched = tuple(float(v) for v in sched)
+    elif sched not in ("linear", "constant"):
+        raise InputError("cfg_schedule must be 'linear', 'constant' or a list of numbers (one per scale)")
+    sampling.validate_sampling(s["top_k"], s["top_p"], pipe.cfg.vae.vocab_size)
+    sampling.guidance_schedule(s["cfg"], list(sched) if isinstance(sched, tuple) else sched, pipe.cfg.num_scales)
+    fmt = body.get("format", "png" if len(labels) == 1 else "base64")
+    if fmt not in ("png", "base64"):
+        raise InputError(f"format must be 'png' or 'base64', got {fmt!r}")
+    if fmt == "png" and len(labels) != 1:
+        raise InputError("format 'png' returns one image: use format 'base64' for several")
+    settings = (s["cfg"], sched, s["top_k"], s["top_p"], s["more_smooth"])
+    return {"labels": labels, "seeds": seeds, "settings": settings, "format": fmt}
+
+
+def run_groups(pipe, items: List[tuple], max_batch_size: int) -> list:
+    """One batch of (settings, label, seed) -> uint8 images (H, W, 3), one pipeline call per settings group."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, (settings, _, _) in enumerate(items):
+        groups.setdefault(settings, []).append(i)
+    out: list = [None] * len(items)
+    for (cfg, sched, top_k, top_p, smooth), idx in groups.items():
+        n = len(idx)
+        bs = None
+        if pipe.backend == "cudagraph":  # one captured graph per power-of-two bucket, not per batch size
+            bs = min(max_batch_size, 1 << (n - 1).bit_length())
+        try:
+            res = pipe.generate(class_labels=[items[i][1] for i in idx], seed=[items[i][2] for i in idx],
+                                cfg=cfg, cfg_schedule=list(sched) if isinstance(sched, tuple) else sched,
+                                top_k=top_k, top_p=top_p, more_smooth=smooth, batch_size=bs, progress=False)
+            arr = res.numpy()
+            for j, i in enumerate(idx):
+                out[i] = arr[j]
+        except Exception as e:  # every image of the failed group gets the error, the other groups still run
+            for i in idx:
+                out[i] = e
+    return out
+
+
+# ---- the deployment ---------------------------------------------------------------------------------
+def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu: Optional[bool] = None,
+              max_batch_size: Optional[int] = None, batch_wait_timeout_s: float = 0.02,
+              max_ongoing_requests: Optional[int] = None, max_queued_requests: Optional[int] = None,
+              num_cpus: Optional[float] = None, name: str = "VARServer"):
+    """A Ray Serve application: ``serve.run(build_app({...}), route_prefix="/")``.
+
+    pipeline_kwargs go to VARPipeline.load (model/config, checkpoints, device, dtype, backend, engine_dir).
+    use_gpu: one GPU per replica (default: when the device is CUDA, or 'auto' and the cluster has GPUs).
+    max_batch_size: images per pipeline call; for exported backends the engines' largest built batch size.
+    max_ongoing_requests (per replica, default 2 x max_batch_size) and max_queued_requests (waiting at the
+    HTTP proxy, default 4 x max_batch_size x replicas) bound the queue: beyond them callers get 503.
+    """
+    ray, serve = import_ray()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    kwargs = dict(pipeline_kwargs)
+    kwargs["progress"] = False
+    backend = kwargs.get("backend", "torch")
+    built = exported_batch_sizes(kwargs["engine_dir"]) if backend in ("onnxruntime", "tensorrt") \
+        and kwargs.get("engine_dir") else None
+    if built:
+        max_batch_size = max(built) if max_batch_size is None else min(max_batch_size, max(built))
+    max_batch_size = max_batch_size or DEFAULT_MAX_BATCH_SIZE
+    if max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if max_ongoing_requests is None:
+        max_ongoing_requests = 2 * max_batch_size
+    if max_queued_requests is None:
+        max_queued_requests = 4 * max_batch_size * num_replicas
+    if use_gpu is None:
+        device = str(kwargs.get("device") or "auto")
+        if device.startswith("cuda"):
+            use_gpu = True
+        elif device == "auto":
+            if not ray.is_initialized():
+                ray.init()
+            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        else:
+            use_gpu = False
+    if use_gpu and str(kwargs.get("device") or "auto") == "auto":
+        kwargs["device"] = "cuda"  # Ray gives each replica one GPU through CUDA_VISIBLE_DEVICES
+    actor_options: Dict[str, Any] = {"num_gpus": 1} if use_gpu else {}
+    if num_cpus is not None:
+        actor_options["num_cpus"] = num_cpus
+
+    api = FastAPI(title="var-rt", description="VAR class-conditional image generation")
+
+    @serve.deployment(name=name, num_replicas=num_replicas, ray_actor_options=actor_options,
+                      max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
+    @serve.ingress(api)
+    class VARServer:
+        def __init__(self, load_kwargs: Dict[str, Any], batch_size: int, wait_s: float):
+            from var_rt.pipeline import EXPORTED, VARPipeline
+            self.pipe = VARPipeline.load(**load_kwargs)
+            allowed = self.pipe._built_batch_sizes()
+            self.max_batch_size = min(batch_size, max(allowed)) if allowed else batch_size
+            self._batched.set_max_batch_size(self.max_batch_size)
+            self._batched.set_batch_wait_timeout_s(wait_s)
+            if self.pipe.backend in EXPORTED + ("cudagraph",):  # build engines / capture before traffic
+                self.pipe.warmup(self.max_batch_size if self.pipe.backend == "cudagraph" else max(allowed))
+
+        @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=0.02)
+        async def _batched(self, items: List[tuple]) -> list:
+            return await asyncio.to_thread(run_groups, self.pipe, items, self.max_batch_size)
+
+        @api.get("/health")
+        async def health(self):
+            c = self.pipe.cfg
+            return {"status": "ok", "model": c.name, "image_size": c.image_size, "num_classes": c.var.num_classes,
+                    "backend": self.pipe.backend, "device": str(self.pipe.device),
+                    "dtype": str(self.pipe.dtype).replace("torch.", ""), "max_batch_size": self.max_batch_size}
+
+        @api.post("/generate")
+        async def generate(self, request: Request):
+            try:
+                try:
+                    body = json.loads(await request.body())
+                except ValueError as e:
+                    raise InputError(f"the request body is not valid JSON ({e})") from None
+                req = parse_request(body, self.pipe, self.max_batch_size)
+            except InputError as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+            results = await asyncio.gather(*(self._batched((req["settings"], c, s))
+                                             for c, s in zip(req["labels"], req["seeds"])))
+            for r in results:
+                if isinstance(r, InputError):
+                    return JSONResponse({"error": str(r)}, status_code=400)
+                if isinstance(r, Exception):
+                    return JSONResponse({"error": f"generation failed: {r.__class__.__name__}: {r}"},
+                                        status_code=500)
+            pngs = await asyncio.to_thread(lambda: [png_bytes(a) for a in results])
+            if req["format"] == "png":
+                return Response(pngs[0], media_type="image/png",
+                                headers={"X-Class-Label": str(req["labels"][0]), "X-Seed": str(req["seeds"][0])})
+            return {"images": [{"class_label": c, "seed": s, "png_base64": base64.b64encode(p).decode("ascii")}
+                               for c, s, p in zip(req["labels"], req["seeds"], pngs)]}
+
+    return VARServer.bind(kwargs, max_batch_size, batch_wait_timeout_s)
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``python -m var_rt serve`` on the CLI's subparsers."""
+    from var_rt.cli import _add_model_args
+    p = subparsers.add_parser(
+        "serve", help="HTTP server on Ray Serve (POST /generate, GET /health); needs the [serve] extra",
+        description="Serve the model over HTTP with Ray Serve: one replica per GPU, dynamic batching, "
+                    "503 when the queue is full. See docs/serving.md.")
+    _add_model_args(p)
+    g = p.add_argument_group("serving")
+    g.add_argument("--num-replicas", type=int, default=1, help="replicas (one GPU each on CUDA; default 1)")
+    g.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 to expose)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    g.add_argument("--max-batch-size", type=int, default=None,
+                   help=f"images per pipeline call (default {DEFAULT_MAX_BATCH_SIZE}; exported backends: the "
+                        f"engines' largest built batch size)")
+    g.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long a batch waits to fill before it runs (default 20 ms)")
+    g.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests in flight per replica (default 2 x max batch size)")
+    g.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests waiting at the proxy before 503 (default 4 x max batch size x replicas)")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    for flag, v in (("--num-replicas", a.num_replicas), ("--max-batch-size", a.max_batch_size),
+                    ("--max-ongoing-requests", a.max_ongoing_requests), ("--port", a.port)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {v}")
+    if a.max_queued_requests is not None and a.max_queued_requests < 0:
+        raise ConfigError(f"--max-queued-requests must be >= 0, got {a.max_queued_requests}")
+    if a.random_weights and (a.var_ckpt or a.vae_ckpt):
+        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+    ray, serve = import_ray()
+    # Checkpoint paths must be readable by the replicas: make them absolute (same machine / shared disk).
+    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    kwargs = dict(model=a.model, config=absolute(a.config), var_ckpt=absolute(a.var_ckpt),
+                  vae_ckpt=absolute(a.vae_ckpt), random_weights=a.random_weights, device=a.device, dtype=a.dtype,
+                  backend=a.backend, engine_dir=absolute(a.engine_dir), compile=False if a.no_compile else None)
+    ray.init(address=a.address) if a.address else ray.init()
+    serve.start(http_options={"host": a.host, "port": a.port})
+    app = build_app(kwargs, num_replicas=a.num_replicas, max_batch_size=a.max_batch_size,
+                    batch_wait_timeout_s=a.batch_wait_ms / 1000, max_ongoing_requests=a.max_ongoing_requests,
+                    max_queued_requests=a.max_queued_requests)
+    serve.run(app, name="var-rt", route_prefix="/")
+    print(f"serving on http://{a.host}:{a.port}  (POST /generate, GET /health; Ctrl-C stops)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
