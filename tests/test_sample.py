@@ -1,0 +1,114 @@
+"""Dataset-scale sampling: files independent of the number of workers, resume after partial shards and crashes."""
+import pytest
+
+ray = pytest.importorskip("ray", reason="the [serve] extra (ray[serve]) is not installed")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import get_fixture  # noqa: E402
+from var_rt.errors import ConfigError  # noqa: E402
+from var_rt.images import load_image  # noqa: E402
+from var_rt.pipeline import VARPipeline  # noqa: E402
+from var_rt.sample import MARKER_DIR, run_sample  # noqa: E402
+
+# 3 classes x 4 = 12 images, shards of 4 (3 shards), pipeline calls of 2 (2 per shard)
+JOB = dict(num_classes=3, per_class=4, seed=100, shard_size=4, batch_size=2, cfg=1.5, top_k=900, top_p=0.96)
+NAMES = [f"{i:06d}_class{i // 4}_seed{100 + i}.png" for i in range(12)]
+
+
+def _kwargs():
+    fx = get_fixture("var_tiny_256")
+    return dict(config=str(fx.config_path), var_ckpt=str(fx.var_ckpt), vae_ckpt=str(fx.vae_ckpt),
+                device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _one_thread(fn):
+    """Ray workers run PyTorch on one thread (num_cpus=1); do the same here, so float rounding matches."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out"
+    npz = _one_thread(lambda: run_sample(_kwargs(), out, num_workers=1, progress=False, **JOB))
+    return out, npz
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.suffix == ".png"}
+
+
+def _assert_same_output(a, b):
+    fa, fb = _files(a), _files(b)
+    assert sorted(fb) == NAMES, "missing or extra files"
+    assert fa == fb, [n for n in fa if fa[n] != fb.get(n)]
+    assert sorted(p.name for p in (b / MARKER_DIR).iterdir()) == [f"{k:06d}.done" for k in range(3)]
+    assert not list(b.glob("*.tmp"))
+    na, nb = np.load(a / "samples.npz")["arr_0"], np.load(b / "samples.npz")["arr_0"]
+    assert np.array_equal(na, nb)
+
+
+def test_one_worker_layout_npz_and_parity(reference):
+    out, npz = reference
+    assert npz == out / "samples.npz"
+    assert sorted(_files(out)) == NAMES
+    arr = np.load(npz)["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (12, 256, 256, 3)
+    for i, name in enumerate(NAMES):
+        assert np.array_equal(arr[i], load_image(out / name))
+    pipe = VARPipeline.load(**_kwargs(), progress=False)  # same batch (images 4, 5) -> the same bytes
+    want = _one_thread(lambda: pipe.generate(class_labels=[1, 1], seed=[104, 105]).numpy())
+    assert np.array_equal(arr[4:6], want)
+
+
+def test_two_workers_give_the_same_files(reference, tmp_path):
+    run_sample(_kwargs(), tmp_path / "out", num_workers=2, progress=False, **JOB)
+    _assert_same_output(reference[0], tmp_path / "out")
+
+
+def test_worker_killed_mid_job_is_replaced(reference, tmp_path):
+    """A worker dies (os._exit) halfway through shard 1, leaving a broken PNG: its work is redone elsewhere."""
+    flag = tmp_path / "crashed"
+    run_sample(_kwargs(), tmp_path / "out", num_workers=2, progress=False, _crash_at=6, _crash_flag=str(flag), **JOB)
+    assert flag.exists(), "the test hook did not fire"
+    _assert_same_output(reference[0], tmp_path / "out")
+
+
+def test_resume_redoes_partial_shards_only(reference, tmp_path):
+    """A crash left shard 1 without its marker, one PNG missing, one truncated and a temporary file."""
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    (out / "samples.npz").unlink()
+    (out / MARKER_DIR / "000001.done").unlink()
+    (out / NAMES[5]).unlink()
+    (out / NAMES[6]).write_bytes((out / NAMES[6]).read_bytes()[:100])
+    (out / (NAMES[7] + ".123.tmp")).write_bytes(b"partial")
+    (out / MARKER_DIR / "000002.done").unlink()  # marker gone but files complete: redone, same bytes
+    untouched = {n: (out / n).stat().st_mtime_ns for n in NAMES[:4]}
+    _one_thread(lambda: run_sample(_kwargs(), out, num_workers=1, progress=False, **JOB))
+    _assert_same_output(reference[0], out)
+    assert {n: (out / n).stat().st_mtime_ns for n in NAMES[:4]} == untouched, "a done shard was regenerated"
+
+
+def test_resume_with_other_options_is_refused(reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    with pytest.raises(ConfigError, match="another sampling job.*seed"):
+        run_sample(_kwargs(), out, num_workers=1, progress=False, **dict(JOB, seed=7))
+    assert json.loads((out / "job.json").read_text())["seed"] == 100

@@ -1,0 +1,365 @@
+"""Dataset-scale sampling for FID: ``python -m var_rt sample`` (Ray workers optional).
+
+The job is fixed by its classes, images per class and base seed: image ``i`` (class-major order: all images
+of the first class, then the next, ...) has class ``classes[i // per_class]`` and seed ``seed + i`` and is
+written as ``{i:06d}_class{c}_seed{s}.png``. The job is cut into fixed shards of ``shard_size`` images; a
+shard is done when its marker ``.shards/{k:06d}.done`` exists, written atomically after all of its PNGs
+(each PNG is itself written to a temporary name and renamed). A restart skips done shards and redoes the
+others whole, so files are never duplicated or missing. Because an image depends only on its class and
+seed, the output does not depend on the number of workers or on which worker ran which shard.
+
+At the end all PNGs are packed, in index order, into an ``.npz`` with key ``arr_0`` (uint8, N x H x W x 3),
+the format of the standard FID evaluator; it is written streaming, so memory stays small.
+
+Workers are Ray actors (one GPU each; ``--num-workers`` for CPU workers); ``--num-workers 1`` runs in this
+process and does not need Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+
+MARKER_DIR = ".shards"
+JOB_FILE = "job.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleJob:
+    """What decides the images (and so must match on resume)."""
+
+    model: Dict[str, Any]  # model identity: preset/config, checkpoints, dtype
+    classes: List[int]
+    per_class: int
+    seed: int
+    cfg: float
+    cfg_schedule: Any
+    top_k: int
+    top_p: float
+    more_smooth: bool
+    shard_size: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.classes) * self.per_class
+
+    def label(self, i: int) -> int:
+        return self.classes[i // self.per_class]
+
+    def seed_of(self, i: int) -> int:
+        return self.seed + i
+
+    def name(self, i: int) -> str:
+        width = max(6, len(str(self.num_images - 1)))
+        return f"{i:0{width}d}_class{self.label(i)}_seed{self.seed_of(i)}.png"
+
+    def shards(self) -> List[range]:
+        n, s = self.num_images, self.shard_size
+        return [range(a, min(a + s, n)) for a in range(0, n, s)]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _png(array_HW3) -> bytes:
+    from var_rt.serve import png_bytes
+    return png_bytes(array_HW3)
+
+
+def marker_path(out_dir: Path, k: int) -> Path:
+    return out_dir / MARKER_DIR / f"{k:06d}.done"
+
+
+class ShardWorker:
+    """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly)."""
+
+    def __init__(self, pipeline_kwargs: Dict[str, Any], out_dir: str, job: SampleJob,
+                 batch_size: Optional[int] = None, crash_at: Optional[int] = None, crash_flag: Optional[str] = None):
+        from var_rt.pipeline import VARPipeline
+        self.pipe = VARPipeline.load(**pipeline_kwargs)
+        self.out_dir, self.job, self.batch_size = Path(out_dir), job, batch_size
+        self.crash_at, self.crash_flag = crash_at, crash_flag  # test hook: die once on this image index
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, start: int, stop: int) -> int:
+        j = self.job
+        if self.crash_at is not None and start <= self.crash_at < stop and not os.path.exists(self.crash_flag):
+            # Test hook: half of the chunk is written, then the process dies without cleaning up.
+            Path(self.crash_flag).write_text("crashed")
+            _atomic_write(self.out_dir / j.name(start), b"not a png: left by a crashed worker")
+            os._exit(1)
+        idx = list(range(start, stop))
+        res = self.pipe.generate(class_labels=[j.label(i) for i in idx], seed=[j.seed_of(i) for i in idx],
+                                 cfg=j.cfg, cfg_schedule=j.cfg_schedule, top_k=j.top_k, top_p=j.top_p,
+                                 more_smooth=j.more_smooth, batch_size=self.batch_size, progress=False)
+        for i, im in zip(idx, res.numpy()):
+            _atomic_write(self.out_dir / j.name(i), _png(im))
+        return len(idx)
+
+
+DEFAULT_CHUNK = 32  # images per pipeline call when --batch-size is not given
+
+
+def _chunks(r: range, batch_size: Optional[int]) -> List[tuple]:
+    """A shard's index range cut into pipeline calls (fixed by the job, not by the workers)."""
+    step = batch_size or DEFAULT_CHUNK
+    return [(a, min(a + step, r.stop)) for a in range(r.start, r.stop, step)]
+
+
+def prepare_output(out_dir: Path, job: SampleJob) -> List[int]:
+    """Create or check the output folder; return the shards still to do (markers of damaged shards removed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER_DIR).mkdir(exist_ok=True)
+    jf = out_dir / JOB_FILE
+    if jf.exists():
+        old = json.loads(jf.read_text())
+        new = json.loads(json.dumps(job.to_json()))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ConfigError(f"{out_dir} holds another sampling job (different {', '.join(diff)}): resume it with "
+                              f"the same options, or use a new --output-dir")
+    else:
+        _atomic_write(jf, json.dumps(job.to_json(), indent=1).encode())
+    for tmp in out_dir.glob("*.tmp"):  # left by an interrupted write
+        tmp.unlink()
+    todo = []
+    for k, r in enumerate(job.shards()):
+        m = marker_path(out_dir, k)
+        if m.exists() and all((out_dir / job.name(i)).is_file() for i in r):
+            continue
+        m.unlink(missing_ok=True)
+        todo.append(k)
+    return todo
+
+
+def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
+    """All PNGs, in index order, into npz_path as 'arr_0' (uint8 N x H x W x 3), streamed one image at a time."""
+    from var_rt.images import load_image
+    first = load_image(out_dir / job.name(0))
+    shape = (job.num_images,) + first.shape
+    npz_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npz_path.with_name(npz_path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                     "fortran_order": False, "shape": shape})
+            for i in range(job.num_images):
+                im = first if i == 0 else load_image(out_dir / job.name(i))
+                if im.shape != first.shape:
+                    raise VarRtError(f"{job.name(i)} is {im.shape}, not {first.shape}: delete it and its shard's "
+                                     f"marker in {MARKER_DIR}/ and run again to regenerate it")
+                f.write(np.ascontiguousarray(im, dtype=np.uint8).tobytes())
+    os.replace(tmp, npz_path)
+    return npz_path
+
+
+def _run_local(pipeline_kwargs, out_dir, job, todo, batch_size, bar, crash_at=None, crash_flag=None) -> None:
+    w = ShardWorker(pipeline_kwargs, str(out_dir), job, batch_size, crash_at, crash_flag)
+    shards = job.shards()
+    for k in todo:
+        for a, b in _chunks(shards[k], batch_size):
+            bar.update(w.run(a, b))
+        _atomic_write(marker_path(out_dir, k), json.dumps({"start": shards[k].start, "stop": shards[k].stop}).encode())
+
+
+def _run_ray(pipeline_kwargs, out_dir, job, todo, batch_size, bar, num_workers, use_gpu, crash_at=None,
+             crash_flag=None, max_restarts: Optional[int] = None) -> None:
+    import ray
+    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(ShardWorker)
+    shards = job.shards()
+    pending = collections.deque((k, a, b) for k in todo for a, b in _chunks(shards[k], batch_size))
+    left = collections.Counter(k for k, _, _ in pending)
+    restarts_left = num_workers + 2 if max_restarts is None else max_restarts
+    new = lambda: actor_cls.remote(pipeline_kwargs, str(out_dir), job, batch_size, crash_at, crash_flag)  # noqa
+    workers = {w: new() for w in range(num_workers)}
+    busy = collections.Counter()
+    inflight: Dict[Any, tuple] = {}  # ref -> (worker id, chunk)
+    next_id = num_workers
+    while pending or inflight:
+        for w, actor in list(workers.items()):  # two calls queued per worker keep it busy
+            while pending and busy[w] < 2:
+                chunk = pending.popleft()
+                inflight[actor.run.remote(chunk[1], chunk[2])] = (w, chunk)
+                busy[w] += 1
+        if not inflight:
+            raise VarRtError("no sampling worker is left alive")
+        [ref], _ = ray.wait(list(inflight), num_returns=1)
+        w, chunk = inflight.pop(ref)
+        busy[w] -= 1
+        try:
+            n = ray.get(ref)
+        except ray.exceptions.RayActorError as e:  # the worker died: its chunks go back to the queue
+            pending.appendleft(chunk)
+            if w in workers:
+                del workers[w]
+                if restarts_left <= 0:
+                    raise VarRtError(f"sampling workers keep dying (last: {e.__class__.__name__}); done shards are "
+                                     f"kept, run the same command again to resume") from None
+                restarts_left -= 1
+                print(f"warning: sampling worker {w} died; starting a replacement and redoing its work",
+                      file=sys.stderr)
+                workers[next_id] = new()
+                next_id += 1
+            continue
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, VarRtError):
+                raise cause from None
+            raise
+        bar.update(n)
+        k = chunk[0]
+        left[k] -= 1
+        if left[k] == 0:
+            _atomic_write(marker_path(out_dir, k), json.dumps({"start": shards[k].start, "stop": shards[k].stop}).encode())
+    for actor in workers.values():
+        ray.kill(actor)
+
+
+def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional[Sequence[int]] = None,
+               num_classes: Optional[int] = None, per_class: int = 50, seed: int = 0, cfg: float = 1.5,
+               cfg_schedule="linear", top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
+               batch_size: Optional[int] = None, shard_size: int = 1000, num_workers: Optional[int] = None,
+               use_gpu: Optional[bool] = None, npz: Optional[str] = "", progress: bool = True,
+               _crash_at: Optional[int] = None, _crash_flag: Optional[str] = None) -> Optional[Path]:
+    """Generate the job's missing shards into output_dir, then the .npz (npz='' -> output_dir/samples.npz,
+    None -> none). Returns the .npz path. Ray must be initialised by the caller for num_workers > 1."""
+    from var_rt import sampling
+    from var_rt.pipeline import resolve_config
+    mc = resolve_config(pipeline_kwargs.get("model"), pipeline_kwargs.get("config"))
+    n_cls = mc.var.num_classes
+    if classes is not None and num_classes is not None:
+        raise ConfigError("give --classes or --num-classes, not both")
+    if classes is None:
+        num_classes = n_cls if num_classes is None else num_classes
+        if not 1 <= num_classes <= n_cls:
+            raise ConfigError(f"--num-classes must be in 1..{n_cls}, got {num_classes}")
+        classes = list(range(num_classes))
+    classes = [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c <= n_cls]
+    if bad or not classes:
+        raise ConfigError(f"class id(s) {bad} out of range for this model: use 0..{n_cls - 1} ({n_cls} = null class)")
+    for flag, v in (("--per-class", per_class), ("--shard-size", shard_size), ("--batch-size", batch_size),
+                    ("--num-workers", num_workers)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {v}")
+    if not 0 <= seed < 2 ** 63 - len(classes) * per_class:
+        raise ConfigError(f"--seed {seed} is out of range")
+    sampling.validate_sampling(top_k, top_p, mc.vae.vocab_size)
+    sampling.guidance_schedule(cfg, cfg_schedule, mc.num_scales)
+    for key in ("config", "var_ckpt", "vae_ckpt", "engine_dir"):
+        p = pipeline_kwargs.get(key)
+        if p is not None and not Path(p).exists():
+            raise ConfigError(f"--{key.replace('_', '-')} {str(p)!r} does not exist")
+    model_id = {k: (str(pipeline_kwargs[k]) if pipeline_kwargs.get(k) is not None else None)
+                for k in ("model", "config", "var_ckpt", "vae_ckpt", "dtype")}
+    model_id["random_weights"] = bool(pipeline_kwargs.get("random_weights"))
+    job = SampleJob(model=model_id, classes=classes, per_class=per_class, seed=seed, cfg=float(cfg),
+                    cfg_schedule=cfg_schedule, top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
+                    shard_size=shard_size)
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--output-dir {str(out_dir)!r} exists and is a file")
+    try:
+        import ray
+    except ImportError:
+        ray = None
+    if num_workers is None:
+        if ray is None:
+            num_workers = 1
+        else:
+            if not ray.is_initialized():
+                ray.init()
+            num_workers = max(1, int(ray.cluster_resources().get("GPU", 0)))
+    if num_workers > 1 and ray is None:
+        raise BackendUnavailableError(f"--num-workers {num_workers} needs Ray: pip install 'var-rt[serve]' "
+                                      f"(or use --num-workers 1, which runs in this process)")
+    todo = prepare_output(out_dir, job)
+    kwargs = dict(pipeline_kwargs, progress=False)
+    done = job.num_images - sum(len(job.shards()[k]) for k in todo)
+    from tqdm import tqdm
+    with tqdm(total=job.num_images, initial=done, desc="sample", unit="img", disable=not progress,
+              file=sys.stderr) as bar:
+        if todo and num_workers == 1:
+            _run_local(kwargs, out_dir, job, todo, batch_size, bar, _crash_at, _crash_flag)
+        elif todo:
+            if not ray.is_initialized():
+                ray.init()
+            if use_gpu is None:
+                dev = str(kwargs.get("device") or "auto")
+                use_gpu = dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+            if use_gpu and str(kwargs.get("device") or "auto") == "auto":
+                kwargs["device"] = "cuda"
+            _run_ray(kwargs, out_dir, job, todo, batch_size, bar, num_workers, use_gpu, _crash_at, _crash_flag)
+    if npz is None:
+        return None
+    return write_npz(out_dir, job, Path(npz) if npz else out_dir / "samples.npz")
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def add_sample_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``python -m var_rt sample`` on the CLI's subparsers."""
+    from var_rt.cli import _add_model_args, _add_sampling_args
+    p = subparsers.add_parser(
+        "sample", help="dataset-scale sampling for FID (PNGs + .npz), sharded over Ray workers, resumable",
+        description="Generate --per-class images for every class (or --num-classes / --classes) into "
+                    "--output-dir, resumably, then pack them into an .npz (key arr_0) for the FID evaluator. "
+                    "Image i has seed --seed + i. See docs/serving.md.")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    g = p.add_argument_group("job")
+    g.add_argument("--output-dir", required=True, help="PNGs, job.json and shard markers (.shards/)")
+    g.add_argument("--per-class", type=int, default=50, help="images per class (default 50: 50,000 for ImageNet)")
+    cl = g.add_mutually_exclusive_group()
+    cl.add_argument("--num-classes", type=int, help="the first N classes (default: all)")
+    cl.add_argument("--classes", type=int, nargs="+", help="these class ids")
+    g.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard (default 1000)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU of the Ray cluster); 1 runs in this process, no Ray")
+    g.add_argument("--npz", default="", help="the .npz to write at the end (default OUTPUT_DIR/samples.npz)")
+    g.add_argument("--no-npz", action="store_true", help="do not write the .npz")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.set_defaults(func=cmd_sample)
+    return p
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from var_rt.cli import parse_cfg_schedule
+    if a.random_weights and (a.var_ckpt or a.vae_ckpt):
+        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    kwargs = dict(model=a.model, config=absolute(a.config), var_ckpt=absolute(a.var_ckpt),
+                  vae_ckpt=absolute(a.vae_ckpt), random_weights=a.random_weights, device=a.device, dtype=a.dtype,
+                  backend=a.backend, engine_dir=absolute(a.engine_dir), compile=False if a.no_compile else None)
+    if a.address and a.num_workers != 1:
+        try:
+            import ray
+        except ImportError:
+            raise BackendUnavailableError("--address needs Ray: pip install 'var-rt[serve]'") from None
+        ray.init(address=a.address)
+    path = run_sample(kwargs, a.output_dir, classes=a.classes, num_classes=a.num_classes, per_class=a.per_class,
+                      seed=a.seed, cfg=a.cfg, cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k,
+                      top_p=a.top_p, more_smooth=a.more_smooth, batch_size=a.batch_size, shard_size=a.shard_size,
+                      num_workers=a.num_workers, npz=None if a.no_npz else a.npz, progress=not a.no_progress)
+    print(f"all images in {a.output_dir}" + (f"; wrote {path}" if path else ""))
+    return 0
