@@ -112,3 +112,30 @@ def test_resume_with_other_options_is_refused(reference, tmp_path):
     with pytest.raises(ConfigError, match="another sampling job.*seed"):
         run_sample(_kwargs(), out, num_workers=1, progress=False, **dict(JOB, seed=7))
     assert json.loads((out / "job.json").read_text())["seed"] == 100
+
+
+def test_cli_sample_and_core_without_ray(tmp_path):
+    """`sample` through its argparse registration; importing the core runtime does not import Ray."""
+    import argparse
+    import subprocess
+    import sys
+    from var_rt.sample import add_sample_parser
+    from var_rt.serve import add_serve_parser
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    add_sample_parser(sub)
+    add_serve_parser(sub)
+    fx = get_fixture("var_tiny_256")
+    a = p.parse_args(["sample", "--config", str(fx.config_path), "--var-ckpt", str(fx.var_ckpt), "--vae-ckpt",
+                      str(fx.vae_ckpt), "--device", "cpu", "--classes", "7", "--per-class", "2", "--seed", "3",
+                      "--num-workers", "1", "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert a.func(a) == 0
+    assert sorted(f.name for f in (tmp_path / "o").glob("*.png")) == ["000000_class7_seed3.png",
+                                                                      "000001_class7_seed4.png"]
+    assert np.load(tmp_path / "o" / "samples.npz")["arr_0"].shape == (2, 256, 256, 3)
+    s = p.parse_args(["serve", "--model", "d16", "--random-weights", "--num-replicas", "2", "--port", "8001"])
+    assert s.num_replicas == 2 and s.port == 8001
+    code = "import sys, var_rt, var_rt.cli, var_rt.pipeline, var_rt.sample, var_rt.serve; " \
+           "assert 'ray' not in sys.modules, 'the core runtime imported ray'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -60,9 +60,9 @@ def _post(url, body, timeout=120):
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
+            return r.status, r.headers.get("Content-Type", ""), r.read(), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
+        return e.code, e.headers.get("Content-Type", ""), e.read(), e.headers
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -101,14 +101,15 @@ def test_concurrent_requests_match_direct_calls(server, pipe):
                                 **settings[parity]).numpy()
             want.update(zip(idx, res))
         got = [f.result() for f in futs]
-    for i, (status, ctype, body) in enumerate(got):
+    for i, (status, ctype, body, headers) in enumerate(got):
+        assert headers.get("X-Seed") == str(seeds[i]) and headers.get("X-Class-Label") == str(labels[i])
         assert status == 200, body[:300]
         assert ctype == "image/png"
         _assert_same_image(_decode(body), want[i], f"request {i}")
 
 
 def test_several_images_base64(server, pipe):
-    status, ctype, body = _post(server + "/generate", dict(class_labels=[3, 4], seed=5, format="base64"))
+    status, ctype, body, _ = _post(server + "/generate", dict(class_labels=[3, 4], seed=5, format="base64"))
     assert status == 200 and ctype.startswith("application/json"), body[:300]
     out = json.loads(body)["images"]
     assert [(o["class_label"], o["seed"]) for o in out] == [(3, 5), (4, 6)]
@@ -129,18 +130,19 @@ def test_several_images_base64(server, pipe):
     (b"{not json", "not valid JSON"),
 ])
 def test_bad_requests_get_400_with_message(server, body, needle):
-    status, _, out = _post(server + "/generate", body)
+    status, _, out, _ = _post(server + "/generate", body)
     assert status == 400, out[:300]
     assert needle in json.loads(out)["error"]
 
 
 def test_overload_gets_503_and_nothing_lost(server):
-    """max_ongoing_requests=1, max_queued_requests=1: of 8 at once, the rest are refused with 503."""
-    with ThreadPoolExecutor(8) as ex:
-        got = list(ex.map(lambda s: _post(server + "/small/generate", dict(class_label=1, seed=s)), range(8)))
+    """max_ongoing_requests=1, max_queued_requests=1: of 16 at once, the rest are refused with 503."""
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(lambda s: _post(server + "/small/generate", dict(class_label=1, seed=s)), range(16)))
     codes = [g[0] for g in got]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
-    for status, ctype, body in got:
-        if status == 200:
+    for seed, (status, ctype, body, headers) in enumerate(got):
+        if status == 200:  # each accepted request gets its own image, once
             assert ctype == "image/png" and _decode(body).shape == (256, 256, 3)
+            assert headers.get("X-Seed") == str(seed)
