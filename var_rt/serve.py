@@ -312,6 +312,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     max_queued_requests=a.max_queued_requests)
     serve.run(app, name="var-rt", route_prefix="/")
     print(f"serving on http://{a.host}:{a.port}  (POST /generate, GET /health; Ctrl-C stops)", file=sys.stderr)
+    import signal
+
+    def _stop(signum, frame):  # SIGTERM (containers, process managers) stops like Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
