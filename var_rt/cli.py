@@ -190,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     from var_rt.edit import add_edit_parser
+    from var_rt.sample import add_sample_parser
+    from var_rt.serve import add_serve_parser
     add_edit_parser(sub)
+    add_serve_parser(sub)
+    add_sample_parser(sub)
 
     d = sub.add_parser("download", help="fetch official checkpoints (needs internet)")
     d.add_argument("--model", required=True, help="d16, d20, d24, d30 or d36")
