@@ -210,6 +210,13 @@ class WeightStore:
             for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
                 entry = t.external_data.add()
                 entry.key, entry.value = k, v
+        # Over 2 GB the exporter also writes Constant nodes' tensors to files of their own in base_dir,
+        # which is temporary: inline them (they are small) so every graph refers to weights.bin alone.
+        for node in model.graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                    attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t, base_dir=str(base_dir)),
+                                                            attr.t.name))
         if renames:
             for node in model.graph.node:
                 for i, n in enumerate(node.input):

@@ -238,3 +238,34 @@ def test_tensorrt_engine_runs(fx256):  # pragma: no cover - needs a GPU TensorRT
     torch.cuda.synchronize()
     want = reference(module, ins)
     assert (outs["logits"] - want[0]).abs().max() < 1e-3
+
+
+def test_externalize_inlines_external_constant_nodes(tmp_path):
+    """Over 2 GB the exporter writes Constant-node tensors to their own files (seen on d30): they are inlined."""
+    import numpy as np
+    import onnx
+    from onnx import external_data_helper, helper, numpy_helper
+
+    from export.onnx_export import WeightStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    const = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "c")
+    external_data_helper.set_external_data(const, location="c_value")
+    (src / "c_value").write_bytes(np.arange(6, dtype=np.float32).tobytes())
+    const.ClearField("raw_data")
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    node = helper.make_node("Constant", [], ["c"], value=const)
+    add = helper.make_node("Add", ["c", "w"], ["y"])
+    graph = helper.make_graph([node, add], "g", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [weight])
+    model = helper.make_model(graph)
+    out = tmp_path / "out"
+    out.mkdir()
+    store = WeightStore(out)
+    store.externalize(model, src)
+    store.close()
+    t = model.graph.node[0].attribute[0].t
+    assert t.data_location == onnx.TensorProto.DEFAULT
+    assert np.array_equal(numpy_helper.to_array(t), np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert model.graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL
