@@ -336,17 +336,23 @@ def run_backend_model(args, mc, cpu_models, backend: str, clock: Clock, budget: 
                                                   torch.arange(B, dtype=torch.int64), clock, args.instrument_runs))
                 except Exception as e:
                     c["instrument_note"] = f"instrumented run failed: {type(e).__name__}: {e}"[:300]
-        except torch.cuda.OutOfMemoryError as e:
-            c.update(status="error", reason=f"out of GPU memory: {str(e)[:200]}")
         except Exception as e:
-            c.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
-            if args.verbose:
-                traceback.print_exc()
+            record_failure(c, e, args.verbose)
         log_case(c)
         save()
         free_memory(clock)
     del pipe
     free_memory(clock)
+
+
+def record_failure(c: dict, e: Exception, verbose: bool) -> None:
+    """Mark a case as failed with a short reason (out of GPU memory said plainly)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        c.update(status="error", reason=f"out of GPU memory: {str(e)[:200]}")
+    else:
+        c.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
+        if verbose:
+            traceback.print_exc()
 
 
 def run_official_model(args, mc, cpu_models, clock: Clock, budget: Budget, results, save):
@@ -390,12 +396,8 @@ def run_official_model(args, mc, cpu_models, clock: Clock, budget: Budget, resul
             c["peak_mem_gib"] = peak(clock)
             if args.instrument_runs > 0 and not budget.exceeded():
                 c.update(instrumented_official(off, labels, clock, args.instrument_runs, sp))
-        except torch.cuda.OutOfMemoryError as e:
-            c.update(status="error", reason=f"out of GPU memory: {str(e)[:200]}")
         except Exception as e:
-            c.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
-            if args.verbose:
-                traceback.print_exc()
+            record_failure(c, e, args.verbose)
         log_case(c)
         save()
         free_memory(clock)

@@ -28,6 +28,7 @@ class KVCache:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
+        self.fused = k.is_cuda and _ops_loaded()  # K and V written in one launch by the CUDA extension
 
     @classmethod
     def allocate(cls, depth, rows, heads, tokens, head_dim, dtype, device) -> "KVCache":
@@ -36,10 +37,10 @@ class KVCache:
 
     def provider(self, begin: int, end: int):
         """KV provider for one scale: write this scale's rows at [begin, end), attend to [0, end)."""
-        fused = self.k.is_cuda and _ops_loaded()
+        fused = self.fused
 
         def kv(layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-            if fused:  # K and V in one launch (CUDA extension)
+            if fused:
                 from var_rt import ops
                 ops.kv_write(self.k[layer:layer + 1], self.v[layer:layer + 1], k_new.unsqueeze(0),
                              v_new.unsqueeze(0), begin)

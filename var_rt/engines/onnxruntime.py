@@ -134,24 +134,25 @@ class OnnxRuntimeEngine:
         dev = "cuda" if self.device.type == "cuda" else "cpu"
         idx = self.device.index or 0
         spec = self._io[f"onnx/{graph}.b{self.batch}.onnx"]
-        for name, io_spec in spec["inputs"].items():
-            t = inputs.get(name)
-            if t is None:
-                raise InputError(f"graph {graph!r}: input {name!r} missing")
-            self._check(graph, name, t, io_spec)
+        for name, t in self._checked(graph, "input", inputs, spec["inputs"]):
             io.bind_input(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         if graph == "step_0" and self.dynamic:  # the dynamic step graph takes a past of length 0
             spec1 = self._io["onnx/step.dyn.onnx"]["inputs"]["past_k"]["shape"]
             shape = [0 if d == "past" else (2 * self.batch if d == "2B" else d) for d in spec1]
             for name in ("past_k", "past_v"):
                 io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())
-        for name, io_spec in spec["outputs"].items():
-            t = outputs.get(name)
-            if t is None:
-                raise InputError(f"graph {graph!r}: output buffer {name!r} missing")
-            self._check(graph, name, t, io_spec)
+        for name, t in self._checked(graph, "output buffer", outputs, spec["outputs"]):
             io.bind_output(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         sess.run_with_iobinding(io, self._run_options)
+
+    def _checked(self, graph: str, what: str, tensors: Dict[str, torch.Tensor], specs: dict):
+        """(name, tensor) for every name of the graph's spec, each present and of the declared shape/dtype."""
+        for name, io_spec in specs.items():
+            t = tensors.get(name)
+            if t is None:
+                raise InputError(f"graph {graph!r}: {what} {name!r} missing")
+            self._check(graph, name, t, io_spec)
+            yield name, t
 
     def _check(self, graph: str, name: str, t: torch.Tensor, io_spec: dict) -> None:
         want_dtype = getattr(torch, io_spec["dtype"])

@@ -30,6 +30,8 @@ class TorchEngine:
         self.act_dtype = var.head.weight.dtype
         self.graphs = all_graphs(var, vae)
         self.cfg = var.cfg
+        self._ranges = self.cfg.scale_ranges()
+        self._scratch: Dict[tuple, torch.Tensor] = {}  # next-scale tokens of the fused transition, per shape
         self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
@@ -62,7 +64,7 @@ class TorchEngine:
                 outputs[name].copy_(value)
 
     def _step(self, si: int, inputs, outputs) -> None:
-        b, e = self.cfg.scale_ranges()[si]
+        b, e = self._ranges[si]
         kv = KVCache(inputs["cache_k"], inputs["cache_v"]).provider(b, e)
         cond = Condition(inputs["ada_blocks"], inputs["ada_head"], None)
         logits = self.var.step(inputs["x"], cond, kv)
@@ -73,10 +75,11 @@ class TorchEngine:
         f_hat.copy_(inputs["f_hat"])
         w, b, ratio = self._phi[si]
         pns = self.cfg.patch_nums
-        if si + 1 < len(pns):
-            nxt = torch.empty(f_hat.shape[0], pns[si + 1] ** 2, f_hat.shape[1], dtype=self.act_dtype,
-                              device=f_hat.device)
-            ops.scale_transition(f_hat, inputs["h"], w, b, ratio, pns[si + 1], nxt)
+        last = si + 1 == len(pns)
+        shape = (0,) if last else (f_hat.shape[0], pns[si + 1] ** 2, f_hat.shape[1])
+        nxt = self._scratch.get(shape)
+        if nxt is None:  # allocated once per shape, not per call
+            nxt = self._scratch[shape] = torch.empty(shape, dtype=self.act_dtype, device=f_hat.device)
+        ops.scale_transition(f_hat, inputs["h"], w, b, ratio, 0 if last else pns[si + 1], nxt)
+        if not last:
             outputs["x"].copy_(self.var.scale_input(si + 1, nxt))
-        else:
-            ops.scale_transition(f_hat, inputs["h"], w, b, ratio, 0, f_hat.new_empty(0))
