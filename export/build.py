@@ -37,11 +37,14 @@ class BuildOptions:
     batch_sizes: Tuple[int, ...]
     out_dir: Path
     onnx_only: bool
+    engines_only: bool
+    device: str
     opset: int
     timing_cache: Optional[Path]
     trt_flavor: str
     optimization_level: int
     workspace_gb: float
+    compute_capabilities: Tuple[str, ...]
     force: bool
     progress: bool
 
@@ -63,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes to build for (default 1)")
     o.add_argument("--out-dir", required=True, help="export directory (onnx/, engines/, manifest.json)")
     o.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export")
+    o.add_argument("--engines-only", action="store_true",
+                   help="build TensorRT engines for the finished ONNX export already in --out-dir "
+                        "(model and batch sizes come from its manifest)")
+    o.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs while tracing (cuda: much faster for d30/d36; same graphs)")
     o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     o.add_argument("--force", action="store_true", help="replace an existing export directory")
     o.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -71,12 +79,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--timing-cache", help="timing cache file, read if present and updated")
     t.add_argument("--optimization-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
     t.add_argument("--workspace-gb", type=float, default=4.0, help="workspace limit in GiB (default 4)")
+    t.add_argument("--compute-capability", nargs="+", default=[], metavar="CC",
+                   help="TensorRT-RTX only: GPUs to build for, e.g. 8.9 12.0 (default: this GPU, or the "
+                        "library default without one)")
     return p
 
 
 def validate(a: argparse.Namespace) -> BuildOptions:
     """The one place options are checked; raises ConfigError with what to change."""
-    if (a.model is None) == (a.config is None):
+    if not a.engines_only and (a.model is None) == (a.config is None):
         raise ConfigError("give exactly one of --model PRESET or --config JSON")
     if a.random_weights and (a.var_ckpt or a.vae_ckpt):
         raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
@@ -89,17 +100,49 @@ def validate(a: argparse.Namespace) -> BuildOptions:
         raise ConfigError(f"--optimization-level {a.optimization_level}: use 0..5")
     if a.workspace_gb <= 0:
         raise ConfigError("--workspace-gb must be > 0")
+    if a.compute_capability:
+        from export.trt_build import rtx_targets
+        rtx_targets(a.compute_capability, None)  # values TensorRT-RTX knows
     out = Path(a.out_dir)
-    if out.exists() and any(out.iterdir()) and not a.force:
+    if a.engines_only and a.onnx_only:
+        raise ConfigError("--engines-only and --onnx-only exclude each other")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch; trace on the CPU (--device cpu)")
+    if a.engines_only:
+        if not (out / MANIFEST).is_file():
+            raise ConfigError(f"--engines-only: {out} has no finished export ({MANIFEST}); export it first")
+    elif out.exists() and any(out.iterdir()) and not a.force:
         what = "an export" if (out / MANIFEST).is_file() else "files"
         raise ConfigError(f"{out} already holds {what} (possibly stale): pass --force to replace it "
                           f"or choose another --out-dir")
     return BuildOptions(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
                         random_weights=a.random_weights, fp16=a.fp16,
                         batch_sizes=tuple(sorted(set(a.batch_size))), out_dir=out, onnx_only=a.onnx_only,
+                        engines_only=a.engines_only, device=a.device,
                         opset=a.opset, timing_cache=Path(a.timing_cache) if a.timing_cache else None,
                         trt_flavor=a.trt_flavor, optimization_level=a.optimization_level,
-                        workspace_gb=a.workspace_gb, force=a.force, progress=not a.no_progress)
+                        workspace_gb=a.workspace_gb, compute_capabilities=tuple(a.compute_capability),
+                        force=a.force, progress=not a.no_progress)
+
+
+def peak_host_gib() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def preflight_tensorrt(opts: BuildOptions) -> None:
+    """Raise ConfigError before exporting when the TensorRT build could not target the GPU asked for."""
+    from export.trt_build import compute_capability, import_trt, rtx_targets
+    try:
+        _, flavor = import_trt(opts.trt_flavor)
+    except BackendUnavailableError:
+        return  # reported after the export, which is still useful without TensorRT
+    if flavor == "tensorrt-rtx":
+        rtx_targets(list(opts.compute_capabilities), compute_capability())
+    elif opts.compute_capabilities:
+        raise ConfigError("--compute-capability applies to TensorRT-RTX; full TensorRT builds for the GPU it "
+                          "runs on")
 
 
 def build(opts: BuildOptions) -> dict:
@@ -108,11 +151,15 @@ def build(opts: BuildOptions) -> dict:
     from var_rt.pipeline import VARPipeline
 
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if opts.progress else (lambda s: None)
+    if opts.engines_only:
+        return build_engines_only(opts, say)
     t0 = time.perf_counter()
     pipe = VARPipeline.load(model=opts.model, config=opts.config, var_ckpt=opts.var_ckpt, vae_ckpt=opts.vae_ckpt,
-                            random_weights=opts.random_weights, device="cpu",
+                            random_weights=opts.random_weights, device=opts.device,
                             dtype="float16" if opts.fp16 else "float32", progress=False)
     var, vae, cfg = pipe.var, pipe.vae, pipe.cfg
+    if not opts.onnx_only:
+        preflight_tensorrt(opts)  # a target TensorRT cannot build for fails now, not after the export
     if opts.out_dir.exists():
         shutil.rmtree(opts.out_dir)  # validate() allowed it (--force or empty)
     opts.out_dir.mkdir(parents=True)
@@ -129,21 +176,53 @@ def build(opts: BuildOptions) -> dict:
     }
     trt_error = None
     if not opts.onnx_only:
-        from export.trt_build import build_engines
         try:
-            manifest["tensorrt"] = build_engines(
-                opts.out_dir / "onnx", opts.out_dir / "engines", files, cfg.scale_ranges(), list(opts.batch_sizes),
-                flavor=opts.trt_flavor, optimization_level=opts.optimization_level,
-                workspace_gb=opts.workspace_gb, timing_cache=opts.timing_cache, on_progress=say)
+            manifest["tensorrt"] = _build_engines(opts, files, cfg.scale_ranges(), list(opts.batch_sizes), say)
         except BackendUnavailableError as e:
             trt_error = e  # the ONNX export is still useful: write its manifest, then report
+    manifest["seconds"] = round(time.perf_counter() - t0, 1)
+    manifest["peak_host_gib"] = peak_host_gib()
     write_manifest(opts.out_dir, manifest)
-    say(f"done in {time.perf_counter() - t0:.1f} s: weights.bin {w_bytes / 2**20:.1f} MiB, "
-        f"graphs {g_bytes / 2**20:.1f} MiB")
+    engines = sum(e["bytes"] for e in (manifest["tensorrt"] or {}).get("engines", {}).values())
+    say(f"done in {manifest['seconds']} s: weights.bin {w_bytes / 2**20:.1f} MiB, graphs {g_bytes / 2**20:.1f} MiB"
+        + (f", engines {engines / 2**20:.1f} MiB" if engines else "") + f", peak host memory {manifest['peak_host_gib']} GiB")
     if trt_error is not None:
         raise BackendUnavailableError(f"{trt_error} (the ONNX graphs were written to {opts.out_dir}/onnx; "
                                       f"run again without --onnx-only once TensorRT is installed)")
     return manifest
+
+
+def _build_engines(opts: BuildOptions, files: dict, scale_ranges, batch_sizes, say) -> dict:
+    from export.trt_build import build_engines
+    return build_engines(opts.out_dir / "onnx", opts.out_dir / "engines", files, scale_ranges, batch_sizes,
+                         flavor=opts.trt_flavor, optimization_level=opts.optimization_level,
+                         workspace_gb=opts.workspace_gb, timing_cache=opts.timing_cache,
+                         compute_capabilities=list(opts.compute_capabilities), on_progress=say)
+
+
+def build_engines_only(opts: BuildOptions, say) -> dict:
+    """--engines-only: (re)build the TensorRT engines of a finished ONNX export, e.g. on another machine."""
+    from export.manifest import check_engine_files, read_manifest
+    from var_rt.config import ModelConfig, VARConfig, VQVAEConfig
+
+    m = read_manifest(opts.out_dir)
+    files = {k[len("onnx/"):]: v for k, v in m["onnx"]["files"].items()}
+    check_engine_files(opts.out_dir, m, list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]])
+    md = m["model"]
+    cfg = ModelConfig(md["name"], VARConfig(**md["var"]), VQVAEConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in md["vae"].items()}))
+    preflight_tensorrt(opts)
+    t0 = time.perf_counter()
+    say(f"building TensorRT engines for {opts.out_dir} ({m['precision']}, batch {m['batch_sizes']})")
+    shutil.rmtree(opts.out_dir / "engines", ignore_errors=True)
+    m["tensorrt"] = _build_engines(opts, files, cfg.scale_ranges(), m["batch_sizes"], say)
+    m["tensorrt"]["seconds"] = round(time.perf_counter() - t0, 1)
+    m["tensorrt"]["peak_host_gib"] = peak_host_gib()
+    write_manifest(opts.out_dir, {k: v for k, v in m.items() if k != "format_version"})
+    engines = sum(e["bytes"] for e in m["tensorrt"]["engines"].values())
+    say(f"done in {m['tensorrt']['seconds']} s: engines {engines / 2**20:.1f} MiB, "
+        f"peak host memory {m['tensorrt']['peak_host_gib']} GiB")
+    return m
 
 
 def main(argv=None) -> int:

@@ -229,7 +229,9 @@ def export_one(module, name: str, B: int, act_dtype: torch.dtype, opset: int, tm
                axes: Optional[Dict[str, Dict[int, str]]] = None) -> Path:
     """torch.onnx.export of one graph into ``tmp_dir`` (the TorchScript exporter, see below)."""
     ins, outs = module.io_spec(B)
-    args = sample_inputs(module, B, act_dtype)
+    held = next(iter([*module.parameters(), *module.buffers()]), None)
+    device = held.device if held is not None else torch.device("cpu")  # --device cuda traces on the GPU
+    args = {n: t.to(device) for n, t in sample_inputs(module, B, act_dtype).items()}
     path = tmp_dir / f"{name}.onnx"
     # The TorchScript-based exporter (dynamo=False): these graphs are plain tensor code with static
     # control flow, which it traces in seconds even for d30, keeps parameter names on initializers and

@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from var_rt.errors import BackendUnavailableError, ConfigError
 
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
+# TensorRT-RTX 1.7 runs on these compute capabilities (not 9.0: H100/H200); names of trt.ComputeCapability.SM*
+RTX_TARGETS = ("8.0", "8.6", "8.9", "12.0", "12.1")
 INSTALL_HINT = ("pip install tensorrt-cu13 (full TensorRT, needs NVIDIA's index) or "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings (TensorRT-RTX, builds without a GPU)")
 
@@ -56,6 +58,23 @@ def compute_capability() -> Optional[str]:
     return None
 
 
+def rtx_targets(requested: Optional[List[str]], current: Optional[str]) -> Optional[List[str]]:
+    """Compute capabilities a TensorRT-RTX build targets: the requested ones, else this GPU's, else the
+    library default (None; no GPU here). Raises ConfigError for ones TensorRT-RTX cannot run on."""
+    if requested:
+        bad = [c for c in requested if c not in RTX_TARGETS]
+        if bad:
+            raise ConfigError(f"--compute-capability {bad[0]}: TensorRT-RTX builds for {' '.join(RTX_TARGETS)}")
+        return sorted(set(requested), key=RTX_TARGETS.index)
+    if current is None:
+        return None
+    if current not in RTX_TARGETS:
+        raise ConfigError(f"TensorRT-RTX cannot build engines for this GPU (compute capability {current}; it "
+                          f"supports {' '.join(RTX_TARGETS)}): pass --compute-capability with the GPU the engines "
+                          f"are for (e.g. 8.9), or use full TensorRT (--trt-flavor tensorrt) on this GPU")
+    return [current]
+
+
 class _Logger:
     """A TensorRT logger that keeps errors so they end up in the exception message."""
 
@@ -81,9 +100,15 @@ def profile_shapes(entry: dict, B: int, begin: int, l: int) -> Dict[str, Tuple[i
 def build_engines(onnx_dir: Path, engine_dir: Path, files: Dict[str, dict], scale_ranges: List[Tuple[int, int]],
                   batch_sizes: List[int], flavor: str = "auto", optimization_level: int = 3,
                   workspace_gb: float = 4.0, timing_cache: Optional[Path] = None,
+                  compute_capabilities: Optional[List[str]] = None,
                   on_progress: Callable[[str], None] = lambda s: None) -> dict:
     """Build one engine per dynamic ONNX graph; return the manifest's ``tensorrt`` section."""
     trt, flavor = import_trt(flavor)
+    targets = None
+    if flavor == "tensorrt-rtx":
+        targets = rtx_targets(compute_capabilities, compute_capability())
+    elif compute_capabilities:
+        raise ConfigError("--compute-capability applies to TensorRT-RTX; full TensorRT builds for the GPU it runs on")
     log = _Logger(trt).logger
     builder = trt.Builder(log)
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +129,10 @@ def build_engines(onnx_dir: Path, engine_dir: Path, files: Dict[str, dict], scal
         config = builder.create_builder_config()
         config.builder_optimization_level = optimization_level
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        if targets:
+            config.num_compute_capabilities = len(targets)
+            for j, c in enumerate(targets):
+                config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + c.replace(".", "")), j)
         if flavor == "tensorrt":  # TensorRT-RTX has no timing cache (its calls are deprecated no-ops)
             if cache is None:
                 cache = config.create_timing_cache(cache_bytes)
@@ -133,6 +162,7 @@ def build_engines(onnx_dir: Path, engine_dir: Path, files: Dict[str, dict], scal
         timing_cache.write_bytes(memoryview(cache.serialize()))
     return {"flavor": flavor, "module": FLAVORS[flavor], "version": trt.__version__,
             "compute_capability": compute_capability(),
+            "target_compute_capabilities": targets,  # TensorRT-RTX only; None = library default / full TensorRT
             "build_flags": {"strongly_typed": True, "optimization_level": optimization_level,
                             "workspace_gb": workspace_gb,
                             "timing_cache": str(timing_cache) if timing_cache else None},

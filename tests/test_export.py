@@ -23,7 +23,7 @@ from export import build as build_mod
 from export.manifest import load_manifest
 from export.onnx_export import sample_inputs
 from var_rt.checkpoint import weights_hash
-from var_rt.errors import BackendUnavailableError, EngineMismatchError
+from var_rt.errors import BackendUnavailableError, ConfigError, EngineMismatchError
 from var_rt.graphs import all_graphs
 
 ort = pytest.importorskip("onnxruntime")
@@ -189,6 +189,16 @@ def test_stale_manifest(fx256, tmp_path):
         load_manifest(out, None, None, None, None)
 
 
+def test_rtx_compute_capability_targets():
+    from export.trt_build import rtx_targets
+    assert rtx_targets(["12.0", "8.9", "8.9"], "9.0") == ["8.9", "12.0"]
+    assert rtx_targets([], None) is None and rtx_targets([], "8.6") == ["8.6"]
+    with pytest.raises(ConfigError, match="TensorRT-RTX cannot build engines for this GPU .compute capability 9.0"):
+        rtx_targets([], "9.0")
+    with pytest.raises(ConfigError, match="--compute-capability 9.0: TensorRT-RTX builds for 8.0 8.6 8.9 12.0"):
+        rtx_targets(["9.0"], None)
+
+
 def test_tensorrt_rtx_builds_engines(fx256):
     trt = pytest.importorskip("tensorrt_rtx_bindings", reason="pip install tensorrt-rtx-cu13-libs "
                                                                "tensorrt-rtx-cu13-bindings to test engine builds")
@@ -201,12 +211,13 @@ def test_tensorrt_rtx_builds_engines(fx256):
     files = {k[len("onnx/"):]: v for k, v in m["onnx"]["files"].items()}
     info = build_engines(out / "onnx", out / "engines", files, fx256.cfg.scale_ranges(), [2],
                          flavor="tensorrt-rtx", optimization_level=0, workspace_gb=1.0,
-                         timing_cache=None)
+                         timing_cache=None, compute_capabilities=["8.9", "8.0"])
     m["tensorrt"] = info
     write_manifest(out, {k: v for k, v in m.items() if k != "format_version"})
     m = load_manifest(out, fx256.cfg, weights_hash(fx256.var, fx256.vae), "fp32", 2)
     assert m["tensorrt"]["flavor"] == "tensorrt-rtx" and m["tensorrt"]["version"] == trt.__version__
     assert m["tensorrt"]["compute_capability"] is None  # built on a machine without a GPU
+    assert m["tensorrt"]["target_compute_capabilities"] == ["8.0", "8.9"]
     engines = m["tensorrt"]["engines"]
     assert set(engines) == {"condition.engine", "step.engine", "decode.engine", "encode.engine"} | {
         f"transition_{si}.engine" for si in range(10)}
@@ -221,6 +232,21 @@ def test_tensorrt_rtx_builds_engines(fx256):
     from var_rt.engines.tensorrt import TensorRTEngine
     with pytest.raises(BackendUnavailableError, match="CUDA GPU"):
         TensorRTEngine.from_dir(out, "cuda", batch=2)
+
+
+def test_engines_only_builds_for_an_existing_export(fx256, capsys):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="pip install tensorrt-rtx-cu13-libs "
+                                                        "tensorrt-rtx-cu13-bindings to test engine builds")
+    out = _ROOT / "engines-only"
+    shutil.copytree(exported(fx256.name, "fp32"), out)
+    before = json.loads((out / "manifest.json").read_text())
+    assert build_mod.main(["--engines-only", "--out-dir", str(out), "--trt-flavor", "tensorrt-rtx",
+                           "--optimization-level", "0", "--compute-capability", "12.0", "--no-progress"]) == 0
+    m = load_manifest(out, fx256.cfg, weights_hash(fx256.var, fx256.vae), "fp32", 2)
+    assert m["onnx"] == before["onnx"] and m["tensorrt"]["target_compute_capabilities"] == ["12.0"]
+    assert (out / "engines" / "step.engine").stat().st_size > 0
+    assert build_mod.main(["--engines-only", "--out-dir", str(_ROOT / "nothing-here")]) == 2
+    assert "has no finished export (manifest.json)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines run only on a CUDA GPU")

@@ -96,6 +96,10 @@ class TensorRTEngine:
         if info["flavor"] == "tensorrt-rtx" and cc == "9.0":
             raise BackendUnavailableError("TensorRT-RTX does not run on compute capability 9.0 (H100/H200): "
                                           "build with full TensorRT (--trt-flavor tensorrt) or use onnxruntime")
+        targets = info.get("target_compute_capabilities")
+        if info["flavor"] == "tensorrt-rtx" and targets and cc not in targets:
+            raise EngineMismatchError(f"engines were built for compute capability {' '.join(targets)}, this GPU is "
+                                      f"{cc}: build again with --compute-capability {cc}")
         return cls(out_dir, m, dev, batch)
 
     def graph_names(self) -> List[str]:
