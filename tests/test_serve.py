@@ -146,3 +146,11 @@ def test_overload_gets_503_and_nothing_lost(server):
         if status == 200:  # each accepted request gets its own image, once
             assert ctype == "image/png" and _decode(body).shape == (256, 256, 3)
             assert headers.get("X-Seed") == str(seed)
+
+
+def test_cudagraph_buckets_cover_every_batch_size():
+    from var_rt.serve import cudagraph_buckets
+    assert cudagraph_buckets(1) == [1] and cudagraph_buckets(16) == [1, 2, 4, 8, 16]
+    assert cudagraph_buckets(24) == [1, 2, 4, 8, 16, 24]
+    for m in (1, 5, 16, 24):
+        assert all(any(n <= b <= m for b in cudagraph_buckets(m)) for n in range(1, m + 1))

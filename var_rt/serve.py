@@ -137,6 +137,11 @@ def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
     return {"labels": labels, "seeds": seeds, "settings": settings, "format": fmt}
 
 
+def cudagraph_buckets(max_batch_size: int) -> List[int]:
+    """Batch sizes the cudagraph backend is captured for when serving: powers of two, then the maximum."""
+    return [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size] + [max_batch_size]
+
+
 def run_groups(pipe, items: List[tuple], max_batch_size: int) -> list:
     """One batch of (settings, label, seed) -> uint8 images (H, W, 3), one pipeline call per settings group."""
     groups: Dict[tuple, List[int]] = {}
@@ -146,8 +151,8 @@ def run_groups(pipe, items: List[tuple], max_batch_size: int) -> list:
     for (cfg, sched, top_k, top_p, smooth), idx in groups.items():
         n = len(idx)
         bs = None
-        if pipe.backend == "cudagraph":  # one captured graph per power-of-two bucket, not per batch size
-            bs = min(max_batch_size, 1 << (n - 1).bit_length())
+        if pipe.backend == "cudagraph":  # one captured graph per bucket, not per batch size
+            bs = next(b for b in cudagraph_buckets(max_batch_size) if b >= n)
         try:
             res = pipe.generate(class_labels=[items[i][1] for i in idx], seed=[items[i][2] for i in idx],
                                 cfg=cfg, cfg_schedule=list(sched) if isinstance(sched, tuple) else sched,
@@ -221,8 +226,15 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             self.max_batch_size = min(batch_size, max(allowed)) if allowed else batch_size
             self._batched.set_max_batch_size(self.max_batch_size)
             self._batched.set_batch_wait_timeout_s(wait_s)
-            if self.pipe.backend in EXPORTED + ("cudagraph",):  # build engines / capture before traffic
-                self.pipe.warmup(self.max_batch_size if self.pipe.backend == "cudagraph" else max(allowed))
+            # Capture / build before traffic, with the default sampling settings: a first call at a new
+            # cudagraph bucket costs seconds (capture), which would stall every request queued behind it.
+            warm = dict(cfg=SAMPLING_DEFAULTS["cfg"], top_k=SAMPLING_DEFAULTS["top_k"],
+                        top_p=SAMPLING_DEFAULTS["top_p"], more_smooth=SAMPLING_DEFAULTS["more_smooth"])
+            if self.pipe.backend == "cudagraph":
+                for bs in cudagraph_buckets(self.max_batch_size):
+                    self.pipe.warmup(bs, **warm)
+            elif self.pipe.backend in EXPORTED:
+                self.pipe.warmup(max(allowed), **warm)
 
         @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=0.02)
         async def _batched(self, items: List[tuple]) -> list:
