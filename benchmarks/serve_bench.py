@@ -7,11 +7,12 @@ Both measurements are taken in one run on the same GPU(s), one after the other:
 - ``direct``: ``VARPipeline.generate`` called back to back with full batches of ``--max-batch-size``
   images (what a batch job gets; images returned to the host as arrays, no PNG encoding);
   ``--images`` images in all after one warm-up call.
-- ``served``: the ``var_rt.serve`` deployment (``--num-replicas`` replicas, one GPU each when the device
+- ``served``: the ``var_rt.serve`` deployment (its Batcher: a batch is formed when the pipeline is free) (``--num-replicas`` replicas, one GPU each when the device
   is CUDA) behind Ray Serve's HTTP proxy; ``--clients`` threads each POST one-image requests
   (``format: png``) back to back until ``--images`` requests have been answered. Reported: images/s
   over the wall time of all requests, per-request latency median / p90, and every non-200 answer
-  (a 503 is retried after 50 ms and counted).
+  (a 503 is retried after 50 ms and counted), and the replica's own counters (batches, images, seconds
+  in generate and in PNG encoding) with the mean batch size.
 Writes ``serve.json`` and ``serve.md`` into ``--out-dir``.
 """
 from __future__ import annotations
@@ -137,6 +138,8 @@ def run_served(load_kwargs: dict, args) -> dict:
             for f in [ex.submit(client) for _ in range(args.clients)]:
                 f.result()
         wall = time.perf_counter() - t_all
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
+            stats = json.loads(r.read()).get("stats", {})  # one replica's counters (the one that answered)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -144,7 +147,8 @@ def run_served(load_kwargs: dict, args) -> dict:
     ok = codes.get(200, 0)
     return {"replicas": args.num_replicas, "clients": args.clients, "requests": args.images,
             "status_codes": {str(k): v for k, v in sorted(codes.items())}, "retried_503": retries[0],
-            "first_errors": errors,
+            "first_errors": errors, "replica_stats": stats,
+            "mean_batch": round(stats["images"] / max(stats["batches"], 1), 2) if stats else None,
             "wall_s": round(wall, 3), "images_per_s": round(ok / wall, 2), "startup_s": round(start_s, 1),
             "latency_median_ms": round(1e3 * statistics.median(lat), 1),
             "latency_p90_ms": round(1e3 * lat[int(0.9 * (len(lat) - 1))], 1)}
@@ -195,6 +199,7 @@ def main(argv=None) -> int:
         print("direct batched calls ...", file=sys.stderr, flush=True)
         res["direct"] = run_direct(load_kwargs, args)
         print(json.dumps(res["direct"]), file=sys.stderr, flush=True)
+        (out / "serve.json").write_text(json.dumps(res, indent=1))  # kept if the served part fails
     print(f"served ({args.num_replicas} replica(s), {args.clients} clients) ...", file=sys.stderr, flush=True)
     res["served"] = run_served(load_kwargs, args)
     print(json.dumps(res["served"]), file=sys.stderr, flush=True)

@@ -154,3 +154,29 @@ def test_cudagraph_buckets_cover_every_batch_size():
     assert cudagraph_buckets(24) == [1, 2, 4, 8, 16, 24]
     for m in (1, 5, 16, 24):
         assert all(any(n <= b <= m for b in cudagraph_buckets(m)) for n in range(1, m + 1))
+
+
+def test_batcher_fills_batches_while_the_pipeline_is_busy():
+    """Items arriving while a batch runs are taken together next (not in timer-sized slices)."""
+    import asyncio
+    import time as _time
+
+    from var_rt.serve import Batcher
+    sizes = []
+
+    def fn(items):
+        sizes.append(len(items))
+        _time.sleep(0.05)  # the pipeline call
+        return [ValueError("bad") if i == 13 else i * 10 for i in items]
+
+    async def main():
+        b = Batcher(fn, max_batch_size=8, wait_s=0.001)
+        first = asyncio.ensure_future(b.submit(-1))
+        await asyncio.sleep(0.01)  # the first batch is running
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(20)]
+        return await first, await asyncio.gather(*rest), b.stats
+
+    first, rest, stats = asyncio.run(main())
+    assert first == -10 and isinstance(rest[13], ValueError)
+    assert [r for i, r in enumerate(rest) if i != 13] == [i * 10 for i in range(20) if i != 13]
+    assert sizes == [1, 8, 8, 4] and stats["images"] == 21 and stats["batches"] == 4

@@ -1,8 +1,8 @@
 """HTTP serving on Ray Serve: ``python -m var_rt serve`` (needs the ``[serve]`` extra).
 
 One replica holds one loaded :class:`~var_rt.pipeline.VARPipeline` (one GPU each, or CPU replicas).
-Requests are split into single images and collected by ``@serve.batch`` into batches of up to
-``max_batch_size`` images; inside a batch, images are grouped by their sampling settings (cfg, schedule,
+Requests are split into single images and collected by a :class:`Batcher` into batches of up to
+``max_batch_size`` images (a batch is taken when the pipeline is free, so under load it is full); inside a batch, images are grouped by their sampling settings (cfg, schedule,
 top-k, top-p, smoothing) and each group is one pipeline call. Seeds and classes may differ freely within a
 call: an image depends only on its own seed and class, so a served image is exactly the image that
 ``pipe.generate(class_labels=[c], seed=s, ...)`` gives.
@@ -31,7 +31,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from var_rt.errors import BackendUnavailableError, ConfigError, InputError
 
@@ -137,6 +137,65 @@ def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
     return {"labels": labels, "seeds": seeds, "settings": settings, "format": fmt}
 
 
+class Batcher:
+    """Dynamic batching that forms a batch when the pipeline is free, not on a timer.
+
+    Ray Serve's ``@serve.batch`` forms a batch every ``batch_wait_timeout_s`` and queues it behind the
+    running one, so under load it runs many small batches (measured on the H100 with d16 cudagraph:
+    11.6 img/s served against 174 img/s direct). Here one worker takes everything that arrived while
+    the previous batch ran (up to ``max_batch_size``), and waits at most ``wait_s`` for more only when
+    fewer arrived. ``fn`` gets a list of items and returns one result (or an Exception) per item.
+    """
+
+    def __init__(self, fn: Callable[[list], list], max_batch_size: int, wait_s: float):
+        self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_s
+        self.queue: Optional[asyncio.Queue] = None
+        self.worker: Optional[asyncio.Task] = None
+        self.stats = {"batches": 0, "images": 0, "generate_s": 0.0}
+
+    async def submit(self, item):
+        if self.worker is None or self.worker.done():
+            self.queue = self.queue or asyncio.Queue()
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, fut))
+        return await fut
+
+    async def _take(self) -> list:
+        batch = [await self.queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while len(batch) < self.max_batch_size:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _work(self) -> None:
+        while True:
+            batch = [(i, f) for i, f in await self._take() if not f.cancelled()]  # client gone: skip it
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self.fn, [i for i, _ in batch])
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                results = [e] * len(batch)
+            self.stats["batches"] += 1
+            self.stats["images"] += len(batch)
+            self.stats["generate_s"] += time.perf_counter() - t0
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_result(r)
+
+
 def cudagraph_buckets(max_batch_size: int) -> List[int]:
     """Batch sizes the cudagraph backend is captured for when serving: powers of two, then the maximum."""
     return [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size] + [max_batch_size]
@@ -224,8 +283,9 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             self.pipe = VARPipeline.load(**load_kwargs)
             allowed = self.pipe._built_batch_sizes()
             self.max_batch_size = min(batch_size, max(allowed)) if allowed else batch_size
-            self._batched.set_max_batch_size(self.max_batch_size)
-            self._batched.set_batch_wait_timeout_s(wait_s)
+            self.batcher = Batcher(lambda items: run_groups(self.pipe, items, self.max_batch_size),
+                                   self.max_batch_size, wait_s)
+            self.encode_s = 0.0
             # Capture / build before traffic, with the default sampling settings: a first call at a new
             # cudagraph bucket costs seconds (capture), which would stall every request queued behind it.
             warm = dict(cfg=SAMPLING_DEFAULTS["cfg"], top_k=SAMPLING_DEFAULTS["top_k"],
@@ -236,16 +296,14 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             elif self.pipe.backend in EXPORTED:
                 self.pipe.warmup(max(allowed), **warm)
 
-        @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=0.02)
-        async def _batched(self, items: List[tuple]) -> list:
-            return await asyncio.to_thread(run_groups, self.pipe, items, self.max_batch_size)
-
         @api.get("/health")
         async def health(self):
             c = self.pipe.cfg
             return {"status": "ok", "model": c.name, "image_size": c.image_size, "num_classes": c.var.num_classes,
                     "backend": self.pipe.backend, "device": str(self.pipe.device),
-                    "dtype": str(self.pipe.dtype).replace("torch.", ""), "max_batch_size": self.max_batch_size}
+                    "dtype": str(self.pipe.dtype).replace("torch.", ""), "max_batch_size": self.max_batch_size,
+                    "stats": {**{k: round(v, 3) for k, v in self.batcher.stats.items()},
+                              "encode_s": round(self.encode_s, 3)}}  # this replica, since start
 
         @api.post("/generate")
         async def generate(self, request: Request):
@@ -257,7 +315,7 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
                 req = parse_request(body, self.pipe, self.max_batch_size)
             except InputError as e:
                 return JSONResponse({"error": str(e)}, status_code=400)
-            results = await asyncio.gather(*(self._batched((req["settings"], c, s))
+            results = await asyncio.gather(*(self.batcher.submit((req["settings"], c, s))
                                              for c, s in zip(req["labels"], req["seeds"])))
             for r in results:
                 if isinstance(r, InputError):
@@ -265,7 +323,9 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
                 if isinstance(r, Exception):
                     return JSONResponse({"error": f"generation failed: {r.__class__.__name__}: {r}"},
                                         status_code=500)
+            t0 = time.perf_counter()
             pngs = await asyncio.to_thread(lambda: [png_bytes(a) for a in results])
+            self.encode_s += time.perf_counter() - t0
             if req["format"] == "png":
                 return Response(pngs[0], media_type="image/png",
                                 headers={"X-Class-Label": str(req["labels"][0]), "X-Seed": str(req["seeds"][0])})
