@@ -173,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--no-compile", action="store_true", help="no Inductor fusion (faster start, slower calls)")
     p.add_argument("--skip-direct", action="store_true")
     p.add_argument("--out-dir", required=True)
     return p
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     load_kwargs = {k: v for k, v in dict(
         model=None if args.config else args.model, config=args.config, var_ckpt=args.var_ckpt,
         vae_ckpt=args.vae_ckpt, random_weights=args.random_weights or None, backend=args.backend,
-        engine_dir=args.engine_dir, device=args.device, dtype=args.dtype).items() if v is not None}
+        engine_dir=args.engine_dir, device=args.device, dtype=args.dtype,
+        compile=False if args.no_compile else None).items() if v is not None}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
