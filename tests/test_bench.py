@@ -126,3 +126,22 @@ def test_floor_decoder_walk_matches_model(tiny_config):
         n = sum(m.weight.numel() for m in list(vae.decoder.modules()) + [vae.post_quant_conv]
                 if isinstance(m, torch.nn.Conv2d))
         assert floors.decoder_weight_params(floors.shape_from_config(cfg)) == n
+
+
+def test_serve_bench_cpu(tmp_path):
+    """benchmarks.serve_bench on the fixture: direct and served numbers, every request answered, and the
+    replica's Batcher ran batches of more than one image under 8 concurrent clients."""
+    pytest.importorskip("ray", reason="pip install -e '.[serve]' for the serving benchmark")
+    from benchmarks import serve_bench
+    fx = fixtures_dir() / "var_tiny_256"
+    assert serve_bench.main(["--config", str(fx / "config.json"), "--var-ckpt", str(fx / "var.pth"),
+                             "--vae-ckpt", str(fx / "vae.pth"), "--backend", "torch", "--device", "cpu",
+                             "--dtype", "float32", "--max-batch-size", "4", "--clients", "8", "--images", "16",
+                             "--out-dir", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "serve.json").read_text())
+    assert res["direct"]["images"] == 16 and res["direct"]["images_per_s"] > 0
+    s = res["served"]
+    assert s["status_codes"] == {"200": 16} and s["images_per_s"] > 0
+    assert s["latency_p90_ms"] >= s["latency_median_ms"] > 0
+    assert s["mean_batch"] > 1.5, s["replica_stats"]
+    assert "served / direct" in (tmp_path / "serve.md").read_text()
