@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -229,7 +230,7 @@ def export_one(module, name: str, B: int, act_dtype: torch.dtype, opset: int, tm
                axes: Optional[Dict[str, Dict[int, str]]] = None) -> Path:
     """torch.onnx.export of one graph into ``tmp_dir`` (the TorchScript exporter, see below)."""
     ins, outs = module.io_spec(B)
-    held = next(iter([*module.parameters(), *module.buffers()]), None)
+    held = next(itertools.chain(module.parameters(), module.buffers()), None)
     device = held.device if held is not None else torch.device("cpu")  # --device cuda traces on the GPU
     args = {n: t.to(device) for n, t in sample_inputs(module, B, act_dtype).items()}
     path = tmp_dir / f"{name}.onnx"
