@@ -69,3 +69,14 @@ def test_cli_onnxruntime_backend(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "o").glob("*.png"))) == 3  # 3 images on batch-2 engines: padded last chunk
+
+
+def test_generation_records_no_autograd_graph():
+    """The scale loop runs under no_grad: its buffers never require grad (the codebook is a Parameter)."""
+    fx = get_fixture("var_tiny_256")
+    pipe = VARPipeline.load(config=str(fx.config_path), var_ckpt=str(fx.var_ckpt), vae_ckpt=str(fx.vae_ckpt),
+                            device="cpu", dtype="float32", progress=False)
+    res = pipe.generate(class_labels=[1, 2], seed=[0, 1], top_k=1, progress=False)
+    loop, _ = pipe._loops[2]
+    assert not res.images.requires_grad
+    assert not any(t.requires_grad for t in [*loop.h, *loop.f_hat])

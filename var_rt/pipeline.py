@@ -13,6 +13,7 @@ import torch
 from var_rt import sampling
 from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
 from var_rt.config import ModelConfig, get_preset, load_config
+from var_rt.engines.base import concrete_device
 from var_rt.errors import ConfigError, InputError
 from var_rt.images import to_pil, to_uint8
 from var_rt.models.var import VAR
@@ -56,8 +57,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
                               f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
-        if dev.index is None:  # 'cuda' -> 'cuda:N', the form tensors report, so device checks compare equal
-            dev = torch.device("cuda", torch.cuda.current_device())
+        dev = concrete_device(dev)
     return dev
 
 

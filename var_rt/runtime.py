@@ -149,6 +149,7 @@ class ScaleLoop:
         return flat_k[:n].view(shape), flat_v[:n].view(shape)
 
     # ---- the loop ----------------------------------------------------------------------
+    @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
     def run(self, params: SamplingParams, edit: bool = False,
             on_scale: Optional[Callable[[int], None]] = None) -> None:
         """Generate into self.image / self.tokens from the request buffers. No host sync."""
@@ -216,6 +217,7 @@ class CudaGraphLoop:
         self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
+    @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
     def run(self, params: SamplingParams, edit: bool = False, on_scale=None) -> None:
         key = params.key() + (edit,)
         g = self.graphs.get(key)

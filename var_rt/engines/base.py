@@ -30,3 +30,11 @@ class Engine(Protocol):
     def graph_names(self) -> List[str]: ...
 
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None: ...
+
+
+def concrete_device(device) -> torch.device:
+    """'cuda' -> 'cuda:N' (the current GPU), the form tensors report, so device checks compare equal."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from var_rt.engines.base import concrete_device
 from var_rt.errors import BackendUnavailableError, InputError
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -40,13 +41,13 @@ class OnnxRuntimeEngine:
         if torch.device(device).type == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # onnxruntime-gpu finds the CUDA/cuDNN libraries of the torch install
         self.out_dir, self.manifest = Path(out_dir), manifest
-        self.device, self.batch = torch.device(device), batch
+        self.device, self.batch = concrete_device(device), batch
         self.name = "onnxruntime"
         self.act_dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
         self.batch_sizes = (batch,)
         if providers is None:
             if self.device.type == "cuda":
-                idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                idx = self.device.index
                 # ORT runs on the stream current at creation: create the engine on the stream it will run on.
                 # use_tf32 off for FP32 exports: ORT's CUDA provider otherwise runs FP32 matmuls and
                 # convolutions in TF32 (seen on the H100: greedy tokens equal, decoded image off by > 1e-3).

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from var_rt.engines.base import concrete_device
 from var_rt.errors import BackendUnavailableError, EngineMismatchError, InputError
 
 
@@ -88,7 +89,7 @@ class TensorRTEngine:
         check_engine_files(Path(out_dir), m, [f"engines/{f}" for f in info["engines"]])
         if not torch.cuda.is_available():
             raise BackendUnavailableError("TensorRT engines need a CUDA GPU and a CUDA build of torch; none is visible")
-        dev = torch.device(device)
+        dev = concrete_device(device)
         cc = "%d.%d" % torch.cuda.get_device_capability(dev)
         if info.get("compute_capability") not in (None, cc) and info["flavor"] == "tensorrt":
             raise EngineMismatchError(f"engines were built for compute capability {info['compute_capability']}, "
