@@ -186,8 +186,15 @@ class Batcher:
             t0 = time.perf_counter()
             try:
                 results = await asyncio.to_thread(self.fn, [i for i, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
             except Exception as e:  # noqa: BLE001 - every waiting request gets the error
                 results = [e] * len(batch)
+            except BaseException:  # the worker is cancelled (replica shutting down): release the waiters
+                for _, f in batch:
+                    if not f.done():
+                        f.cancel()
+                raise
             self.stats["batches"] += 1
             self.stats["images"] += len(batch)
             self.stats["generate_s"] += time.perf_counter() - t0
