@@ -177,7 +177,7 @@ def free_memory(clock: Clock):
 class TimedEngine:
     """Wraps an engine: records a mark before and after every graph it runs."""
 
-    def __init__(self, inner, marks: Marks):
+    def __init__(self, inner, marks: Optional[Marks]):
         self.inner, self.marks_ = inner, marks
         for a in ("name", "device", "act_dtype", "batch_sizes", "inplace_kv"):
             setattr(self, a, getattr(inner, a))
@@ -216,22 +216,20 @@ def median_breakdown(runs: List[Dict[str, object]]) -> Dict[str, object]:
 
 
 def instrumented_backend(pipe, B: int, params, labels, seeds, clock: Clock, runs: int) -> Dict[str, object]:
-    from var_rt.runtime import ScaleLoop
-    marks_holder = {}
-
-    class _M:  # indirection so the same TimedEngine serves several runs
-        def mark(self, name):
-            marks_holder["m"].mark(name)
-
-    eng = TimedEngine(pipe.engine, _M())
-    loop = ScaleLoop(eng, pipe.cfg, B, pipe.vae.quantize.embedding.weight)
-    loop.set_request(labels, seeds, params)
+    """Eager runs of the pipeline's own ScaleLoop for batch B (its buffers and its engine, whatever the
+    backend) with the engine wrapped so that every graph it runs is bracketed by events."""
+    loop, _ = pipe._loop(B)  # built and warmed by the timed calls
+    engine = loop.engine
+    loop.engine = timed = TimedEngine(engine, None)
     out = []
-    for r in range(runs):  # buffers are allocated by ScaleLoop(); the engine was warmed by the timed calls
-        marks_holder["m"] = clock.marks()
-        loop.run(params)
-        out.append(phase_breakdown(marks_holder["m"].read(), pipe.cfg.num_scales))
-    del loop
+    try:
+        loop.set_request(labels, seeds, params)
+        for _ in range(runs):
+            timed.marks_ = clock.marks()
+            loop.run(params)
+            out.append(phase_breakdown(timed.marks_.read(), pipe.cfg.num_scales))
+    finally:
+        loop.engine = engine
     return median_breakdown(out)
 
 
@@ -242,11 +240,10 @@ def instrumented_official(off: OfficialStyle, labels, clock: Clock, runs: int, s
         m = clock.marks()
         off.generate(labels, seed=r, mark=m.mark, **sp)
         st = m.read()
-        if True:
-            prev = ["start"] + [f"scale_{si}" for si in range(K)]
-            per = [st[f"scale_{si}"] - st[prev[si]] for si in range(K)]
-            out.append({"per_scale_ms": per, "decoder_ms": st["decode"] - st[f"scale_{K - 1}"],
-                        "instrumented_total_ms": st["decode"]})
+        prev = ["start"] + [f"scale_{si}" for si in range(K)]
+        per = [st[f"scale_{si}"] - st[prev[si]] for si in range(K)]
+        out.append({"per_scale_ms": per, "decoder_ms": st["decode"] - st[f"scale_{K - 1}"],
+                    "instrumented_total_ms": st["decode"]})
     return median_breakdown(out)
 
 

@@ -100,8 +100,13 @@ def run_served(load_kwargs: dict, args) -> dict:
         serve.run(app, name="bench", route_prefix="/")  # returns when every replica is ready (warm-up done)
         start_s = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}/generate"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
-            n_classes = json.loads(r.read())["num_classes"]
+
+        def health() -> dict:  # with several replicas, the counters of the one that answers
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
+                return json.loads(r.read())
+
+        n_classes = health()["num_classes"]
+        settings = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "format": "png"}
         errors = []
         counter = iter(range(args.images))
         lock = threading.Lock()
@@ -113,8 +118,7 @@ def run_served(load_kwargs: dict, args) -> dict:
                     i = next(counter, None)
                 if i is None:
                     return
-                body = {"class_label": i % n_classes, "seed": i, "cfg": args.cfg, "top_k": args.top_k,
-                        "top_p": args.top_p, "format": "png"}
+                body = {"class_label": i % n_classes, "seed": i, **settings}
                 t = time.perf_counter()
                 while True:
                     code, answer = _post(url, body, timeout=600)
@@ -129,17 +133,17 @@ def run_served(load_kwargs: dict, args) -> dict:
                     if code != 200 and len(errors) < 3:
                         errors.append(f"{code}: {answer[:300].decode(errors='replace')}")
 
-        # warm the HTTP path (proxy, router) with one request per client before timing
+        # warm the HTTP path (proxy, router) with one request per client and the timed settings
         with ThreadPoolExecutor(args.clients) as ex:
-            list(ex.map(lambda i: _post(url, {"class_label": 0, "seed": i, "format": "png"}, 600),
-                        range(args.clients)))
+            list(ex.map(lambda i: _post(url, {"class_label": 0, "seed": i, **settings}, 600), range(args.clients)))
+        before = health().get("stats", {})
         t_all = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as ex:
             for f in [ex.submit(client) for _ in range(args.clients)]:
                 f.result()
         wall = time.perf_counter() - t_all
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
-            stats = json.loads(r.read()).get("stats", {})  # one replica's counters (the one that answered)
+        after = health().get("stats", {})
+        stats = {k: round(after[k] - before.get(k, 0), 3) for k in after}  # the timed phase only
     finally:
         serve.shutdown()
         ray.shutdown()
