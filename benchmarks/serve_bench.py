@@ -7,12 +7,12 @@ Both measurements are taken in one run on the same GPU(s), one after the other:
 - ``direct``: ``VARPipeline.generate`` called back to back with full batches of ``--max-batch-size``
   images (what a batch job gets; images returned to the host as arrays, no PNG encoding);
   ``--images`` images in all after one warm-up call.
-- ``served``: the ``var_rt.serve`` deployment (its Batcher: a batch is formed when the pipeline is free) (``--num-replicas`` replicas, one GPU each when the device
-  is CUDA) behind Ray Serve's HTTP proxy; ``--clients`` threads each POST one-image requests
-  (``format: png``) back to back until ``--images`` requests have been answered. Reported: images/s
+- ``served``: the ``var_rt.serve`` deployment (its Batcher forms a batch when the pipeline is free) with
+  each of ``--num-replicas`` replica counts in turn (one GPU each when the device is CUDA) behind Ray
+  Serve's HTTP proxy; ``--clients`` threads each POST one-image requests (``format: png``) back to back until ``--images`` requests have been answered. Reported: images/s
   over the wall time of all requests, per-request latency median / p90, and every non-200 answer
-  (a 503 is retried after 50 ms and counted), and the replica's own counters (batches, images, seconds
-  in generate and in PNG encoding) with the mean batch size.
+  (a 503 is retried after 50 ms and counted), and the replicas' own counters summed (batches, images,
+  seconds in generate and in PNG encoding) with the mean batch size.
 Writes ``serve.json`` and ``serve.md`` into ``--out-dir``.
 """
 from __future__ import annotations
@@ -84,7 +84,24 @@ def _post(url: str, body: dict, timeout: float):
         return e.code, e.read()
 
 
-def run_served(load_kwargs: dict, args) -> dict:
+def replica_stats(port: int, num_replicas: int, tries: int = 200) -> dict:
+    """Every replica's /health counters, summed: /health reaches one replica per call (the router picks),
+    so ask until each replica id has answered."""
+    seen: dict = {}
+    for _ in range(tries):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
+            h = json.loads(r.read())
+        seen[h.get("replica")] = h.get("stats", {})
+        if len(seen) >= num_replicas:
+            break
+    total: dict = {}
+    for st in seen.values():
+        for k, v in st.items():
+            total[k] = total.get(k, 0) + v
+    return {"replicas_seen": len(seen), **total}
+
+
+def run_served(load_kwargs: dict, args, num_replicas: int) -> dict:
     import ray
     from ray import serve
 
@@ -95,17 +112,14 @@ def run_served(load_kwargs: dict, args) -> dict:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
-        app = build_app(load_kwargs, num_replicas=args.num_replicas, max_batch_size=args.max_batch_size,
+        app = build_app(load_kwargs, num_replicas=num_replicas, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_s)
         serve.run(app, name="bench", route_prefix="/")  # returns when every replica is ready (warm-up done)
         start_s = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}/generate"
 
-        def health() -> dict:  # with several replicas, the counters of the one that answers
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
-                return json.loads(r.read())
-
-        n_classes = health()["num_classes"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
+            n_classes = json.loads(r.read())["num_classes"]
         settings = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "format": "png"}
         errors = []
         counter = iter(range(args.images))
@@ -136,23 +150,24 @@ def run_served(load_kwargs: dict, args) -> dict:
         # warm the HTTP path (proxy, router) with one request per client and the timed settings
         with ThreadPoolExecutor(args.clients) as ex:
             list(ex.map(lambda i: _post(url, {"class_label": 0, "seed": i, **settings}, 600), range(args.clients)))
-        before = health().get("stats", {})
+        before = replica_stats(port, num_replicas)
         t_all = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as ex:
             for f in [ex.submit(client) for _ in range(args.clients)]:
                 f.result()
         wall = time.perf_counter() - t_all
-        after = health().get("stats", {})
-        stats = {k: round(after[k] - before.get(k, 0), 3) for k in after}  # the timed phase only
+        after = replica_stats(port, num_replicas)
+        stats = {k: round(after[k] - before.get(k, 0), 3) for k in after if k != "replicas_seen"}  # timed phase
+        stats["replicas_seen"] = after["replicas_seen"]
     finally:
         serve.shutdown()
         ray.shutdown()
     lat.sort()
     ok = codes.get(200, 0)
-    return {"replicas": args.num_replicas, "clients": args.clients, "requests": args.images,
+    return {"replicas": num_replicas, "clients": args.clients, "requests": args.images,
             "status_codes": {str(k): v for k, v in sorted(codes.items())}, "retried_503": retries[0],
             "first_errors": errors, "replica_stats": stats,
-            "mean_batch": round(stats["images"] / max(stats["batches"], 1), 2) if stats else None,
+            "mean_batch": round(stats["images"] / max(stats["batches"], 1), 2) if "images" in stats else None,
             "wall_s": round(wall, 3), "images_per_s": round(ok / wall, 2), "startup_s": round(start_s, 1),
             "latency_median_ms": round(1e3 * statistics.median(lat), 1),
             "latency_p90_ms": round(1e3 * lat[int(0.9 * (len(lat) - 1))], 1)}
@@ -171,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-s", type=float, default=0.01)
-    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--num-replicas", type=int, nargs="+", default=[1],
+                   help="replica counts to measure one after the other, e.g. 1 2 (one GPU each on CUDA)")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--cfg", type=float, default=1.5)
@@ -206,21 +222,27 @@ def main(argv=None) -> int:
         res["direct"] = run_direct(load_kwargs, args)
         print(json.dumps(res["direct"]), file=sys.stderr, flush=True)
         (out / "serve.json").write_text(json.dumps(res, indent=1))  # kept if the served part fails
-    print(f"served ({args.num_replicas} replica(s), {args.clients} clients) ...", file=sys.stderr, flush=True)
-    res["served"] = run_served(load_kwargs, args)
-    print(json.dumps(res["served"]), file=sys.stderr, flush=True)
-    (out / "serve.json").write_text(json.dumps(res, indent=1))
-    d, s = res.get("direct"), res["served"]
+    res["served"] = []
+    for n in args.num_replicas:
+        print(f"served ({n} replica(s), {args.clients} clients) ...", file=sys.stderr, flush=True)
+        res["served"].append(run_served(load_kwargs, args, n))
+        print(json.dumps(res["served"][-1]), file=sys.stderr, flush=True)
+        (out / "serve.json").write_text(json.dumps(res, indent=1))
+    d = res.get("direct")
     lines = [f"# served vs direct ({res.get('device', 'cpu')}, {res['date']})", "", f"`{res['command']}`", "",
-             "| what | images | img/s | latency median ms | latency p90 ms | notes |", "|---|---|---|---|---|---|"]
+             "| what | images | img/s | latency median ms | latency p90 ms | mean batch | notes |",
+             "|---|---|---|---|---|---|---|"]
     if d:
-        lines.append(f"| direct `generate`, batch {d['batch_size']} | {d['images']} | {d['images_per_s']} | "
-                     f"{d['call_median_ms']} (per call) | – | back-to-back full batches |")
-    lines.append(f"| served, {s['replicas']} replica(s), {s['clients']} clients | {s['requests']} | "
-                 f"{s['images_per_s']} | {s['latency_median_ms']} | {s['latency_p90_ms']} | "
-                 f"codes {s['status_codes']}, 503 retried {s['retried_503']}, PNG encoding included |")
+        lines.append(f"| direct `generate`, batch {d['batch_size']}, one GPU | {d['images']} | {d['images_per_s']} | "
+                     f"{d['call_median_ms']} (per call) | – | {d['batch_size']} | back-to-back full batches |")
+    for s in res["served"]:
+        lines.append(f"| served, {s['replicas']} replica(s), {s['clients']} clients | {s['requests']} | "
+                     f"{s['images_per_s']} | {s['latency_median_ms']} | {s['latency_p90_ms']} | {s['mean_batch']} | "
+                     f"codes {s['status_codes']}, 503 retried {s['retried_503']}, PNG encoding included |")
     if d:
-        lines += ["", f"served / direct: {s['images_per_s'] / d['images_per_s']:.2f}"]
+        lines.append("")
+        lines += [f"served ({s['replicas']} replica(s)) / direct: {s['images_per_s'] / d['images_per_s']:.2f}"
+                  for s in res["served"]]
     (out / "serve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

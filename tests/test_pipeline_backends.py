@@ -80,3 +80,22 @@ def test_generation_records_no_autograd_graph():
     loop, _ = pipe._loops[2]
     assert not res.images.requires_grad
     assert not any(t.requires_grad for t in [*loop.h, *loop.f_hat])
+
+
+def test_served_groups_are_padded_to_a_built_batch_size():
+    """var_rt.serve on an exported backend: replicas warm every built size up to the maximum, and a group
+    smaller than a built size is padded up to it (one call), giving the images a direct call gives."""
+    from var_rt.serve import SAMPLING_DEFAULTS, run_groups, serving_buckets
+    fx = get_fixture("var_tiny_256")
+    pipe = _pipe(fx, exported("var_tiny_256", "fp32"))
+    built = sorted(pipe._built_batch_sizes())
+    assert serving_buckets(pipe, 64) == built and serving_buckets(pipe, 1) == [min(built)]
+    n = max(built) - 1 if max(built) > 1 else 1
+    settings = (1.5, "linear", SAMPLING_DEFAULTS["top_k"], SAMPLING_DEFAULTS["top_p"], False)
+    items = [(settings, c % 10, 100 + c) for c in range(n)]
+    got = run_groups(pipe, items, serving_buckets(pipe, 64))
+    want = pipe.generate(class_labels=[c for _, c, _ in items], seed=[s for _, _, s in items],
+                         batch_size=next(b for b in built if b >= n)).numpy()
+    assert all(not isinstance(g, Exception) for g in got), got
+    for g, w in zip(got, want):
+        assert abs(g.astype(int) - w.astype(int)).max() <= 1

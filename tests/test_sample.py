@@ -139,3 +139,18 @@ def test_cli_sample_and_core_without_ray(tmp_path):
            "assert 'ray' not in sys.modules, 'the core runtime imported ray'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_default_workers_count_gpus_without_starting_ray():
+    """No --num-workers: one per GPU; on the CPU (or with no GPU) one worker, and Ray is not started."""
+    import torch
+
+    from var_rt.sample import default_num_workers
+    import subprocess
+    import sys
+    assert default_num_workers(ray, "cpu") == 1 and default_num_workers(None, "cpu") == 1
+    code = "import ray; from var_rt.sample import default_num_workers; n = default_num_workers(ray, 'auto'); " \
+           "assert not ray.is_initialized(), 'Ray was started'; print(n)"  # a process without this module's Ray
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) == max(1, torch.cuda.device_count())

@@ -6,7 +6,7 @@ import torch
 
 from conftest import get_fixture
 from var_rt import sampling
-from var_rt.errors import InputError
+from var_rt.errors import GpuMemoryError, InputError
 from var_rt.pipeline import VARPipeline
 
 
@@ -123,6 +123,6 @@ def test_out_of_memory_is_reported_and_pipeline_recovers(monkeypatch):
         return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(ScaleLoop, "run", run_once_oom)
-    with pytest.raises(InputError, match="out of GPU memory at batch size 2"):
+    with pytest.raises(GpuMemoryError, match="out of GPU memory at batch size 2"):
         pipe.generate(class_labels=[1, 2], top_k=1)
     assert pipe.generate(class_labels=[1, 2], top_k=1).images.shape[0] == 2

@@ -180,3 +180,14 @@ def test_batcher_fills_batches_while_the_pipeline_is_busy():
     assert first == -10 and isinstance(rest[13], ValueError)
     assert [r for i, r in enumerate(rest) if i != 13] == [i * 10 for i in range(20) if i != 13]
     assert sizes == [1, 8, 8, 4] and stats["images"] == 21 and stats["batches"] == 4
+
+
+def test_failures_after_a_valid_request_are_the_servers():
+    """A request that parsed but failed while generating is 503 (GPU memory: retry) or 500, never 400."""
+    from var_rt.errors import GpuMemoryError, InputError
+    from var_rt.serve import failure_response
+    status, body, headers = failure_response(GpuMemoryError("out of GPU memory at batch size 16 on cuda:0"))
+    assert status == 503 and headers.get("Retry-After") and "batch size 16" in body["error"]
+    for exc in (InputError("batch size 3 is not one the engines were built for"), RuntimeError("boom")):
+        status, body, _ = failure_response(exc)
+        assert status == 500 and str(exc) in body["error"]

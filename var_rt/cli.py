@@ -67,9 +67,21 @@ class ModelOptions:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "ModelOptions":
+        if a.random_weights and (a.var_ckpt or a.vae_ckpt):
+            raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
         return cls(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
                    random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
-                   engine_dir=a.engine_dir, no_compile=a.no_compile, progress=not a.no_progress)
+                   engine_dir=a.engine_dir, no_compile=a.no_compile,
+                   progress=not getattr(a, "no_progress", False))
+
+    def pipeline_kwargs(self, absolute_paths: bool = False) -> dict:
+        """Keyword arguments of VARPipeline.load. absolute_paths: for Ray replicas and workers, which do not
+        run in this working directory (same machine or a shared disk)."""
+        path = (lambda p: str(Path(p).resolve()) if p else None) if absolute_paths else (lambda p: p)
+        return dict(model=self.model, config=path(self.config), var_ckpt=path(self.var_ckpt),
+                    vae_ckpt=path(self.vae_ckpt), random_weights=self.random_weights, device=self.device,
+                    dtype=self.dtype, backend=self.backend, engine_dir=path(self.engine_dir),
+                    compile=False if self.no_compile else None, progress=self.progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +152,7 @@ def validate_generate(a: argparse.Namespace) -> GenerateRequest:
 def load_pipeline(opts: ModelOptions):
     """A pipeline from a command's model options (shared by generate, edit and the other commands)."""
     from var_rt.pipeline import VARPipeline
-    pipe = VARPipeline.load(model=opts.model, config=opts.config, var_ckpt=opts.var_ckpt, vae_ckpt=opts.vae_ckpt,
-                            random_weights=opts.random_weights, device=opts.device, dtype=opts.dtype,
-                            backend=opts.backend, progress=opts.progress, engine_dir=opts.engine_dir,
-                            compile=False if opts.no_compile else None)
+    pipe = VARPipeline.load(**opts.pipeline_kwargs())
     if opts.random_weights:
         print("note: random weights (--random-weights): the images show the pipeline working, not content",
               file=sys.stderr)

@@ -23,3 +23,7 @@ class BackendUnavailableError(VarRtError):
 
 class EngineMismatchError(VarRtError):
     """Exported graphs or engines were built for another model, GPU or batch size."""
+
+
+class GpuMemoryError(VarRtError):
+    """The GPU ran out of memory for this batch; the pipeline is still usable with a smaller one."""

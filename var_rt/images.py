@@ -1,6 +1,7 @@
 """Image output: float tensors to uint8, PNG files whose sorted names follow batch order, and grids."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import List, Sequence
@@ -39,6 +40,14 @@ def save_png(array_HW3: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array_HW3).save(path)
     return path
+
+
+def png_bytes(array_HW3: np.ndarray) -> bytes:
+    """One uint8 (H, W, 3) image as PNG file bytes."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array_HW3).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_pngs(images_BHW3: np.ndarray, out_dir: str | Path, names: Sequence[str]) -> List[Path]:

@@ -14,7 +14,7 @@ from var_rt import sampling
 from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
 from var_rt.config import ModelConfig, get_preset, load_config
 from var_rt.engines.base import concrete_device
-from var_rt.errors import ConfigError, InputError
+from var_rt.errors import ConfigError, GpuMemoryError, InputError
 from var_rt.images import to_pil, to_uint8
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
@@ -291,7 +291,7 @@ class VARPipeline:
                 except torch.cuda.OutOfMemoryError:
                     self._loops.clear()
                     torch.cuda.empty_cache()
-                    raise InputError(f"out of GPU memory at batch size {len(rows)} on {self.device}: use a smaller "
+                    raise GpuMemoryError(f"out of GPU memory at batch size {len(rows)} on {self.device}: use a smaller "
                                      f"--batch-size (the pipeline is still usable)") from None
                 images.append(out.images)
                 tokens.append(out.tokens)

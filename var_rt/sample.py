@@ -80,11 +80,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _png(array_HW3) -> bytes:
-    from var_rt.serve import png_bytes
-    return png_bytes(array_HW3)
-
-
 def marker_path(out_dir: Path, k: int) -> Path:
     return out_dir / MARKER_DIR / f"{k:06d}.done"
 
@@ -103,6 +98,7 @@ class ShardWorker:
         return True
 
     def run(self, start: int, stop: int) -> int:
+        from var_rt.images import png_bytes
         j = self.job
         if self.crash_at is not None and start <= self.crash_at < stop and not os.path.exists(self.crash_flag):
             # Test hook: half of the chunk is written, then the process dies without cleaning up.
@@ -114,7 +110,7 @@ class ShardWorker:
                                  cfg=j.cfg, cfg_schedule=j.cfg_schedule, top_k=j.top_k, top_p=j.top_p,
                                  more_smooth=j.more_smooth, batch_size=self.batch_size, progress=False)
         for i, im in zip(idx, res.numpy()):
-            _atomic_write(self.out_dir / j.name(i), _png(im))
+            _atomic_write(self.out_dir / j.name(i), png_bytes(im))
         return len(idx)
 
 
@@ -236,6 +232,23 @@ def _run_ray(pipeline_kwargs, out_dir, job, todo, batch_size, bar, num_workers, 
         ray.kill(actor)
 
 
+def default_num_workers(ray, device: Optional[str]) -> int:
+    """One worker per GPU: of the Ray cluster when the caller connected to one, else of this machine
+    (counted without starting Ray). CPU runs use one worker in this process."""
+    dev = str(device or "auto")
+    if dev == "cpu":
+        return 1
+    if ray is not None and ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("GPU", 0)))
+    import torch
+    n = torch.cuda.device_count() if dev in ("auto", "cuda") else 1  # cuda:N names one GPU
+    if n > 1 and ray is None:
+        print(f"note: {n} GPUs but Ray is not installed: sampling on one GPU in this process "
+              f"(pip install 'var-rt[serve]' to use all of them)", file=sys.stderr)
+        return 1
+    return max(1, n)
+
+
 def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional[Sequence[int]] = None,
                num_classes: Optional[int] = None, per_class: int = 50, seed: int = 0, cfg: float = 1.5,
                cfg_schedule="linear", top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
@@ -285,12 +298,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
     except ImportError:
         ray = None
     if num_workers is None:
-        if ray is None:
-            num_workers = 1
-        else:
-            if not ray.is_initialized():
-                ray.init()
-            num_workers = max(1, int(ray.cluster_resources().get("GPU", 0)))
+        num_workers = default_num_workers(ray, pipeline_kwargs.get("device"))
     if num_workers > 1 and ray is None:
         raise BackendUnavailableError(f"--num-workers {num_workers} needs Ray: pip install 'var-rt[serve]' "
                                       f"(or use --num-workers 1, which runs in this process)")
@@ -335,7 +343,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     cl.add_argument("--classes", type=int, nargs="+", help="these class ids")
     g.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard (default 1000)")
     g.add_argument("--num-workers", type=int, default=None,
-                   help="Ray workers (default: one per GPU of the Ray cluster); 1 runs in this process, no Ray")
+                   help="Ray workers (default: one per GPU, of the cluster given by --address or of this machine); "
+                        "1 runs in this process, no Ray")
     g.add_argument("--npz", default="", help="the .npz to write at the end (default OUTPUT_DIR/samples.npz)")
     g.add_argument("--no-npz", action="store_true", help="do not write the .npz")
     g.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
@@ -344,13 +353,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from var_rt.cli import parse_cfg_schedule
-    if a.random_weights and (a.var_ckpt or a.vae_ckpt):
-        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
-    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
-    kwargs = dict(model=a.model, config=absolute(a.config), var_ckpt=absolute(a.var_ckpt),
-                  vae_ckpt=absolute(a.vae_ckpt), random_weights=a.random_weights, device=a.device, dtype=a.dtype,
-                  backend=a.backend, engine_dir=absolute(a.engine_dir), compile=False if a.no_compile else None)
+    from var_rt.cli import ModelOptions, parse_cfg_schedule
+    kwargs = ModelOptions.from_args(a).pipeline_kwargs(absolute_paths=True)
     if a.address and a.num_workers != 1:
         try:
             import ray

@@ -16,7 +16,8 @@ API (JSON in, PNG or JSON out)::
     GET  /health    -> {"status": "ok", "model": ..., "max_batch_size": ...}
 
 Image i of a request uses seed + i (or give "seeds": [...]). Bad requests get 400 with {"error": message};
-overload (more than ``max_queued_requests`` waiting at the proxy) gets 503 from Ray Serve.
+overload (more than ``max_queued_requests`` waiting at the proxy) gets 503 from Ray Serve, and so does a
+batch that ran out of GPU memory; any other failure during generation is a 500.
 
 Ray is imported only here (and in var_rt.sample): the core runtime does not need it.
 """
@@ -24,16 +25,16 @@ Ray is imported only here (and in var_rt.sample): the core runtime does not need
 import argparse
 import asyncio
 import base64
-import io
 import json
 import math
 import secrets
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from var_rt.errors import BackendUnavailableError, ConfigError, InputError
+from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError
 
 DEFAULT_MAX_BATCH_SIZE = 16
 REQUEST_KEYS = {"class_label", "class_labels", "seed", "seeds", "cfg", "cfg_schedule", "top_k", "top_p",
@@ -49,13 +50,6 @@ def import_ray():
         raise BackendUnavailableError("serving needs Ray Serve: pip install 'var-rt[serve]' "
                                       "(or pip install 'ray[serve]>=2.9')") from None
     return ray, serve
-
-
-def png_bytes(array_HW3) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(array_HW3).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def exported_batch_sizes(engine_dir) -> Optional[List[int]]:
@@ -208,7 +202,19 @@ def cudagraph_buckets(max_batch_size: int) -> List[int]:
     return [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size] + [max_batch_size]
 
 
-def run_groups(pipe, items: List[tuple], max_batch_size: int) -> list:
+def serving_buckets(pipe, max_batch_size: int) -> Optional[List[int]]:
+    """The batch sizes a replica runs (a group is padded up to the next one) and warms at start: the
+    cudagraph buckets, or the exported engines' built sizes up to max_batch_size; None for eager torch
+    (any size runs without warm-up)."""
+    if pipe.backend == "cudagraph":
+        return cudagraph_buckets(max_batch_size)
+    built = pipe._built_batch_sizes()
+    if built:
+        return sorted(b for b in built if b <= max_batch_size) or [min(built)]
+    return None
+
+
+def run_groups(pipe, items: List[tuple], buckets: Optional[List[int]]) -> list:
     """One batch of (settings, label, seed) -> uint8 images (H, W, 3), one pipeline call per settings group."""
     groups: Dict[tuple, List[int]] = {}
     for i, (settings, _, _) in enumerate(items):
@@ -216,9 +222,8 @@ def run_groups(pipe, items: List[tuple], max_batch_size: int) -> list:
     out: list = [None] * len(items)
     for (cfg, sched, top_k, top_p, smooth), idx in groups.items():
         n = len(idx)
-        bs = None
-        if pipe.backend == "cudagraph":  # one captured graph per bucket, not per batch size
-            bs = next(b for b in cudagraph_buckets(max_batch_size) if b >= n)
+        # padded to a bucket: one captured graph / built engine per bucket, not per group size
+        bs = next((b for b in buckets if b >= n), None) if buckets else None
         try:
             res = pipe.generate(class_labels=[items[i][1] for i in idx], seed=[items[i][2] for i in idx],
                                 cfg=cfg, cfg_schedule=list(sched) if isinstance(sched, tuple) else sched,
@@ -230,6 +235,14 @@ def run_groups(pipe, items: List[tuple], max_batch_size: int) -> list:
             for i in idx:
                 out[i] = e
     return out
+
+
+def failure_response(exc: Exception) -> tuple:
+    """(status, JSON body, headers) for an error raised while generating a request that parsed: the request
+    was valid, so it is the server's failure: 503 (retry) for GPU memory, 500 otherwise."""
+    if isinstance(exc, GpuMemoryError):
+        return 503, {"error": f"{exc} (server busy: retry later or with fewer images)"}, {"Retry-After": "1"}
+    return 500, {"error": f"generation failed: {exc.__class__.__name__}: {exc}"}, {}
 
 
 # ---- the deployment ---------------------------------------------------------------------------------
@@ -286,22 +299,23 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
     @serve.ingress(api)
     class VARServer:
         def __init__(self, load_kwargs: Dict[str, Any], batch_size: int, wait_s: float):
-            from var_rt.pipeline import EXPORTED, VARPipeline
+            from var_rt.pipeline import VARPipeline
             self.pipe = VARPipeline.load(**load_kwargs)
             allowed = self.pipe._built_batch_sizes()
             self.max_batch_size = min(batch_size, max(allowed)) if allowed else batch_size
-            self.batcher = Batcher(lambda items: run_groups(self.pipe, items, self.max_batch_size),
+            self.buckets = serving_buckets(self.pipe, self.max_batch_size)
+            if self.buckets:
+                self.max_batch_size = min(self.max_batch_size, max(self.buckets))
+            self.batcher = Batcher(lambda items: run_groups(self.pipe, items, self.buckets),
                                    self.max_batch_size, wait_s)
             self.encode_s = 0.0
-            # Capture / build before traffic, with the default sampling settings: a first call at a new
-            # cudagraph bucket costs seconds (capture), which would stall every request queued behind it.
+            self.replica_id = uuid.uuid4().hex[:8]
+            # Capture / load every bucket before traffic, with the default sampling settings: a first call at
+            # a new bucket costs seconds (capture, engine load), which would stall every request behind it.
             warm = dict(cfg=SAMPLING_DEFAULTS["cfg"], top_k=SAMPLING_DEFAULTS["top_k"],
                         top_p=SAMPLING_DEFAULTS["top_p"], more_smooth=SAMPLING_DEFAULTS["more_smooth"])
-            if self.pipe.backend == "cudagraph":
-                for bs in cudagraph_buckets(self.max_batch_size):
-                    self.pipe.warmup(bs, **warm)
-            elif self.pipe.backend in EXPORTED:
-                self.pipe.warmup(max(allowed), **warm)
+            for bs in self.buckets or []:
+                self.pipe.warmup(bs, **warm)
 
         @api.get("/health")
         async def health(self):
@@ -309,6 +323,7 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             return {"status": "ok", "model": c.name, "image_size": c.image_size, "num_classes": c.var.num_classes,
                     "backend": self.pipe.backend, "device": str(self.pipe.device),
                     "dtype": str(self.pipe.dtype).replace("torch.", ""), "max_batch_size": self.max_batch_size,
+                    "batch_sizes": self.buckets, "replica": self.replica_id,
                     "stats": {**{k: round(v, 3) for k, v in self.batcher.stats.items()},
                               "encode_s": round(self.encode_s, 3)}}  # this replica, since start
 
@@ -325,11 +340,10 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             results = await asyncio.gather(*(self.batcher.submit((req["settings"], c, s))
                                              for c, s in zip(req["labels"], req["seeds"])))
             for r in results:
-                if isinstance(r, InputError):
-                    return JSONResponse({"error": str(r)}, status_code=400)
                 if isinstance(r, Exception):
-                    return JSONResponse({"error": f"generation failed: {r.__class__.__name__}: {r}"},
-                                        status_code=500)
+                    status, body, headers = failure_response(r)
+                    return JSONResponse(body, status_code=status, headers=headers)
+            from var_rt.images import png_bytes
             t0 = time.perf_counter()
             pngs = await asyncio.to_thread(lambda: [png_bytes(a) for a in results])
             self.encode_s += time.perf_counter() - t0
@@ -376,14 +390,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if a.max_queued_requests is not None and a.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests must be >= 0, got {a.max_queued_requests}")
-    if a.random_weights and (a.var_ckpt or a.vae_ckpt):
-        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+    from var_rt.cli import ModelOptions
+    kwargs = ModelOptions.from_args(a).pipeline_kwargs(absolute_paths=True)
     ray, serve = import_ray()
-    # Checkpoint paths must be readable by the replicas: make them absolute (same machine / shared disk).
-    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
-    kwargs = dict(model=a.model, config=absolute(a.config), var_ckpt=absolute(a.var_ckpt),
-                  vae_ckpt=absolute(a.vae_ckpt), random_weights=a.random_weights, device=a.device, dtype=a.dtype,
-                  backend=a.backend, engine_dir=absolute(a.engine_dir), compile=False if a.no_compile else None)
     ray.init(address=a.address) if a.address else ray.init()
     serve.start(http_options={"host": a.host, "port": a.port})
     app = build_app(kwargs, num_replicas=a.num_replicas, max_batch_size=a.max_batch_size,
