@@ -11,8 +11,8 @@ Both measurements are taken in one run on the same GPU(s), one after the other:
   each of ``--num-replicas`` replica counts in turn (one GPU each when the device is CUDA) behind Ray
   Serve's HTTP proxy; ``--clients`` threads each POST one-image requests (``format: png``) back to back until ``--images`` requests have been answered. Reported: images/s
   over the wall time of all requests, per-request latency median / p90, and every non-200 answer
-  (a 503 is retried after 50 ms and counted), and the replicas' own counters summed (batches, images,
-  seconds in generate and in PNG encoding) with the mean batch size.
+  (a 503 is retried after 50 ms and counted), the number of replicas that answered, and the batches
+  the images ran in (each answer's ``X-Batch-Images`` header) with the mean batch size.
 Writes ``serve.json`` and ``serve.md`` into ``--out-dir``.
 """
 from __future__ import annotations
@@ -79,26 +79,9 @@ def _post(url: str, body: dict, timeout: float):
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
+            return r.status, r.read(), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def replica_stats(port: int, num_replicas: int, tries: int = 200) -> dict:
-    """Every replica's /health counters, summed: /health reaches one replica per call (the router picks),
-    so ask until each replica id has answered."""
-    seen: dict = {}
-    for _ in range(tries):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as r:
-            h = json.loads(r.read())
-        seen[h.get("replica")] = h.get("stats", {})
-        if len(seen) >= num_replicas:
-            break
-    total: dict = {}
-    for st in seen.values():
-        for k, v in st.items():
-            total[k] = total.get(k, 0) + v
-    return {"replicas_seen": len(seen), **total}
+        return e.code, e.read(), e.headers
 
 
 def run_served(load_kwargs: dict, args, num_replicas: int) -> dict:
@@ -124,7 +107,7 @@ def run_served(load_kwargs: dict, args, num_replicas: int) -> dict:
         errors = []
         counter = iter(range(args.images))
         lock = threading.Lock()
-        lat, codes, retries = [], {}, [0]
+        lat, codes, retries, replicas, batch_of = [], {}, [0], set(), []
 
         def client():
             while True:
@@ -135,7 +118,7 @@ def run_served(load_kwargs: dict, args, num_replicas: int) -> dict:
                 body = {"class_label": i % n_classes, "seed": i, **settings}
                 t = time.perf_counter()
                 while True:
-                    code, answer = _post(url, body, timeout=600)
+                    code, answer, headers = _post(url, body, timeout=600)
                     if code != 503:
                         break
                     with lock:
@@ -144,21 +127,20 @@ def run_served(load_kwargs: dict, args, num_replicas: int) -> dict:
                 with lock:
                     lat.append(time.perf_counter() - t)
                     codes[code] = codes.get(code, 0) + 1
+                    if code == 200:
+                        replicas.add(headers.get("X-Replica"))
+                        batch_of.append(int(headers.get("X-Batch-Images", "0")))
                     if code != 200 and len(errors) < 3:
                         errors.append(f"{code}: {answer[:300].decode(errors='replace')}")
 
         # warm the HTTP path (proxy, router) with one request per client and the timed settings
         with ThreadPoolExecutor(args.clients) as ex:
             list(ex.map(lambda i: _post(url, {"class_label": 0, "seed": i, **settings}, 600), range(args.clients)))
-        before = replica_stats(port, num_replicas)
         t_all = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as ex:
             for f in [ex.submit(client) for _ in range(args.clients)]:
                 f.result()
         wall = time.perf_counter() - t_all
-        after = replica_stats(port, num_replicas)
-        stats = {k: round(after[k] - before.get(k, 0), 3) for k in after if k != "replicas_seen"}  # timed phase
-        stats["replicas_seen"] = after["replicas_seen"]
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -166,8 +148,10 @@ def run_served(load_kwargs: dict, args, num_replicas: int) -> dict:
     ok = codes.get(200, 0)
     return {"replicas": num_replicas, "clients": args.clients, "requests": args.images,
             "status_codes": {str(k): v for k, v in sorted(codes.items())}, "retried_503": retries[0],
-            "first_errors": errors, "replica_stats": stats,
-            "mean_batch": round(stats["images"] / max(stats["batches"], 1), 2) if "images" in stats else None,
+            "first_errors": errors, "replicas_answering": len(replicas),
+            # each image's answer says how many images its batch had: n images in batches of b count n / b
+            "batches": round(sum(1 / b for b in batch_of if b)),
+            "mean_batch": round(len(batch_of) / sum(1 / b for b in batch_of if b), 2) if any(batch_of) else None,
             "wall_s": round(wall, 3), "images_per_s": round(ok / wall, 2), "startup_s": round(start_s, 1),
             "latency_median_ms": round(1e3 * statistics.median(lat), 1),
             "latency_p90_ms": round(1e3 * lat[int(0.9 * (len(lat) - 1))], 1)}

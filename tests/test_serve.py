@@ -106,6 +106,9 @@ def test_concurrent_requests_match_direct_calls(server, pipe):
         assert status == 200, body[:300]
         assert ctype == "image/png"
         _assert_same_image(_decode(body), want[i], f"request {i}")
+    sizes = [int(g[3].get("X-Batch-Images")) for g in got]
+    assert all(1 <= n <= 16 for n in sizes) and max(sizes) > 1, sizes  # batched, within max_batch_size
+    assert len({g[3].get("X-Replica") for g in got}) == 1  # one replica in this deployment
 
 
 def test_several_images_base64(server, pipe):
@@ -177,9 +180,10 @@ def test_batcher_fills_batches_while_the_pipeline_is_busy():
         return await first, await asyncio.gather(*rest), b.stats
 
     first, rest, stats = asyncio.run(main())
-    assert first == -10 and isinstance(rest[13], ValueError)
-    assert [r for i, r in enumerate(rest) if i != 13] == [i * 10 for i in range(20) if i != 13]
+    assert first == (-10, 1) and isinstance(rest[13][0], ValueError)
+    assert [r for i, (r, _) in enumerate(rest) if i != 13] == [i * 10 for i in range(20) if i != 13]
     assert sizes == [1, 8, 8, 4] and stats["images"] == 21 and stats["batches"] == 4
+    assert [n for _, n in rest] == [8] * 16 + [4] * 4  # each result knows the batch it ran in
 
 
 def test_failures_after_a_valid_request_are_the_servers():
