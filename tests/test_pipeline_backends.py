@@ -99,3 +99,27 @@ def test_served_groups_are_padded_to_a_built_batch_size():
     assert all(not isinstance(g, Exception) for g in got), got
     for g, w in zip(got, want):
         assert abs(g.astype(int) - w.astype(int)).max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs a CUDA GPU and onnxruntime-gpu")
+def test_onnxruntime_cuda_is_ordered_with_the_callers_stream():
+    """ORT runs on its own stream: a graph must see inputs the caller's stream wrote just before (here after
+    a ~50 ms GPU spin) and the caller must see its outputs, with no host synchronisation in between."""
+    fx = get_fixture("var_tiny_256")
+    pipe = _pipe(fx, exported("var_tiny_256", "fp32"), device="cuda")
+    B = len(fx.cases["labels"])
+    pipe.generate(class_labels=fx.cases["labels"].tolist(), seed=0, batch_size=B)
+    loop = pipe._loop(B)[0]
+    K = pipe.cfg.num_scales
+    f_hat = loop.f_hat[K % 2].clone()
+    torch.cuda.synchronize()
+    want = loop.image.clone()
+    x = torch.zeros_like(f_hat)
+    out = torch.full_like(loop.image, float("nan"))
+    torch.cuda._sleep(100_000_000)  # the caller's stream is busy for tens of ms ...
+    x.copy_(f_hat)  # ... before it writes the input
+    loop.engine.run("decode", {"f_hat": x}, {"image": out})
+    got = out.clone()  # read on the caller's stream right after the run
+    torch.cuda.synchronize()
+    assert torch.equal(got, want), float((got - want).abs().nan_to_num(9.0).max())

@@ -45,14 +45,17 @@ class OnnxRuntimeEngine:
         self.name = "onnxruntime"
         self.act_dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
         self.batch_sizes = (batch,)
+        # ORT gets a stream of its own; run() makes it wait for the caller's stream and the caller's stream
+        # wait for it. Handing ORT the caller's stream is not enough: PyTorch's default stream has the handle
+        # 0, which ORT does not use as given (seen on the H100: CUDA events on the default stream missed
+        # ORT's work, and the first batch-16 call sampled tokens from logits not yet written).
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and providers is None else None
         if providers is None:
             if self.device.type == "cuda":
-                idx = self.device.index
-                # ORT runs on the stream current at creation: create the engine on the stream it will run on.
                 # use_tf32 off for FP32 exports: ORT's CUDA provider otherwise runs FP32 matmuls and
                 # convolutions in TF32 (seen on the H100: greedy tokens equal, decoded image off by > 1e-3).
                 providers = [("CUDAExecutionProvider", {
-                    "device_id": idx, "user_compute_stream": str(torch.cuda.current_stream(idx).cuda_stream),
+                    "device_id": self.device.index, "user_compute_stream": str(self._stream.cuda_stream),
                     "use_tf32": "0" if manifest.get("precision") == "fp32" else "1"}),
                     "CPUExecutionProvider"]
             else:
@@ -77,9 +80,9 @@ class OnnxRuntimeEngine:
                         so.add_initializer(name, shared[name])
                 by_file[f] = ort.InferenceSession(str(self.out_dir / f), so, providers=list(providers))
             self._sessions[g], self._file_of[g] = by_file[f], f
+        # ORT synchronises its stream at the end of each run (the default). Turning that off made ORT free
+        # pinned buffers from a CUDA host callback, which CUDA refuses (error 800, process aborted on the H100).
         self._run_options = ort.RunOptions()
-        # No host synchronisation after a run: the caller orders work on its stream.
-        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self._empty = torch.zeros(1, dtype=self.act_dtype, device=self.device)  # past of length 0 (step_0)
         self._shared_keepalive = shared
 
@@ -144,7 +147,13 @@ class OnnxRuntimeEngine:
                 io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())
         for name, t in self._checked(graph, "output buffer", outputs, spec["outputs"]):
             io.bind_output(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        if self._stream is None:
+            sess.run_with_iobinding(io, self._run_options)
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)  # inputs written by the caller's earlier work
         sess.run_with_iobinding(io, self._run_options)
+        caller.wait_stream(self._stream)  # the caller's later work sees the outputs
 
     def _checked(self, graph: str, what: str, tensors: Dict[str, torch.Tensor], specs: dict):
         """(name, tensor) for every name of the graph's spec, each present and of the declared shape/dtype."""
