@@ -264,6 +264,62 @@ def finish_case(c: Dict[str, object], ms: List[float], batch: int):
     c["status"] = "ok"
 
 
+def measure(c: Dict[str, object], clock: Clock, budget: Budget, call, batch: int, warmup: int, iters: int,
+            min_iters: int = 3) -> None:
+    """Into case c: the first call of call(seed) (reported apart), warm-up calls, then the timed calls,
+    with the peak memory of the first call and of the timed ones."""
+    reset_peak(clock)
+    c["first_call_ms"] = round(clock.wall(lambda: call(0)), 3)
+    c["peak_mem_first_gib"] = peak(clock)
+    warm(lambda i: call(1 + i), warmup, c["first_call_ms"])
+    reset_peak(clock)
+    finish_case(c, timed_loop(clock, lambda: call(batch), iters, budget, min_iters), batch)
+    c["peak_mem_gib"] = peak(clock)
+
+
+def run_cases(cases: List[dict], args, clock: Clock, budget: Budget, save, setup, body,
+              setup_failure: str = "error") -> None:
+    """One pipeline or baseline set up once, then each of its cases in turn. ``setup()`` returns (the thing,
+    fields recorded in every case); ``body(thing, c)`` measures case c. A failed setup gives every case the
+    status ``setup_failure`` with the reason, a failed case marks only itself; the results file is written
+    after each case."""
+    if budget.exceeded():
+        for c in cases:
+            c["reason"] = "time budget exceeded before this case"
+        save()
+        return
+    try:
+        free_memory(clock)
+        reset_peak(clock)
+        thing, common = setup()
+    except Exception as e:  # a backend or baseline that cannot start here: every case says why
+        for c in cases:
+            c.update(status=setup_failure, reason=f"{type(e).__name__}: {e}".strip()[:500])
+        save()
+        return
+    for c in cases:
+        c.update(common)
+        if budget.exceeded():
+            c["reason"] = "time budget exceeded before this case"
+            continue
+        try:
+            body(thing, c)
+        except Exception as e:
+            record_failure(c, e, args.verbose)
+        log_case(c)
+        save()
+        free_memory(clock)
+    thing = None
+    free_memory(clock)
+
+
+def timed_setup(clock: Clock, make) -> tuple:
+    """(make(), its wall time in ms)."""
+    holder = {}
+    ms = clock.wall(lambda: holder.update(x=make()))
+    return holder["x"], ms
+
+
 def run_backend_model(args, mc, cpu_models, backend: str, clock: Clock, budget: Budget, results, save):
     """All batch sizes of one backend on one model (one pipeline, reused across batch sizes)."""
     from var_rt import pipeline as pl
@@ -277,69 +333,39 @@ def run_backend_model(args, mc, cpu_models, backend: str, clock: Clock, budget: 
                                               f"(var_rt.pipeline.BACKENDS = {tuple(avail)})")
         save()
         return
-    if budget.exceeded():
-        for c in cases:
-            c["reason"] = "time budget exceeded before this case"
-        save()
-        return
-    pipe = None
-    try:
-        free_memory(clock)
-        reset_peak(clock)
+
+    def setup():
         var, vae = copy.deepcopy(cpu_models[0]), copy.deepcopy(cpu_models[1])
         extra = dict(args.backend_arg)
-        sig = inspect.signature(pl.VARPipeline.__init__).parameters
-        extra = {k: v for k, v in extra.items() if k in sig}
-        holder = {}
-        setup_ms = clock.wall(lambda: holder.update(p=pl.VARPipeline(
-            mc, var, vae, clock.device, pl.DTYPES[args.dtype], backend=backend, progress=False, **extra)))
-        pipe = holder["p"]
+        pipe, ms = timed_setup(clock, lambda: pl.VARPipeline(mc, var, vae, clock.device, pl.DTYPES[args.dtype],
+                                                            backend=backend, progress=False, **extra))
         del var, vae
         weights_gib = gib(torch.cuda.memory_allocated(clock.device)) if clock.cuda else None
-    except Exception as e:  # a backend that cannot start here is skipped, with the reason
-        for c in cases:
-            c.update(status="skipped", reason=f"{type(e).__name__}: {e}".strip()[:500])
-        save()
-        return
+        return pipe, dict(setup_s=round(ms / 1e3, 3), model_load_s=cpu_models[2], weights_gib=weights_gib)
+
     sp = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     params = SamplingParams(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    for c in cases:
+
+    def body(pipe, c):
         B = c["batch"]
-        c.update(setup_s=round(setup_ms / 1e3, 3), model_load_s=cpu_models[2], weights_gib=weights_gib)
-        if budget.exceeded():
-            c["reason"] = "time budget exceeded before this case"
-            continue
+        labels = labels_for(B, mc.var.num_classes).tolist()
+        measure(c, clock, budget, lambda seed: pipe.generate(class_labels=labels, seed=seed, batch_size=B,
+                                                              progress=False, **sp), B, args.warmup, args.iters)
+        # The device loop alone (no request copies, images stay on the device): private API, optional.
         try:
-            labels = labels_for(B, mc.var.num_classes).tolist()
-            reset_peak(clock)
-            gen = lambda seed=0: pipe.generate(class_labels=labels, seed=seed, batch_size=B, progress=False, **sp)  # noqa: E731
-            c["first_call_ms"] = round(clock.wall(gen), 3)
-            c["peak_mem_first_gib"] = peak(clock)
-            warm(lambda i: gen(seed=1000 + i), args.warmup, c["first_call_ms"])
-            reset_peak(clock)
-            ms = timed_loop(clock, lambda: gen(seed=B), args.iters, budget)
-            finish_case(c, ms, B)
-            c["peak_mem_gib"] = peak(clock)
-            # The device loop alone (no request copies, images stay on the device): private API, optional.
-            try:
-                loop, runner = pipe._loop(B)
-                lms = timed_loop(clock, lambda: runner.run(params), args.iters, budget)
-                c["loop_median_ms"] = round(statistics.median(lms), 4)
-            except Exception as e:
-                c["loop_note"] = f"device-loop timing unavailable: {type(e).__name__}: {e}"[:300]
-            if args.instrument_runs > 0 and not budget.exceeded():
-                try:
-                    c.update(instrumented_backend(pipe, B, params, torch.tensor(labels),
-                                                  torch.arange(B, dtype=torch.int64), clock, args.instrument_runs))
-                except Exception as e:
-                    c["instrument_note"] = f"instrumented run failed: {type(e).__name__}: {e}"[:300]
+            loop, runner = pipe._loop(B)
+            lms = timed_loop(clock, lambda: runner.run(params), args.iters, budget)
+            c["loop_median_ms"] = round(statistics.median(lms), 4)
         except Exception as e:
-            record_failure(c, e, args.verbose)
-        log_case(c)
-        save()
-        free_memory(clock)
-    del pipe
-    free_memory(clock)
+            c["loop_note"] = f"device-loop timing unavailable: {type(e).__name__}: {e}"[:300]
+        if args.instrument_runs > 0 and not budget.exceeded():
+            try:
+                c.update(instrumented_backend(pipe, B, params, torch.tensor(labels),
+                                              torch.arange(B, dtype=torch.int64), clock, args.instrument_runs))
+            except Exception as e:
+                c["instrument_note"] = f"instrumented run failed: {type(e).__name__}: {e}"[:300]
+
+    run_cases(cases, args, clock, budget, save, setup, body, setup_failure="skipped")  # e.g. not installed here
 
 
 def record_failure(c: dict, e: Exception, verbose: bool) -> None:
@@ -355,51 +381,23 @@ def record_failure(c: dict, e: Exception, verbose: bool) -> None:
 def run_official_model(args, mc, cpu_models, clock: Clock, budget: Budget, results, save):
     cases = [new_case("official_style", mc.name, "official-style", B) for B in args.batch_sizes]
     results["cases"].extend(cases)
-    if budget.exceeded():
-        for c in cases:
-            c["reason"] = "time budget exceeded before this case"
-        save()
-        return
     ac = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
-    try:
-        free_memory(clock)
-        reset_peak(clock)
-        var, vae = copy.deepcopy(cpu_models[0]), copy.deepcopy(cpu_models[1])
-        holder = {}
-        setup_ms = clock.wall(lambda: holder.update(o=OfficialStyle(var, vae, clock.device, ac)))
-        off = holder["o"]
-    except Exception as e:
-        for c in cases:
-            c.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
-        save()
-        return
     sp = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    for c in cases:
+
+    def setup():
+        var, vae = copy.deepcopy(cpu_models[0]), copy.deepcopy(cpu_models[1])
+        off, ms = timed_setup(clock, lambda: OfficialStyle(var, vae, clock.device, ac))
+        return off, dict(setup_s=round(ms / 1e3, 3), model_load_s=cpu_models[2],
+                         autocast=str(ac) if ac is not None else "off (float32)")
+
+    def body(off, c):
         B = c["batch"]
-        c.update(setup_s=round(setup_ms / 1e3, 3), model_load_s=cpu_models[2],
-                 autocast=str(ac) if ac is not None else "off (float32)")
-        if budget.exceeded():
-            c["reason"] = "time budget exceeded before this case"
-            continue
-        try:
-            labels = labels_for(B, mc.var.num_classes)
-            reset_peak(clock)
-            c["first_call_ms"] = round(clock.wall(lambda: off.generate(labels, seed=0, **sp)), 3)
-            c["peak_mem_first_gib"] = peak(clock)
-            warm(lambda i: off.generate(labels, seed=1 + i, **sp), args.warmup, c["first_call_ms"])
-            reset_peak(clock)
-            ms = timed_loop(clock, lambda: off.generate(labels, seed=B, **sp), args.iters, budget)
-            finish_case(c, ms, B)
-            c["peak_mem_gib"] = peak(clock)
-            if args.instrument_runs > 0 and not budget.exceeded():
-                c.update(instrumented_official(off, labels, clock, args.instrument_runs, sp))
-        except Exception as e:
-            record_failure(c, e, args.verbose)
-        log_case(c)
-        save()
-        free_memory(clock)
-    del off
-    free_memory(clock)
+        labels = labels_for(B, mc.var.num_classes)
+        measure(c, clock, budget, lambda seed: off.generate(labels, seed=seed, **sp), B, args.warmup, args.iters)
+        if args.instrument_runs > 0 and not budget.exceeded():
+            c.update(instrumented_official(off, labels, clock, args.instrument_runs, sp))
+
+    run_cases(cases, args, clock, budget, save, setup, body)
 
 
 def run_dit(args, clock: Clock, budget: Budget, results, save):
@@ -414,51 +412,19 @@ def run_dit(args, clock: Clock, budget: Budget, results, save):
         save()
         return
     results["meta"]["diffusers"] = why
-    if budget.exceeded():
-        for c in cases:
-            c["reason"] = "time budget exceeded before this case"
-        save()
-        return
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype, torch.float32)
-    try:
-        free_memory(clock)
-        reset_peak(clock)
-        holder = {}
-        setup_ms = clock.wall(lambda: holder.update(p=dit_mod.build_pipeline(clock.device, dt, tiny=args.dit_tiny)))
-        pipe = holder["p"]
-    except Exception as e:
-        for c in cases:
-            c.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
-        save()
-        return
-    for c in cases:
-        B, steps = c["batch"], c["steps"]
-        c.update(setup_s=round(setup_ms / 1e3, 3), dtype=str(dt), guidance=1.5,
-                 dit_params=dit_mod.param_count(pipe))
-        if budget.exceeded():
-            c["reason"] = "time budget exceeded before this case"
-            continue
-        try:
-            labels = labels_for(B, 1000).tolist()
-            run = lambda seed=0: dit_mod.generate(pipe, labels, steps, 1.5, seed)  # noqa: E731
-            reset_peak(clock)
-            c["first_call_ms"] = round(clock.wall(run), 3)
-            c["peak_mem_first_gib"] = peak(clock)
-            for i in range(args.dit_warmup):
-                run(1 + i)
-            reset_peak(clock)
-            ms = timed_loop(clock, run, args.dit_iters, budget, min_iters=1)
-            finish_case(c, ms, B)
-            c["peak_mem_gib"] = peak(clock)
-        except torch.cuda.OutOfMemoryError as e:
-            c.update(status="error", reason=f"out of GPU memory: {str(e)[:200]}")
-        except Exception as e:
-            c.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
-        log_case(c)
-        save()
-        free_memory(clock)
-    del pipe
-    free_memory(clock)
+
+    def setup():
+        pipe, ms = timed_setup(clock, lambda: dit_mod.build_pipeline(clock.device, dt, tiny=args.dit_tiny))
+        return pipe, dict(setup_s=round(ms / 1e3, 3), dtype=str(dt), guidance=1.5,
+                          dit_params=dit_mod.param_count(pipe))
+
+    def body(pipe, c):
+        labels = labels_for(c["batch"], 1000).tolist()
+        measure(c, clock, budget, lambda seed: dit_mod.generate(pipe, labels, c["steps"], 1.5, seed), c["batch"],
+                args.dit_warmup, args.dit_iters, min_iters=1)
+
+    run_cases(cases, args, clock, budget, save, setup, body)
 
 
 def log_case(c):
@@ -674,12 +640,29 @@ def parse_args(argv=None):
     if a.var_ckpt and n_models != 1:
         p.error("--var-ckpt needs exactly one model")
     a.random_weights = not a.var_ckpt
-    try:
-        a.backend_arg = [tuple(kv.split("=", 1)) for kv in a.backend_arg]
-        assert all(len(kv) == 2 for kv in a.backend_arg)
-    except Exception:
+    if any("=" not in kv for kv in a.backend_arg):
         p.error("--backend-arg takes KEY=VALUE items")
+    from var_rt.pipeline import VARPipeline
+    known = [k for k in inspect.signature(VARPipeline.__init__).parameters
+             if k not in ("self", "cfg", "var", "vae", "device", "dtype", "backend", "progress")]
+    a.backend_arg = [(k, backend_arg_value(v)) for k, v in (kv.split("=", 1) for kv in a.backend_arg)]
+    bad = [k for k, _ in a.backend_arg if k not in known]
+    if bad:
+        p.error(f"--backend-arg {', '.join(bad)}: VARPipeline takes {', '.join(known)}")
     return a
+
+
+def backend_arg_value(text: str):
+    """true/false/none, integers and floats as such; anything else (paths) as text."""
+    low = text.lower()
+    if low in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[low]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def device_name(dev: torch.device) -> str:

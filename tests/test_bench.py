@@ -85,6 +85,11 @@ def test_bench_cli_errors(tmp_path):
                           "--baselines", "official,dit", "--out-dir", str(tmp_path)])
     assert a.backends == ["torch", "cudagraph", "tensorrt"] and a.baselines == ["official", "dit"]
     assert a.random_weights and (a.cfg, a.top_k, a.top_p) == (1.5, 900, 0.96)
+    a = bench.parse_args(["--model", "d16", "--backend-arg", "engine_dir=/tmp/x=1", "compile=false",
+                          "--out-dir", str(tmp_path)])
+    assert a.backend_arg == [("engine_dir", "/tmp/x=1"), ("compile", False)]  # typed, not the text "false"
+    with pytest.raises(SystemExit):  # a typo is refused, not dropped
+        bench.parse_args(["--model", "d16", "--backend-arg", "engine_dri=/tmp/x", "--out-dir", str(tmp_path)])
 
 
 # ---- floors ------------------------------------------------------------------------------------
