@@ -463,10 +463,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
     mask = _read_image(req.mask, "mask") if req.mask is not None else None
     pipe = load_pipeline(req.model)
     region = req.box if req.box is not None else mask
-    # Check image, mask and class before the (slow) edit, so a bad request fails fast and writes nothing.
-    prepare(pipe, image, region, req.mode, req.resize, req.canvas_place)
-    if req.class_label is not None:
-        pipe.check_labels([req.class_label])
+    # edit() checks image, region and class before any model work, and nothing is written unless it succeeds
     t0 = time.perf_counter()
     res = edit(pipe, image, region, mode=req.mode, class_label=req.class_label, num_images=req.num_images,
                resize=req.resize, canvas_place=req.canvas_place, **req.sampling.kwargs())
