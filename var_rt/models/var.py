@@ -210,20 +210,21 @@ class VAR(nn.Module):
         head = self.head_nm.ada_lin(sos).view(-1, 2, self.C)
         return Condition(ada, head, sos)
 
-    def lvl_pos(self) -> torch.Tensor:
-        """(1, L, C): level embedding plus absolute position, added to every scale's input."""
-        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+    def lvl_pos(self, b: int = 0, e: Optional[int] = None) -> torch.Tensor:
+        """(1, e - b, C): level embedding plus absolute position of positions b..e-1 (default all L), added
+        to every scale's input; only the rows asked for are computed."""
+        return self.lvl_embed(self.lvl_1L[:, b:e]) + self.pos_1LC[:, b:e]
 
     def first_input(self, sos_2BC: torch.Tensor) -> torch.Tensor:
         """Scale-0 tokens (2B, first_l, C): class embedding + pos_start + lvl/pos rows."""
         n = sos_2BC.shape[0]
         return (sos_2BC.unsqueeze(1).expand(n, self.first_l, -1) + self.pos_start.expand(n, -1, -1)
-                + self.lvl_pos()[:, :self.first_l])
+                + self.lvl_pos(0, self.first_l))
 
     def scale_input(self, si: int, tokens_BlCv: torch.Tensor) -> torch.Tensor:
         """Scale si>0: f_hat downsampled to this scale (B, l, Cvae) -> block input (2B, l, C)."""
         b, e = self.cfg.scale_ranges()[si]
-        x = self.word_embed(tokens_BlCv) + self.lvl_pos()[:, b:e]
+        x = self.word_embed(tokens_BlCv) + self.lvl_pos(b, e)
         return x.repeat(2, 1, 1)  # the same input for conditional and unconditional rows
 
     # ---- one scale ----------------------------------------------------------------------
