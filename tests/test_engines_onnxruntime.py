@@ -86,6 +86,12 @@ def test_bad_inputs_and_stale_manifest(fx256):
         engine.run("condition", {"labels": torch.zeros(3, dtype=torch.long)}, {})
     with pytest.raises(InputError, match="not in this export"):
         engine.run("step_42", {}, {})
+    with pytest.raises(InputError, match="'labels' missing"):
+        engine.run("condition", {}, {})
+    with pytest.raises(InputError, match="int64 tensor of shape .* got float32"):
+        engine.run("condition", {"labels": torch.zeros(2)}, {})
+    with pytest.raises(InputError, match="not contiguous"):
+        engine.run("condition", {"labels": torch.zeros(2, 2, dtype=torch.long)[:, 0]}, {})
     with pytest.raises(EngineMismatchError, match="batch size 3 was not built"):
         OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=3)
     with pytest.raises(EngineMismatchError, match="weights differ"):

@@ -14,9 +14,11 @@ take ``past_k``/``past_v`` (depth, 2B, H, begin, c) and return
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
+
+from var_rt.errors import InputError
 
 
 @runtime_checkable
@@ -38,3 +40,18 @@ def concrete_device(device) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+def check_io(graph: str, name: str, t: Optional[torch.Tensor], shape: Sequence[int], device: torch.device,
+             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A graph's input or output tensor as the exported graph needs it: present, contiguous, of this shape
+    (and dtype) on this device; InputError saying what differs otherwise."""
+    if t is None:
+        raise InputError(f"graph {graph!r}: tensor {name!r} missing")
+    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype) or t.device != device \
+            or not t.is_contiguous():
+        want = f"{str(dtype).replace('torch.', '')} " if dtype is not None else ""
+        raise InputError(f"graph {graph!r}: {name!r} must be a contiguous {want}tensor of shape {tuple(shape)} "
+                         f"on {device}, got {str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
+                         f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+    return t

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from var_rt.engines.base import concrete_device
+from var_rt.engines.base import check_io, concrete_device
 from var_rt.errors import BackendUnavailableError, InputError
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -138,14 +138,14 @@ class OnnxRuntimeEngine:
         dev = "cuda" if self.device.type == "cuda" else "cpu"
         idx = self.device.index or 0
         spec = self._io[f"onnx/{graph}.b{self.batch}.onnx"]
-        for name, t in self._checked(graph, "input", inputs, spec["inputs"]):
+        for name, t in self._checked(graph, inputs, spec["inputs"]):
             io.bind_input(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         if graph == "step_0" and self.dynamic:  # the dynamic step graph takes a past of length 0
             spec1 = self._io["onnx/step.dyn.onnx"]["inputs"]["past_k"]["shape"]
             shape = [0 if d == "past" else (2 * self.batch if d == "2B" else d) for d in spec1]
             for name in ("past_k", "past_v"):
                 io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())
-        for name, t in self._checked(graph, "output buffer", outputs, spec["outputs"]):
+        for name, t in self._checked(graph, outputs, spec["outputs"]):
             io.bind_output(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         if self._stream is None:
             sess.run_with_iobinding(io, self._run_options)
@@ -155,19 +155,8 @@ class OnnxRuntimeEngine:
         sess.run_with_iobinding(io, self._run_options)
         caller.wait_stream(self._stream)  # the caller's later work sees the outputs
 
-    def _checked(self, graph: str, what: str, tensors: Dict[str, torch.Tensor], specs: dict):
+    def _checked(self, graph: str, tensors: Dict[str, torch.Tensor], specs: dict):
         """(name, tensor) for every name of the graph's spec, each present and of the declared shape/dtype."""
         for name, io_spec in specs.items():
-            t = tensors.get(name)
-            if t is None:
-                raise InputError(f"graph {graph!r}: {what} {name!r} missing")
-            self._check(graph, name, t, io_spec)
-            yield name, t
-
-    def _check(self, graph: str, name: str, t: torch.Tensor, io_spec: dict) -> None:
-        want_dtype = getattr(torch, io_spec["dtype"])
-        if tuple(t.shape) != tuple(io_spec["shape"]) or t.dtype != want_dtype or t.device != self.device \
-                or not t.is_contiguous():
-            raise InputError(f"graph {graph!r}: {name!r} must be a contiguous {io_spec['dtype']} tensor of shape "
-                             f"{tuple(io_spec['shape'])} on {self.device}, got {t.dtype} {tuple(t.shape)} on "
-                             f"{t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
+            yield name, check_io(graph, name, tensors.get(name), io_spec["shape"], self.device,
+                                 getattr(torch, io_spec["dtype"]))

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from var_rt.engines.base import concrete_device
+from var_rt.engines.base import check_io, concrete_device
 from var_rt.errors import BackendUnavailableError, EngineMismatchError, InputError
 
 
@@ -116,11 +116,8 @@ class TensorRTEngine:
             if t is None and n.startswith("past_") and 0 in s:
                 ctx.set_tensor_address(n, self._empty.data_ptr())
                 continue
-            if t is None or tuple(t.shape) != tuple(s) or not t.is_contiguous() or t.device != self.device:
-                raise InputError(f"graph {graph!r}: input {n!r} must be a contiguous tensor of shape {tuple(s)} "
-                                 f"on {self.device}")
-            ctx.set_tensor_address(n, t.data_ptr())
-        for n, t in outputs.items():
-            ctx.set_tensor_address(n, t.data_ptr())
+            ctx.set_tensor_address(n, check_io(graph, n, t, s, self.device).data_ptr())
+        for n, t in outputs.items():  # output shapes follow from the input shapes set at load
+            ctx.set_tensor_address(n, check_io(graph, n, t, tuple(ctx.get_tensor_shape(n)), self.device).data_ptr())
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT failed to enqueue {graph}")
