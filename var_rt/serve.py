@@ -135,8 +135,8 @@ class Batcher:
     """Dynamic batching that forms a batch when the pipeline is free, not on a timer.
 
     Ray Serve's ``@serve.batch`` forms a batch every ``batch_wait_timeout_s`` and queues it behind the
-    running one, so under load it runs many small batches (measured on the H100 with d16 cudagraph:
-    11.6 img/s served against 174 img/s direct). Here one worker takes everything that arrived while
+    running one, so under load it runs many small batches (on the CPU with 32 clients and the fixture
+    model: mean batch 4.6 images, against 14.2 with this class). Here one worker takes everything that arrived while
     the previous batch ran (up to ``max_batch_size``), and waits at most ``wait_s`` for more only when
     fewer arrived. ``fn`` gets a list of items and returns one result (or an Exception) per item;
     ``submit`` returns (that result, the number of images in the batch it ran in).
