@@ -291,8 +291,8 @@ class VARPipeline:
                 except torch.cuda.OutOfMemoryError:
                     self._loops.clear()
                     torch.cuda.empty_cache()
-                    raise GpuMemoryError(f"out of GPU memory at batch size {len(rows)} on {self.device}: use a smaller "
-                                     f"--batch-size (the pipeline is still usable)") from None
+                    raise GpuMemoryError(f"out of GPU memory at batch size {len(rows)} on {self.device}: use a "
+                                         f"smaller --batch-size (the pipeline is still usable)") from None
                 images.append(out.images)
                 tokens.append(out.tokens)
                 sampled.append(out.sampled)

@@ -2,8 +2,9 @@
 
 One replica holds one loaded :class:`~var_rt.pipeline.VARPipeline` (one GPU each, or CPU replicas).
 Requests are split into single images and collected by a :class:`Batcher` into batches of up to
-``max_batch_size`` images (a batch is taken when the pipeline is free, so under load it is full); inside a batch, images are grouped by their sampling settings (cfg, schedule,
-top-k, top-p, smoothing) and each group is one pipeline call. Seeds and classes may differ freely within a
+``max_batch_size`` images (a batch is taken when the pipeline is free, so under load it is full); inside
+a batch, images are grouped by their sampling settings (cfg, schedule, top-k, top-p, smoothing) and each
+group is one pipeline call. Seeds and classes may differ freely within a
 call: an image depends only on its own seed and class, so a served image is exactly the image that
 ``pipe.generate(class_labels=[c], seed=s, ...)`` gives.
 
@@ -136,8 +137,8 @@ class Batcher:
 
     Ray Serve's ``@serve.batch`` forms a batch every ``batch_wait_timeout_s`` and queues it behind the
     running one, so under load it runs many small batches (on the CPU with 32 clients and the fixture
-    model: mean batch 4.6 images, against 14.2 with this class). Here one worker takes everything that arrived while
-    the previous batch ran (up to ``max_batch_size``), and waits at most ``wait_s`` for more only when
+    model: mean batch 4.6 images, against 14.2 with this class). Here one worker takes everything that
+    arrived while the previous batch ran (up to ``max_batch_size``), and waits at most ``wait_s`` for more only when
     fewer arrived. ``fn`` gets a list of items and returns one result (or an Exception) per item;
     ``submit`` returns (that result, the number of images in the batch it ran in).
     """
@@ -305,11 +306,8 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
         def __init__(self, load_kwargs: Dict[str, Any], batch_size: int, wait_s: float):
             from var_rt.pipeline import VARPipeline
             self.pipe = VARPipeline.load(**load_kwargs)
-            allowed = self.pipe._built_batch_sizes()
-            self.max_batch_size = min(batch_size, max(allowed)) if allowed else batch_size
-            self.buckets = serving_buckets(self.pipe, self.max_batch_size)
-            if self.buckets:
-                self.max_batch_size = min(self.max_batch_size, max(self.buckets))
+            self.buckets = serving_buckets(self.pipe, batch_size)
+            self.max_batch_size = min(batch_size, max(self.buckets)) if self.buckets else batch_size
             self.batcher = Batcher(lambda items: run_groups(self.pipe, items, self.buckets),
                                    self.max_batch_size, wait_s)
             self.encode_s = 0.0
