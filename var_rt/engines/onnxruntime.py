@@ -84,7 +84,6 @@ class OnnxRuntimeEngine:
         # pinned buffers from a CUDA host callback, which CUDA refuses (error 800, process aborted on the H100).
         self._run_options = ort.RunOptions()
         self._empty = torch.zeros(1, dtype=self.act_dtype, device=self.device)  # past of length 0 (step_0)
-        self._bindings: Dict[tuple, object] = {}  # checked IO bindings by graph and buffers, see run()
         self._shared_keepalive = shared
 
     @classmethod
@@ -131,28 +130,6 @@ class OnnxRuntimeEngine:
         return list(self._graph_names)
 
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
-        # The scale loop passes the same buffers every call: their checked IO binding is built once.
-        key = (graph,) + tuple((n, None) if t is None else (n, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-                               for d in (inputs, outputs) for n, t in d.items())
-        io = self._bindings.get(key)
-        if io is None:
-            io = self._bind(graph, inputs, outputs)
-            if len(self._bindings) >= 256:  # callers passing fresh tensors every call: keep it bounded
-                self._bindings.clear()
-            self._bindings[key] = io
-        sess = self._sessions[graph]
-        if self._stream is None:
-            if self.device.type == "cuda":  # providers given by the caller: ORT's stream is unknown
-                torch.cuda.current_stream(self.device).synchronize()
-            sess.run_with_iobinding(io, self._run_options)
-            return
-        caller = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(caller)  # inputs written by the caller's earlier work
-        sess.run_with_iobinding(io, self._run_options)
-        caller.wait_stream(self._stream)  # the caller's later work sees the outputs
-
-    def _bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]):
-        """An IO binding of the graph's session to these tensors, after checking them against the spec."""
         sess = self._sessions.get(graph)
         if sess is None:
             raise InputError(f"graph {graph!r} is not in this export (batch {self.batch}); "
@@ -170,7 +147,13 @@ class OnnxRuntimeEngine:
                 io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())
         for name, t in self._checked(graph, outputs, spec["outputs"]):
             io.bind_output(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
-        return io
+        if self._stream is None:
+            sess.run_with_iobinding(io, self._run_options)
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)  # inputs written by the caller's earlier work
+        sess.run_with_iobinding(io, self._run_options)
+        caller.wait_stream(self._stream)  # the caller's later work sees the outputs
 
     def _checked(self, graph: str, tensors: Dict[str, torch.Tensor], specs: dict):
         """(name, tensor) for every name of the graph's spec, each present and of the declared shape/dtype."""
