@@ -46,18 +46,20 @@ def io_dtype(kind: str, act_dtype: torch.dtype) -> torch.dtype:
 
 
 def sample_inputs(module, B: int, act_dtype: torch.dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random inputs with the shapes of ``module.io_spec(B)`` (labels/ids valid, images in [0, 1])."""
+    """Random inputs with the shapes of ``module.io_spec(B)``: integers in the graph's own valid range
+    (``module.int_range``, from the model's config), images in [0, 1], guidance [1 + t, t]."""
     g = torch.Generator().manual_seed(seed)
     ins, _ = module.io_spec(B)
     out = {}
     for name, (shape, kind) in ins.items():
         dt = io_dtype(kind, act_dtype)
         if dt == torch.int64:
-            out[name] = torch.randint(0, 10, shape, generator=g)
+            lo, hi = module.int_range(name)
+            out[name] = torch.randint(lo, hi, shape, generator=g)
         elif name == "image":
             out[name] = torch.rand(shape, generator=g).to(dt)
         elif name == "cfg_t":
-            out[name] = torch.full(shape, 0.75, dtype=dt)
+            out[name] = torch.tensor([1.75, 0.75], dtype=dt)
         else:
             out[name] = (torch.randn(shape, generator=g) * 0.5).to(dt)
     return out

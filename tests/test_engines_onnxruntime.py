@@ -35,7 +35,7 @@ def greedy_generate(engine: OnnxRuntimeEngine, fx, labels: torch.Tensor, cfg: fl
     tokens = []
     for si in range(K):
         ins = {"x": x, "ada_blocks": cond["ada_blocks"], "ada_head": cond["ada_head"],
-               "cfg_t": torch.tensor([cfg * si / (K - 1)], dtype=torch.float32)}
+               "cfg_t": torch.tensor([1 + cfg * si / (K - 1), cfg * si / (K - 1)], dtype=torch.float32)}
         if si:
             ins.update(past_k=pk, past_v=pv)
         out = alloc(spec(f"step_{si}")["outputs"], engine.act_dtype)

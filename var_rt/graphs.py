@@ -28,7 +28,8 @@ from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
 
 Shape = Tuple[int, ...]
-# name -> (shape, dtype); dtype "act" means the model's activation dtype (float16 or float32).
+# name -> (shape, dtype); dtype "act" means the model's compute dtype (float16, bfloat16 or float32; see
+# var_rt.precision): the dtype of the KV cache. Everything else names its dtype.
 IOSpec = Dict[str, Tuple[Shape, str]]
 
 
@@ -45,11 +46,15 @@ class ConditionGraph(nn.Module):
     input_names = ["labels"]
     output_names = ["ada_blocks", "ada_head", "x"]
 
+    def int_range(self, name: str) -> Tuple[int, int]:
+        """Valid values [lo, hi) of an integer input: class ids, the null class included."""
+        return 0, self.var.num_classes + 1
+
     def io_spec(self, B: int) -> Tuple[IOSpec, IOSpec]:
         v = self.var
         return ({"labels": ((B,), "int64")},
-                {"ada_blocks": ((v.depth, 2 * B, 6, v.C), "act"), "ada_head": ((2 * B, 2, v.C), "act"),
-                 "x": ((2 * B, v.first_l, v.C), "act")})
+                {"ada_blocks": ((v.depth, 2 * B, 6, v.C), "float32"), "ada_head": ((2 * B, 2, v.C), "float32"),
+                 "x": ((2 * B, v.first_l, v.C), "float32")})
 
 
 class StepGraph(nn.Module):
@@ -79,8 +84,8 @@ class StepGraph(nn.Module):
     def io_spec(self, B: int) -> Tuple[IOSpec, IOSpec]:
         v, cfg = self.var, self.var.cfg
         H, c, l = cfg.var.num_heads, cfg.head_dim, self.end - self.begin
-        ins = {"x": ((2 * B, l, v.C), "act"), "ada_blocks": ((v.depth, 2 * B, 6, v.C), "act"),
-               "ada_head": ((2 * B, 2, v.C), "act"), "cfg_t": ((1,), "float32")}
+        ins = {"x": ((2 * B, l, v.C), "float32"), "ada_blocks": ((v.depth, 2 * B, 6, v.C), "float32"),
+               "ada_head": ((2 * B, 2, v.C), "float32"), "cfg_t": ((2,), "float32")}
         if self.begin:
             ins["past_k"] = ((v.depth, 2 * B, H, self.begin, c), "act")
             ins["past_v"] = ((v.depth, 2 * B, H, self.begin, c), "act")
@@ -108,13 +113,12 @@ class TransitionGraph(nn.Module):
         B, l, Cv = h.shape
         pn = self.pns[self.si]
         h_BChw = h.transpose(1, 2).reshape(B, Cv, pn, pn)
-        w = self.vae.quantize.embedding.weight
-        f_hat = f_hat + self.vae.quantize.scale_residual(self.si, h_BChw.to(w.dtype)).float()
+        f_hat = f_hat + self.vae.quantize.scale_residual(self.si, h_BChw.float())  # float32 (var_rt.precision)
         if self.last:
             return f_hat
         nxt = self.pns[self.si + 1]
         tokens = F.interpolate(f_hat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2)
-        return f_hat, self.var.scale_input(self.si + 1, tokens.to(w.dtype))
+        return f_hat, self.var.scale_input(self.si + 1, tokens)
 
     def io_spec(self, B: int) -> Tuple[IOSpec, IOSpec]:
         cfg = self.var.cfg
@@ -122,7 +126,7 @@ class TransitionGraph(nn.Module):
         ins = {"f_hat": ((B, Cv, P, P), "float32"), "h": ((B, pn * pn, Cv), "float32")}
         outs = {"f_hat_out": ((B, Cv, P, P), "float32")}
         if not self.last:
-            outs["x"] = ((2 * B, self.pns[self.si + 1] ** 2, self.var.C), "act")
+            outs["x"] = ((2 * B, self.pns[self.si + 1] ** 2, self.var.C), "float32")
         return ins, outs
 
 
@@ -135,8 +139,8 @@ class DecodeGraph(nn.Module):
     output_names = ["image"]
 
     def forward(self, f_hat):
-        w = self.vae.post_quant_conv.weight
-        return self.vae.decode_fhat(f_hat.to(w.dtype)).float().add(1).mul(0.5)
+        # (x + 1) / 2 in the decoder's dtype, as the official ``.add_(1).mul_(0.5)`` on its output.
+        return self.vae.decode_fhat(f_hat).add(1).mul(0.5).float()
 
     def io_spec(self, B: int) -> Tuple[IOSpec, IOSpec]:
         cfg = self.vae.cfg
@@ -179,8 +183,12 @@ def all_graphs(var: VAR, vae: VQVAE) -> Dict[str, nn.Module]:
     return g
 
 
-def guide(logits_2BlV: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance: (1 + t) cond - t uncond; rows [:B] conditional, [B:] unconditional."""
+def guide(logits_2BlV: torch.Tensor, cfg_t: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance: (1 + t) cond - t uncond in float32; rows [:B] conditional, [B:] unconditional.
+
+    ``cfg_t`` = [1 + t, t] as float32, both rounded from double (what the official code's Python float
+    scalars become in a float32 kernel); two products and a difference, each rounded, as there.
+    """
     B = logits_2BlV.shape[0] // 2
-    t = t.float()
-    return (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+    logits = logits_2BlV.float()
+    return cfg_t[0] * logits[:B] - cfg_t[1] * logits[B:]

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from var_rt import sampling
+from var_rt import precision, sampling
 from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
 from var_rt.config import ModelConfig, get_preset, load_config
 from var_rt.engines.base import concrete_device
@@ -23,7 +23,6 @@ from var_rt.runtime import CudaGraphLoop, EditSpec, SamplingParams, ScaleLoop
 
 BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
 EXPORTED = ("onnxruntime", "tensorrt")  # backends that run graphs from `python -m export.build`
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -59,6 +58,8 @@ def resolve_device(device: Optional[str]) -> torch.device:
             raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
         dev = concrete_device(dev)
     return dev
+
+DTYPES = precision.DTYPES  # the names --dtype accepts (defined with the precision policy)
 
 
 def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
@@ -114,8 +115,9 @@ class VARPipeline:
         # Exported backends hold their own weights: the PyTorch modules stay on the CPU (they give the
         # weight hash that the export's manifest is checked against, and the codebook).
         home = torch.device("cpu") if backend in EXPORTED else device
-        self.var = var.to(device=home, dtype=dtype).eval()
-        self.vae = vae.to(device=home, dtype=dtype).eval()
+        # Matmul/conv operands in ``dtype``, everything else float32: the one precision policy.
+        self.var = precision.apply(var.to(home), dtype).eval()
+        self.vae = precision.apply(vae.to(home), dtype).eval()
         self._lock = threading.Lock()
         # Inductor fusion pays where launches dominate and compile time is amortised: the CUDA-graph backend.
         self.compile = (backend == "cudagraph") if compile is None else compile

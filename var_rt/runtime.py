@@ -99,10 +99,11 @@ class ScaleLoop:
         z = lambda *s, dtype=act: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
         self.labels = z(B, dtype=torch.int64)
         self.seeds = z(B, dtype=torch.int64)
-        self.cfg_t = [z(1, dtype=torch.float32) for _ in range(K)]
-        self.ada_blocks = z(v.depth, 2 * B, 6, C)
-        self.ada_head = z(2 * B, 2, C)
-        self.x = [z(2 * B, pn * pn, C) for pn in cfg.patch_nums]
+        f32 = torch.float32  # everything but the KV cache (var_rt.precision)
+        self.cfg_t = [z(2, dtype=f32) for _ in range(K)]  # [1 + t, t] per scale
+        self.ada_blocks = z(v.depth, 2 * B, 6, C, dtype=f32)
+        self.ada_head = z(2 * B, 2, C, dtype=f32)
+        self.x = [z(2 * B, pn * pn, C, dtype=f32) for pn in cfg.patch_nums]
         self.logits = [z(B, pn * pn, V, dtype=torch.float32) for pn in cfg.patch_nums]
         self.h = [z(B, pn * pn, Cv, dtype=torch.float32) for pn in cfg.patch_nums]
         self.f_hat = [z(B, Cv, P, P, dtype=torch.float32) for _ in range(2)]  # ping-pong: no aliasing
@@ -133,7 +134,7 @@ class ScaleLoop:
         self.seeds.copy_(seeds)
         for buf, t in zip(self.cfg_t, sampling.guidance_schedule(params.cfg, params.cfg_schedule,
                                                                  self.cfg.num_scales)):
-            buf.fill_(t)
+            buf.copy_(torch.tensor([1.0 + t, t], dtype=torch.float64))  # each rounded once to float32
         if edit is not None:
             for si in range(self.cfg.num_scales):
                 self.edit_idx[si].copy_(edit.idx[si].expand_as(self.edit_idx[si]))

@@ -15,7 +15,7 @@ try:
 except ImportError:  # pragma: no cover - ops.py is part of the package
     ops = None
 from var_rt.graphs import all_graphs, guide
-from var_rt.models.var import VAR, Condition, enable_fusion
+from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
 from var_rt.runtime import KVCache
 
@@ -27,12 +27,15 @@ class TorchEngine:
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
-        self.act_dtype = var.head.weight.dtype
+        self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
         self.graphs = all_graphs(var, vae)
         self.cfg = var.cfg
         self._ranges = self.cfg.scale_ranges()
         self._scratch: Dict[tuple, torch.Tensor] = {}  # next-scale tokens of the fused transition, per shape
-        self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
+        # The fused CUDA transition computes phi's conv in float32: the FP32 policy only (var_rt.precision).
+        self.use_ops = (use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
+                        and self.act_dtype == torch.float32)
+        self.fused = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
         self._decode = None
@@ -40,7 +43,6 @@ class TorchEngine:
             # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
             # GroupNorm/SiLU passes are fused (the decoder dominates at large batch). Compiled at the
             # first call (tens of seconds), outside any CUDA-graph capture (CudaGraphLoop warms up first).
-            enable_fusion(True)
             vae.decoder.to(memory_format=torch.channels_last)
             vae.post_quant_conv.to(memory_format=torch.channels_last)
             self._decode = torch.compile(self.graphs["decode"], dynamic=False)
@@ -67,7 +69,7 @@ class TorchEngine:
         b, e = self._ranges[si]
         kv = KVCache(inputs["cache_k"], inputs["cache_v"]).provider(b, e)
         cond = Condition(inputs["ada_blocks"], inputs["ada_head"], None)
-        logits = self.var.step(inputs["x"], cond, kv)
+        logits = self.var.step(inputs["x"], cond, kv, fused=self.fused)
         outputs["logits"].copy_(guide(logits, inputs["cfg_t"]))
 
     def _transition_fused(self, si: int, inputs, outputs) -> None:
@@ -82,4 +84,4 @@ class TorchEngine:
             nxt = self._scratch[shape] = torch.empty(shape, dtype=self.act_dtype, device=f_hat.device)
         ops.scale_transition(f_hat, inputs["h"], w, b, ratio, 0 if last else pns[si + 1], nxt)
         if not last:
-            outputs["x"].copy_(self.var.scale_input(si + 1, nxt))
+            outputs["x"].copy_(self.var.scale_input(si + 1, nxt.float()))

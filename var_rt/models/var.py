@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from var_rt.config import ModelConfig
+from var_rt.precision import linear
 
 # KV provider: (layer index, k_new, v_new) -> (k_all, v_all), each (2B, H, l_all, c).
 # The eager/CUDA-graph path writes into a preallocated cache and returns views of it;
@@ -27,29 +28,22 @@ from var_rt.config import ModelConfig
 KVProvider = Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
-class _Fusion:
-    """Switch for compiled pointwise pieces (see ``enable_fusion``)."""
-
-    enabled = False
-    compiled: dict = {}
-
-
-def enable_fusion(on: bool = True) -> None:
-    """On CUDA, run each block's pointwise pieces as Inductor-generated kernels (one launch each).
-
-    At batch 1 a VAR scale is a few thousand tiny kernels; fusing the layer norm with the AdaLN
-    modulation, the q/k normalisation and the gated residuals removes most of them. The functions
-    below are the reference arithmetic either way; compiled copies are made once, for dynamic shapes.
-    """
-    _Fusion.enabled = on
+_COMPILED: dict = {}  # pure function -> its Inductor-compiled copy (a cache, not a switch)
 
 
 def fusable(fn):
-    def run(*args):
-        if _Fusion.enabled and args[0].is_cuda and not torch.compiler.is_compiling():
-            c = _Fusion.compiled.get(fn)
+    """``fn(*args, fused=False)``: with ``fused=True`` on CUDA, the Inductor-compiled copy of ``fn``.
+
+    At batch 1 a VAR scale is a few thousand tiny kernels; fusing the layer norm with the AdaLN
+    modulation, the q/k normalisation and the gated residuals removes most of them. The functions
+    below are the reference arithmetic either way. Whether to fuse is the caller's (an engine's)
+    choice per call, so a compiled engine and a reference engine in one process do not affect each other.
+    """
+    def run(*args, fused: bool = False):
+        if fused and args[0].is_cuda and not torch.compiler.is_compiling():
+            c = _COMPILED.get(fn)
             if c is None:
-                c = _Fusion.compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+                c = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
             return c(*args)
         return fn(*args)
     run.__wrapped__ = fn
@@ -57,36 +51,41 @@ def fusable(fn):
 
 
 @fusable
-def modulated_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
-    """LN(x) * (1 + scale) + shift with float32 statistics (LN has no affine weights in VAR)."""
+def modulated_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift in float32 (LN has no affine weights in VAR), cast to the next matmul's dtype.
+
+    ``1 + scale`` is computed in scale's dtype, as the official ``scale.add(1)`` is (see var_rt.precision).
+    """
     y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return (y * (1 + scale.float()) + shift.float()).to(x.dtype)
+    return (y * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
 @fusable
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """x + y * gamma (the official out-of-place ``.mul(gamma2)``: the product in the promoted dtype)."""
     return x + y * gamma
 
 
 @fusable
-def residual_modulated_layer_norm(x, y, gamma, scale, shift, eps: float):
-    """x + y * gamma, and its modulated layer norm: the two halves of a block meet here."""
-    x = x + y * gamma
+def residual_modulated_layer_norm(x, y, gamma, scale, shift, eps: float, out_dtype: torch.dtype):
+    """x + y * gamma, and its modulated layer norm: the two halves of a block meet here.
+
+    y * gamma is rounded to y's dtype: the official code multiplies in place (``.mul_(gamma1)``).
+    """
+    x = x + (y * gamma).to(y.dtype)
     n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return x, (n * (1 + scale.float()) + shift.float()).to(x.dtype)
+    return x, (n * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
 @fusable
-def split_heads_l2(qkv: torch.Tensor, q_bias: torch.Tensor, v_bias: torch.Tensor, scale_mul_1H11: torch.Tensor,
-                   heads: int):
-    """(B, l, 3C) without bias -> q, k, v (B, H, l, c); q and v get their biases (k has none);
-    cosine attention: unit q and k, q scaled per head by exp(min(s, ln 100))."""
+def split_heads_l2(qkv: torch.Tensor, scale_mul_1H11: torch.Tensor, heads: int):
+    """(B, l, 3C) with biases -> q, k, v (B, H, l, c); cosine attention: unit q and k (normalised in
+    float32), q scaled per head by exp(min(s, ln 100)) in float32, then cast to v's dtype."""
     B, l, C3 = qkv.shape
     q, k, v = qkv.view(B, l, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    q = q + q_bias.view(heads, 1, -1)
-    v = v + v_bias.view(heads, 1, -1)
-    q = F.normalize(q, dim=-1) * scale_mul_1H11.clamp(max=math.log(100.0)).exp()
-    k = F.normalize(k, dim=-1)
+    q = F.normalize(q.float(), dim=-1) * scale_mul_1H11.float().clamp(max=math.log(100.0)).exp()
+    k = F.normalize(k.float(), dim=-1)
     return q.to(v.dtype), k.to(v.dtype), v
 
 
@@ -110,26 +109,26 @@ class SelfAttention(nn.Module):
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(C, C)
 
-    def qkv(self, x_BlC: torch.Tensor):
+    def qkv(self, x_BlC: torch.Tensor, fused: bool = False):
         B, l, C = x_BlC.shape
-        if self.l2_norm:
-            # Cosine attention, softmax scale 1; biases added in the same fused pass as the normalisation.
-            qkv = F.linear(x_BlC, self.mat_qkv.weight)
-            return split_heads_l2(qkv, self.q_bias, self.v_bias, self.scale_mul_1H11, self.heads)
-        qkv = F.linear(x_BlC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        w = self.mat_qkv.weight
+        qkv = F.linear(x_BlC.to(w.dtype), w, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        if self.l2_norm:  # cosine attention, softmax scale 1
+            return split_heads_l2(qkv, self.scale_mul_1H11, self.heads, fused=fused)
         return qkv.view(B, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, c)
 
     @property
     def softmax_scale(self) -> float:
         return 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
 
-    def forward(self, x_BlC, layer: int, kv: Optional[KVProvider], attn_bias=None):
+    def forward(self, x_BlC, layer: int, kv: Optional[KVProvider], attn_bias=None, fused: bool = False):
         B, l, C = x_BlC.shape
-        q, k, v = self.qkv(x_BlC)
+        q, k, v = self.qkv(x_BlC, fused)
         if kv is not None:
             k, v = kv(layer, k, v)
-        o = F.scaled_dot_product_attention(q.to(v.dtype), k, v, attn_mask=attn_bias, scale=self.softmax_scale)
-        return self.proj(o.transpose(1, 2).reshape(B, l, C))
+        mask = None if attn_bias is None else attn_bias.to(v.dtype)
+        o = F.scaled_dot_product_attention(q.to(v.dtype), k, v, attn_mask=mask, scale=self.softmax_scale)
+        return linear(o.transpose(1, 2).reshape(B, l, C), self.proj)
 
 
 class FFN(nn.Module):
@@ -139,7 +138,7 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, C)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return linear(F.gelu(linear(x, self.fc1), approximate="tanh"), self.fc2)
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -153,11 +152,19 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None):
-        g1, g2, s1, s2, b1, b2 = ada_B6C.unsqueeze(1).unbind(2)  # each (B, 1, C)
-        h = self.attn(modulated_layer_norm(x_BlC, s1, b1, self.eps), layer, kv, attn_bias)
-        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, s2, b2, self.eps)
-        return gated_residual(x_BlC, self.ffn(y), g2)
+    @property
+    def ada_dtype(self) -> torch.dtype:
+        """The dtype the official code holds this block's AdaLN parameters in: its ada_lin's output dtype,
+        or FP32 with shared AdaLN (FP32 ``ada_gss`` + the shared FP16 projection)."""
+        return torch.float32 if hasattr(self, "ada_gss") else self.ada_lin[1].weight.dtype
+
+    def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None, fused: bool = False):
+        """x (B, l, C) float32 residual stream; ada (B, 6, C) held in float32 (values of ``ada_dtype``)."""
+        mm = self.attn.mat_qkv.weight.dtype
+        g1, g2, s1, s2, b1, b2 = ada_B6C.to(self.ada_dtype).unsqueeze(1).unbind(2)  # each (B, 1, C)
+        h = self.attn(modulated_layer_norm(x_BlC, s1, b1, self.eps, mm, fused=fused), layer, kv, attn_bias, fused)
+        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, s2, b2, self.eps, mm, fused=fused)
+        return gated_residual(x_BlC, self.ffn(y), g2, fused=fused)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -167,8 +174,9 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
     def forward(self, x_BlC, ada_B2C):
-        scale, shift = ada_B2C.unsqueeze(1).unbind(2)
-        return F.layer_norm(x_BlC, (self.C,), eps=self.eps) * (1 + scale) + shift
+        """Float32 LN(x) * (1 + scale) + shift; scale/shift in their ada_lin's output dtype (as ``scale.add(1)``)."""
+        scale, shift = ada_B2C.to(self.ada_lin[1].weight.dtype).unsqueeze(1).unbind(2)
+        return F.layer_norm(x_BlC.float(), (self.C,), eps=self.eps) * scale.add(1).float() + shift.float()
 
 
 class VAR(nn.Module):
@@ -201,14 +209,16 @@ class VAR(nn.Module):
     # ---- per-image precomputation -------------------------------------------------------
     def condition(self, labels_2B: torch.Tensor) -> Condition:
         """AdaLN parameters for conditional + unconditional rows (labels already doubled)."""
-        sos = self.class_emb(labels_2B)  # (2B, C)
+        sos = self.class_emb(labels_2B)  # (2B, C) float32
+        act = F.silu(sos)
         if self.cfg.var.shared_aln:
-            shared = self.shared_ada_lin(sos).view(-1, 1, 6, self.C)           # (2B, 1, 6, C)
+            shared = linear(act, self.shared_ada_lin[1]).view(-1, 1, 6, self.C)           # (2B, 1, 6, C)
             ada = torch.stack([(b.ada_gss + shared)[:, 0] for b in self.blocks])
         else:
-            ada = torch.stack([b.ada_lin(sos).view(-1, 6, self.C) for b in self.blocks])
-        head = self.head_nm.ada_lin(sos).view(-1, 2, self.C)
-        return Condition(ada, head, sos)
+            ada = torch.stack([linear(act, b.ada_lin[1]).view(-1, 6, self.C) for b in self.blocks])
+        head = linear(act, self.head_nm.ada_lin[1]).view(-1, 2, self.C)
+        # Held in float32 (lossless: each block casts back to its ada_dtype).
+        return Condition(ada.float(), head.float(), sos)
 
     def lvl_pos(self, b: int = 0, e: Optional[int] = None) -> torch.Tensor:
         """(1, e - b, C): level embedding plus absolute position of positions b..e-1 (default all L), added
@@ -224,20 +234,19 @@ class VAR(nn.Module):
     def scale_input(self, si: int, tokens_BlCv: torch.Tensor) -> torch.Tensor:
         """Scale si>0: f_hat downsampled to this scale (B, l, Cvae) -> block input (2B, l, C)."""
         b, e = self.cfg.scale_ranges()[si]
-        x = self.word_embed(tokens_BlCv) + self.lvl_pos(b, e)
+        x = linear(tokens_BlCv, self.word_embed) + self.lvl_pos(b, e)  # float32
         return x.repeat(2, 1, 1)  # the same input for conditional and unconditional rows
 
     # ---- one scale ----------------------------------------------------------------------
-    def step(self, x_2BlC: torch.Tensor, cond: Condition, kv: KVProvider) -> torch.Tensor:
-        """Blocks + head for one scale. Returns logits (2B, l, V) in float32."""
+    def step(self, x_2BlC: torch.Tensor, cond: Condition, kv: KVProvider, fused: bool = False) -> torch.Tensor:
+        """Blocks + head for one scale. x float32 (2B, l, C). Returns logits (2B, l, V) in float32."""
         for i, blk in enumerate(self.blocks):
-            x_2BlC = blk(x_2BlC, cond.ada_blocks[i], i, kv)
+            x_2BlC = blk(x_2BlC, cond.ada_blocks[i], i, kv, fused=fused)
         return self.logits(x_2BlC, cond.ada_head)
 
     def logits(self, x_BlC: torch.Tensor, ada_head: torch.Tensor) -> torch.Tensor:
-        # The official code runs the head in float32.
-        h = self.head_nm(x_BlC.float(), ada_head.float())
-        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+        """The head in its compute dtype (the official autocast run: an FP16 matmul), returned as float32."""
+        return linear(self.head_nm(x_BlC, ada_head), self.head).float()
 
     # ---- teacher forcing (parity with the official forward) -----------------------------
     def forward_teacher(self, labels_B: torch.Tensor, x_BLCv_wo_first: torch.Tensor) -> torch.Tensor:
@@ -245,7 +254,7 @@ class VAR(nn.Module):
         cond = self.condition(labels_B)
         B = labels_B.shape[0]
         sos = cond.sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-        x = torch.cat((sos, self.word_embed(x_BLCv_wo_first)), dim=1) + self.lvl_pos()
+        x = torch.cat((sos, linear(x_BLCv_wo_first, self.word_embed).float()), dim=1) + self.lvl_pos()
         lvl = self.lvl_1L
         mask = torch.where(lvl.view(-1, 1) >= lvl.view(1, -1), 0.0, -math.inf).to(x.dtype)
         for i, blk in enumerate(self.blocks):

@@ -189,7 +189,11 @@ class Phi(nn.Conv2d):
         self.ratio = abs(ratio)
 
     def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        return h_BChw * (1 - self.ratio) + super().forward(h_BChw) * self.ratio
+        """h float32; the conv in the weight's dtype, ``* r`` rounded there, the blend in float32 (the
+        official ``h.mul(1 - r) + conv(h).mul_(r)`` under autocast; see var_rt.precision)."""
+        w = self.weight
+        y = self._conv_forward(h_BChw.to(w.dtype), w, self.bias) * self.ratio
+        return h_BChw * (1 - self.ratio) + y.to(h_BChw.dtype)
 
 
 class _PhiShared(nn.Module):
@@ -284,7 +288,7 @@ class VectorQuantizer(nn.Module):
     def f_to_idx(self, f_BChw: torch.Tensor) -> List[torch.Tensor]:
         """Encoder features -> 10 token maps, each (B, pn*pn): residual quantisation coarse to fine."""
         B, C, H, W = f_BChw.shape
-        rest = f_BChw.clone()
+        rest = f_BChw.float()  # the quantiser runs in float32 (var_rt.precision)
         out = []
         for si, pn in enumerate(self.patch_nums):
             last = si == len(self.patch_nums) - 1
@@ -308,7 +312,9 @@ class VQVAE(nn.Module):
         self.post_quant_conv = _conv3x3(cfg.z_channels, cfg.z_channels)
 
     def decode_fhat(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
+        """f_hat (float32) -> image in [-1, 1] in the decoder's compute dtype."""
+        w = self.post_quant_conv.weight
+        return self.decoder(self.post_quant_conv(f_hat_BChw.to(w.dtype))).clamp(-1, 1)
 
     def encode_idx(self, img_B3HW: torch.Tensor) -> List[torch.Tensor]:
         """Image in [-1, 1] -> list of token maps (B, pn*pn)."""
