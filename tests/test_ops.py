@@ -248,11 +248,17 @@ def test_transition_cuda_current_stream():
     ref_f, ref_n = ops.scale_transition_reference(f_hat.double(), h.double(), w, b, r, 8)
     nxt = _poison(torch.empty(8, 64, 16, device="cuda"))
     s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    # The default stream is kept busy (~100 ms GPU spin). A kernel wrongly launched on the default stream
+    # would not have run when the copies taken on `s` right after it are read: they would hold the poison.
+    torch.cuda._sleep(200_000_000)
     with torch.cuda.stream(s):
         ops.scale_transition(f_hat, h, w, b, r, 8, nxt)
+        done_f, done_n = f_hat.clone(), nxt.clone()
     s.synchronize()
-    torch.testing.assert_close(nxt.double(), ref_n, rtol=1e-5, atol=1e-5)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(done_n.double(), ref_n, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(done_f.double(), ref_f, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels

@@ -298,8 +298,10 @@ class VARPipeline:
                 images.append(out.images)
                 tokens.append(out.tokens)
                 sampled.append(out.sampled)
-        merge = lambda parts: [torch.cat([p[si] for p in parts]) for si in range(self.cfg.num_scales)]  # noqa: E731
-        return GenerationResult(torch.cat(images), labels, seeds, merge(tokens), merge(sampled))
+        # One chunk (the usual case) is returned as the loop handed it over: no concatenation copy.
+        cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)  # noqa: E731
+        merge = lambda parts: [cat([p[si] for p in parts]) for si in range(self.cfg.num_scales)]  # noqa: E731
+        return GenerationResult(cat(images), labels, seeds, merge(tokens), merge(sampled))
 
     __call__ = generate
 
