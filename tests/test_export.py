@@ -20,7 +20,7 @@ import torch
 
 from conftest import get_fixture
 from export import build as build_mod
-from export.manifest import load_manifest
+from var_rt.manifest import load_manifest
 from export.onnx_export import sample_inputs
 from var_rt.checkpoint import weights_hash
 from var_rt.errors import BackendUnavailableError, ConfigError, EngineMismatchError
