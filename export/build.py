@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
 
 def validate(a: argparse.Namespace) -> BuildOptions:
     """The one place options are checked; raises ConfigError with what to change."""
-    if not a.engines_only and (a.model is None) == (a.config is None):
+    if not (a.engines_only or a.verify) and (a.model is None) == (a.config is None):
         raise ConfigError("give exactly one of --model PRESET or --config JSON")
     if a.random_weights and (a.var_ckpt or a.vae_ckpt):
         raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
