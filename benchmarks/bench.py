@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -52,6 +53,32 @@ from benchmarks.official_style import OfficialStyle
 ALL_BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
 PRESET_NAMES = ("d16", "d20", "d24", "d30", "d36")
 REF_PATH = Path(__file__).with_name("reference_baselines.json")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path) -> str:
+    """A path inside this checkout as written relative to it (reports do not name the machine's folders)."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except (ValueError, OSError, TypeError):  # outside the checkout, or None
+        return str(path)
+
+
+def timing_text(cuda: bool) -> Dict[str, str]:
+    """How this run timed its calls, in the words the report uses."""
+    if cuda:
+        return {"clock": "CUDA events",
+                "timing": "steady state: CUDA events around each call, synchronize before reading; first call "
+                          "and setup: host clock between synchronizes; peak memory: max_memory_allocated after "
+                          "reset_peak_memory_stats"}
+    return {"clock": "host clock, time.perf_counter",
+            "timing": "steady state, first call and setup: host clock (time.perf_counter) around each call; "
+                      "no GPU, so no peak memory"}
+
+
+def autocast_text(dtype: str) -> str:
+    """What the official-style baseline runs in for --dtype (see run_official_model)."""
+    return {"float16": "FP16 autocast", "bfloat16": "BF16 autocast"}.get(dtype, "float32, no autocast")
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -492,14 +519,16 @@ def fmt(v, nd=1):
 
 def write_markdown(results: dict, path: Path) -> None:
     m = results["meta"]
+    clock = m.get("clock") or timing_text(not m["device"].startswith("CPU"))["clock"]  # older results.json
     L = [f"# var-rt benchmark", "",
          f"- device: {m['device']}", f"- date: {m['date']}", f"- torch: {m['torch']}",
          f"- command: `{m['command']}`",
          f"- sampling: cfg {m['args']['cfg']}, top-k {m['args']['top_k']}, top-p {m['args']['top_p']}; "
          f"dtype {m['args']['dtype']}; weights: {m['weights']}",
          f"- steady state: median / p90 of {m['args']['iters']} timed calls after {m['args']['warmup']} warm-up "
-         f"calls (CUDA events); first call reported apart.", "",
-         "**official-style** is our re-implementation of the official algorithm (eager, FP16 autocast, KV cache by "
+         f"calls ({clock}); first call reported apart.", "",
+         f"**official-style** is our re-implementation of the official algorithm (eager, "
+         f"{autocast_text(m['args']['dtype'])}, KV cache by "
          "concatenation, AdaLN recomputed per scale, torch.multinomial sampling, decode included); the official "
          "code's own measured numbers are in the reference table below. `x official-style` / `x official (ref)`: "
          "baseline latency / our latency at the same batch; `x DiT-50/250`: our img/s / DiT's img/s (same batch "
@@ -534,8 +563,11 @@ def write_markdown(results: dict, path: Path) -> None:
         L += [f"| {k[0]} | {k[1]} | {fmt(v[0], 2)} | {fmt(v[1], 2)} |" for k, v in setup.items()]
     ref = results.get("reference", {})
     if ref:
+        # The recorded source names files of the machine it was measured on: keep their names, not its folders.
+        source = re.sub(r"(?<!\S)/\S*/", "", str(ref.get("source", "")))
         L += ["", f"## Reference: measured on {ref.get('device')} ({ref.get('date')}, torch {ref.get('torch')})", "",
-              f"Source: {ref.get('source')}. Official code: {ref.get('official', {}).get('what', '')}", "",
+              f"Source: {repo_relative(REF_PATH)} (from {source}). "
+              f"Official code: {ref.get('official', {}).get('what', '')}", "",
               "| what | batch 1 ms | batch 16 ms | batch 64 ms |", "|---|---|---|---|"]
         for name, per in ref.get("official", {}).get("s_per_batch", {}).items():
             L.append(f"| VAR-{name} official | " + " | ".join(fmt(per[b] * 1e3 if b in per else None)
@@ -564,7 +596,8 @@ def write_plot(results: dict, path: Path) -> Optional[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as e:
-        return f"plot skipped: matplotlib not importable ({type(e).__name__})"
+        return (f"plot.png skipped: matplotlib is not importable ({type(e).__name__}); "
+                f"pip install -e '.[bench]' adds it")
     series = {}
     for c in results["cases"]:
         if c["status"] == "ok":
@@ -715,15 +748,15 @@ def main(argv=None) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     argv_list = sys.argv[1:] if argv is None else list(argv)
+    shown = [repo_relative(a) if os.path.exists(a) else a for a in argv_list]  # paths in the checkout: relative
     results = {
         "meta": {"device": device_name(dev), "torch": torch.__version__, "python": platform.python_version(),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "command": "python -m benchmarks.bench " + " ".join(shlex.quote(a) for a in argv_list),
+                 "command": "python -m benchmarks.bench " + " ".join(shlex.quote(a) for a in shown),
                  "argv": argv_list, "args": {k: v for k, v in vars(args).items()},
-                 "weights": "random (--random-weights)" if args.random_weights else f"{args.var_ckpt}, {args.vae_ckpt}",
-                 "timing": "steady state: CUDA events around each call, synchronize before reading; first call "
-                           "and setup: host clock between synchronizes; peak memory: max_memory_allocated after "
-                           "reset_peak_memory_stats"},
+                 "weights": "random (--random-weights)" if args.random_weights else
+                            f"{repo_relative(args.var_ckpt)}, {repo_relative(args.vae_ckpt)}",
+                 **timing_text(clock.cuda)},
         "reference": load_reference(), "cases": [], "floors": {}, "notes": [],
     }
     results["notes"].append("official-style = our re-implementation of the official VAR algorithm "
@@ -766,6 +799,7 @@ def main(argv=None) -> dict:
     note = write_plot(results, out / "plot.png")
     if note:
         results["notes"].append(note)
+        print(note)
     save()
     write_markdown(results, out / "results.md")
     print_summary(results)

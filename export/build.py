@@ -1,26 +1,32 @@
 """``python -m export.build``: export the VAR graphs to ONNX and build TensorRT engines into one directory.
 
     python -m export.build --model d16 --random-weights --fp16 --batch-size 1 8 --out-dir build/d16-fp16
+    python -m export.build --verify --out-dir build/d16-fp16     # check every file against the manifest
 
 Layout of ``--out-dir``: ``onnx/`` (``*.onnx`` + one shared ``weights.bin``), ``engines/`` (TensorRT),
-``manifest.json`` (written last; see export/manifest.py). Errors print one ``error: ...`` line, exit 2.
+``manifest.json`` (written last, with the size and SHA-256 of every file; see export/manifest.py).
+Errors print one ``error: ...`` line, exit 2; output locations are checked before any model work, and a
+failed export leaves no directory behind.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-from export.manifest import MANIFEST, write_manifest
+from export.manifest import write_manifest
 from export.onnx_export import export_all, onnx_sizes
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+from var_rt.manifest import MANIFEST, check_engine_files, listed_files, read_manifest
 
 MAX_BATCH = 256  # 2B rows of KV cache per profile; beyond this the step no longer fits an H100 at d30
 PRECISIONS = {False: "fp32", True: "fp16"}
@@ -38,6 +44,7 @@ class BuildOptions:
     out_dir: Path
     onnx_only: bool
     engines_only: bool
+    verify: bool
     device: str
     opset: int
     timing_cache: Optional[Path]
@@ -69,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--engines-only", action="store_true",
                    help="build TensorRT engines for the finished ONNX export already in --out-dir "
                         "(model and batch sizes come from its manifest)")
+    o.add_argument("--verify", action="store_true",
+                   help="only check the export in --out-dir: every file's size and SHA-256 against its manifest")
     o.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model runs while tracing (cuda: much faster for d30/d36; same graphs)")
     o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -87,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
 
 def validate(a: argparse.Namespace) -> BuildOptions:
     """The one place options are checked; raises ConfigError with what to change."""
-    if not a.engines_only and (a.model is None) == (a.config is None):
+    if not (a.engines_only or a.verify) and (a.model is None) == (a.config is None):
         raise ConfigError("give exactly one of --model PRESET or --config JSON")
     if a.random_weights and (a.var_ckpt or a.vae_ckpt):
         raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
@@ -106,23 +115,50 @@ def validate(a: argparse.Namespace) -> BuildOptions:
     out = Path(a.out_dir)
     if a.engines_only and a.onnx_only:
         raise ConfigError("--engines-only and --onnx-only exclude each other")
+    if a.verify and (a.engines_only or a.onnx_only or a.force):
+        raise ConfigError("--verify only reads an export: drop --engines-only/--onnx-only/--force")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is visible to torch; trace on the CPU (--device cpu)")
-    if a.engines_only:
+    if a.engines_only or a.verify:
         if not (out / MANIFEST).is_file():
-            raise ConfigError(f"--engines-only: {out} has no finished export ({MANIFEST}); export it first")
+            flag = "--verify" if a.verify else "--engines-only"
+            raise ConfigError(f"{flag}: {out} has no finished export ({MANIFEST}); export it first")
+    elif out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {str(out)!r} is a file: choose a directory")
     elif out.exists() and any(out.iterdir()) and not a.force:
         what = "an export" if (out / MANIFEST).is_file() else "files"
         raise ConfigError(f"{out} already holds {what} (possibly stale): pass --force to replace it "
                           f"or choose another --out-dir")
+    if not a.verify:
+        check_writable(out if a.engines_only else out.parent, "--out-dir", out)
+    if a.timing_cache and not a.verify:
+        check_writable(Path(a.timing_cache).parent, "--timing-cache", Path(a.timing_cache))
     return BuildOptions(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
                         random_weights=a.random_weights, fp16=a.fp16,
                         batch_sizes=tuple(sorted(set(a.batch_size))), out_dir=out, onnx_only=a.onnx_only,
-                        engines_only=a.engines_only, device=a.device,
+                        engines_only=a.engines_only, verify=a.verify, device=a.device,
                         opset=a.opset, timing_cache=Path(a.timing_cache) if a.timing_cache else None,
                         trt_flavor=a.trt_flavor, optimization_level=a.optimization_level,
                         workspace_gb=a.workspace_gb, compute_capabilities=tuple(a.compute_capability),
                         force=a.force, progress=not a.no_progress)
+
+
+def check_writable(where: Path, flag: str, target: Path) -> None:
+    """ConfigError unless files can be created under ``where`` (or the nearest folder of it that exists).
+
+    Probed by creating and removing an empty temporary folder: permission bits do not tell (root, read-only
+    mounts, /proc), and finding out after minutes of tracing is too late.
+    """
+    base = where
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{flag} {str(target)!r}: {str(base)!r} is a file, not a folder: choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".export-probe-", dir=base))
+    except OSError as e:
+        raise ConfigError(f"{flag} {str(target)!r}: cannot create files in {str(base)!r} ({e.strerror}): "
+                          f"choose a writable location") from None
 
 
 def peak_host_gib() -> float:
@@ -147,10 +183,11 @@ def preflight_tensorrt(opts: BuildOptions) -> None:
 
 def build(opts: BuildOptions) -> dict:
     """Export (and build unless --onnx-only); returns the manifest written. Raises VarRtError / OSError."""
-    from var_rt.checkpoint import weights_hash
     from var_rt.pipeline import VARPipeline
 
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if opts.progress else (lambda s: None)
+    if opts.verify:
+        return verify_export(opts.out_dir, say)
     if opts.engines_only:
         return build_engines_only(opts, say)
     t0 = time.perf_counter()
@@ -163,6 +200,18 @@ def build(opts: BuildOptions) -> dict:
     if opts.out_dir.exists():
         shutil.rmtree(opts.out_dir)  # validate() allowed it (--force or empty)
     opts.out_dir.mkdir(parents=True)
+    try:
+        return _export(opts, var, vae, cfg, t0, say)
+    except BaseException:
+        if not (opts.out_dir / MANIFEST).is_file():  # nothing half-written: an unfinished export goes
+            shutil.rmtree(opts.out_dir, ignore_errors=True)
+        raise
+
+
+def _export(opts: BuildOptions, var, vae, cfg, t0: float, say) -> dict:
+    """The export into the (new, empty) ``opts.out_dir``, then the engines; the manifest is written last."""
+    from var_rt.checkpoint import weights_hash
+
     say(f"exporting {cfg.name} ({opts.precision}, batch {list(opts.batch_sizes)}) to {opts.out_dir}/onnx")
     files = export_all(var, vae, opts.out_dir / "onnx", list(opts.batch_sizes), opts.opset, say)
     w_bytes, g_bytes = onnx_sizes(opts.out_dir / "onnx")
@@ -200,9 +249,19 @@ def _build_engines(opts: BuildOptions, files: dict, scale_ranges, batch_sizes, s
                          compute_capabilities=list(opts.compute_capabilities), on_progress=say)
 
 
+def verify_export(out_dir: Path, say) -> dict:
+    """--verify: every file of the export against the size and SHA-256 in its manifest."""
+    m = read_manifest(out_dir)
+    names = listed_files(m)
+    t0 = time.perf_counter()
+    check_engine_files(out_dir, m, names)
+    total = sum((out_dir / n).stat().st_size for n in names)
+    say(f"ok: {len(names)} files, {total / 2**20:.1f} MiB match the manifest ({time.perf_counter() - t0:.1f} s)")
+    return m
+
+
 def build_engines_only(opts: BuildOptions, say) -> dict:
     """--engines-only: (re)build the TensorRT engines of a finished ONNX export, e.g. on another machine."""
-    from export.manifest import check_engine_files, read_manifest
     from var_rt.config import ModelConfig, VARConfig, VQVAEConfig
 
     m = read_manifest(opts.out_dir)
@@ -234,9 +293,11 @@ def main(argv=None) -> int:
     except OSError as e:
         if e.errno == errno.ENOSPC:
             print(f"error: disk full while writing the export ({e.filename or ''}): free space or choose "
-                  f"another --out-dir, then run again with --force", file=sys.stderr)
-            return 2
-        raise
+                  f"another --out-dir, then run again", file=sys.stderr)
+        else:
+            print(f"error: could not write the export ({e.strerror}: {e.filename or ''}): check --out-dir, "
+                  f"then run again", file=sys.stderr)
+        return 2
     except RuntimeError as e:  # TensorRT parse/build failures
         print(f"error: {e}", file=sys.stderr)
         return 2

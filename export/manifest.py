@@ -1,84 +1,28 @@
-"""``manifest.json`` of an export directory: what built it, and the check before anything runs it.
+"""Writing ``manifest.json`` of an export directory: what built it, and the size and hash of every file.
 
-Engines and graphs are only valid for the model config, weights, precision and batch sizes they were
-built from (and, for TensorRT, the GPU). ``load_manifest`` compares those with what the caller
-expects and raises EngineMismatchError naming every difference, instead of running a stale engine.
+Reading and checking it belong to the runtime (var_rt/manifest.py), which runs exports without this
+package's build tools.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Sequence
 
-from var_rt.config import ModelConfig
-from var_rt.errors import EngineMismatchError
+from var_rt.manifest import FORMAT_VERSION, MANIFEST, listed_files, sha256_file
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+
+def file_digests(out_dir: Path, names: Sequence[str]) -> Dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of the files just written (what var_rt.manifest.check_engine_files compares)."""
+    return {n: {"bytes": (out_dir / n).stat().st_size, "sha256": sha256_file(out_dir / n)} for n in names}
 
 
 def write_manifest(out_dir: Path, data: dict) -> None:
-    data = {"format_version": FORMAT_VERSION, **data}
+    """Write ``data`` as the manifest, with the digests of every file it lists (replacing any recorded)."""
+    out_dir = Path(out_dir)
+    data = {"format_version": FORMAT_VERSION, **{k: v for k, v in data.items()
+                                                 if k not in ("format_version", "digests")}}
+    data["digests"] = file_digests(out_dir, listed_files(data))
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(out_dir / MANIFEST)  # the manifest appears last and whole: a partial export has none
-
-
-def read_manifest(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise EngineMismatchError(f"{str(out_dir)!r} has no {MANIFEST}: it is not a finished export "
-                                  f"(run `python -m export.build` again)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineMismatchError(f"{path} is not valid JSON ({e}): export again with --force") from None
-    if data.get("format_version") != FORMAT_VERSION:
-        raise EngineMismatchError(f"{path}: format version {data.get('format_version')} is not "
-                                  f"{FORMAT_VERSION}: export again with --force")
-    return data
-
-
-def load_manifest(out_dir: str | Path, expected_cfg: Optional[ModelConfig], expected_weights_hash: Optional[str],
-                  precision: Optional[str], batch: Optional[int]) -> dict:
-    """Read and check ``out_dir/manifest.json``; raise EngineMismatchError saying what differs.
-
-    Args:
-        out_dir: the export directory.
-        expected_cfg: the model config the caller runs (None: do not check).
-        expected_weights_hash: ``var_rt.checkpoint.weights_hash(var, vae)`` of the caller's weights (None: skip).
-        precision: "fp16" or "fp32" (None: skip).
-        batch: the batch size the caller will run (None: skip); must be one the export was built for.
-
-    Returns:
-        The manifest as a dict.
-    """
-    m = read_manifest(out_dir)
-    problems = []
-    if expected_cfg is not None:
-        want, have = expected_cfg.to_dict(), m.get("model", {})
-        for section in ("var", "vae"):
-            for key, value in want[section].items():
-                got = have.get(section, {}).get(key)
-                got = tuple(got) if isinstance(got, list) else got
-                if got != value:
-                    problems.append(f"model {section}.{key} is {got!r} in the export, {value!r} expected")
-    if expected_weights_hash is not None and m.get("weights_hash") != expected_weights_hash:
-        problems.append(f"weights differ (export built from weights {str(m.get('weights_hash'))[:12]}, "
-                        f"these are {expected_weights_hash[:12]}): the export is stale")
-    if precision is not None and m.get("precision") != precision:
-        problems.append(f"precision is {m.get('precision')}, {precision} asked for")
-    if batch is not None and batch not in m.get("batch_sizes", []):
-        problems.append(f"batch size {batch} was not built (built: {m.get('batch_sizes')})")
-    if problems:
-        raise EngineMismatchError(f"export {str(out_dir)!r} does not match: " + "; ".join(problems)
-                                  + ". Export again (python -m export.build ... --force) or use matching settings")
-    return m
-
-
-def check_engine_files(out_dir: Path, m: dict, names: Sequence[str]) -> None:
-    """Every listed file exists (a half-deleted directory is reported, not run)."""
-    missing = [n for n in names if not (Path(out_dir) / n).is_file()]
-    if missing:
-        raise EngineMismatchError(f"export {str(out_dir)!r} lists files that are missing: {', '.join(missing)}; "
-                                  f"export again with --force")

@@ -5,15 +5,18 @@ decode) so the test depends only on the engine protocol and the fixtures, not on
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import FIXTURE_NAMES, get_fixture, token_mismatch
+from conftest import FIXTURE_NAMES, REPO, get_fixture, token_mismatch
 from var_rt.errors import EngineMismatchError, InputError
 
 pytest.importorskip("onnxruntime")
 
-from test_export import exported  # noqa: E402  (module-scoped export cache)
+from test_export import damaged_copy, exported  # noqa: E402  (module-scoped export cache)
 from var_rt.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
 
 
@@ -101,3 +104,35 @@ def test_bad_inputs_and_stale_manifest(fx256):
     other = get_fixture("var_tiny_512_saln").cfg
     with pytest.raises(EngineMismatchError, match="shared_aln"):
         OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2, expected_cfg=other)
+
+
+def test_damaged_weights_file_is_refused_before_running(fx256, tmp_path):
+    """A weights.bin with flipped bytes, or cut short, is reported instead of giving wrong images or a crash."""
+    src = exported(fx256.name, "fp32")
+    with pytest.raises(EngineMismatchError, match="weights.bin does not match its recorded SHA-256"):
+        OnnxRuntimeEngine.from_dir(damaged_copy(src, tmp_path / "flip", "flip"), "cpu", batch=2)
+    with pytest.raises(EngineMismatchError, match="weights.bin is [0-9]+ bytes, the manifest records"):
+        OnnxRuntimeEngine.from_dir(damaged_copy(src, tmp_path / "cut", "cut"), "cpu", batch=2)
+
+
+def _generate(fx, engine_dir, out, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "var_rt", "generate", "--config", str(fx.config_path), "--var-ckpt",
+                           str(fx.var_ckpt), "--vae-ckpt", str(fx.vae_ckpt), "--backend", "onnxruntime",
+                           "--engine-dir", str(engine_dir), "--class-labels", "3", "7", "--device", "cpu",
+                           "--output-dir", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_cli_engine_dir_errors(fx256, tmp_path):
+    """One `error:` line, exit 2, no images: a missing directory, an FP16 export under the default dtype,
+    a corrupted weights.bin."""
+    cases = [(tmp_path / "nowhere", "does not exist"),
+             (exported(fx256.name, "fp16"), "run with --dtype float16"),
+             (damaged_copy(exported(fx256.name, "fp32"), tmp_path / "flip", "flip"), "SHA-256")]
+    for engine_dir, want in cases:
+        r = _generate(fx256, engine_dir, tmp_path / "o")
+        assert r.returncode == 2, (engine_dir, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("note:")]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.stderr
+        assert "stale" not in lines[0]
+        assert not (tmp_path / "o").exists()

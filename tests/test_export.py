@@ -12,15 +12,17 @@ import copy
 import errno
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import get_fixture
+from conftest import REPO, get_fixture
 from export import build as build_mod
-from export.manifest import load_manifest
+from var_rt.manifest import load_manifest
 from export.onnx_export import sample_inputs
 from var_rt.checkpoint import weights_hash
 from var_rt.errors import BackendUnavailableError, ConfigError, EngineMismatchError
@@ -156,6 +158,7 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(build_mod, "export_all", full)
     assert build_mod.main(build_args("var_tiny_256", tmp_path / "b")) == 2
     assert "disk full" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # an unfinished export is not left behind
 
 
 def test_no_tensorrt_still_writes_onnx(tmp_path, capsys, monkeypatch):
@@ -187,6 +190,60 @@ def test_stale_manifest(fx256, tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(EngineMismatchError, match="no manifest.json"):
         load_manifest(out, None, None, None, None)
+    with pytest.raises(EngineMismatchError, match="'.*nowhere' does not exist"):
+        load_manifest(tmp_path / "nowhere", None, None, None, None)
+
+
+def test_fp16_export_under_float32_names_the_dtype_flag(fx256):
+    """The weight hashes of FP16 and FP32 weights never match: the fix is --dtype float16, not a new export."""
+    out = exported(fx256.name, "fp16")
+    with pytest.raises(EngineMismatchError) as e:
+        load_manifest(out, fx256.cfg, weights_hash(fx256.var, fx256.vae), "fp32", 2)
+    assert "--dtype float16" in str(e.value) and "stale" not in str(e.value)
+
+
+def damaged_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of an export whose weights.bin has one byte flipped every 4 KiB ("flip") or lost its end ("cut")."""
+    shutil.copytree(src, dst)
+    w = dst / "onnx" / "weights.bin"
+    data = bytearray(w.read_bytes())
+    if how == "flip":
+        data[::4096] = bytes(b ^ 0xFF for b in data[::4096])
+    else:
+        del data[len(data) // 2:]
+    w.write_bytes(bytes(data))
+    return dst
+
+
+def test_damaged_weights_are_refused(fx256, tmp_path, capsys):
+    """Flipped bytes: the SHA-256 differs; a truncated file: its size differs; --verify reports both."""
+    src = exported(fx256.name, "fp32")
+    m = json.loads((src / "manifest.json").read_text())
+    assert m["digests"]["onnx/weights.bin"]["bytes"] == (src / "onnx" / "weights.bin").stat().st_size
+    assert set(m["digests"]) == set(m["onnx"]["files"]) | {"onnx/weights.bin"}
+    assert build_mod.main(["--verify", "--out-dir", str(src)]) == 0
+    from var_rt.manifest import check_engine_files
+    for how, why in (("flip", "does not match its recorded SHA-256"), ("cut", "weights.bin is .* bytes, the manifest")):
+        out = damaged_copy(src, tmp_path / how, how)
+        with pytest.raises(EngineMismatchError, match=why):
+            check_engine_files(out, m, ["onnx/weights.bin"])
+        capsys.readouterr()
+        assert build_mod.main(["--verify", "--out-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "weights.bin" in err
+    check_engine_files(tmp_path / "flip", m, ["onnx/weights.bin"], content=False)  # sizes only: not seen
+
+
+def test_cli_unwritable_out_dir_fails_before_model_work(tmp_path):
+    """`--out-dir /proc/x` (and a path under a file): one error line, exit 2, no traceback, nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in ("/proc/var-rt-x", str(afile / "sub")):
+        r = subprocess.run([sys.executable, "-m", "export.build", *build_args("var_tiny_256", Path(out))],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: --out-dir") and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_rtx_compute_capability_targets():

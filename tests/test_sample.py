@@ -5,6 +5,7 @@ ray = pytest.importorskip("ray", reason="the [serve] extra (ray[serve]) is not i
 
 import json  # noqa: E402
 import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -106,12 +107,70 @@ def test_resume_redoes_partial_shards_only(reference, tmp_path):
     assert {n: (out / n).stat().st_mtime_ns for n in NAMES[:4]} == untouched, "a done shard was regenerated"
 
 
+def test_resume_redoes_a_finished_shard_with_a_truncated_png(reference, tmp_path):
+    """Shard 0 has its marker but one PNG lost its end (a disk or copy problem): the sizes in the marker
+    show it, the shard is redone, and the .npz is packed instead of failing on the broken file."""
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    (out / "samples.npz").unlink()
+    (out / NAMES[1]).write_bytes((out / NAMES[1]).read_bytes()[:-200])
+    untouched = {n: (out / n).stat().st_mtime_ns for n in NAMES[4:]}
+    _one_thread(lambda: run_sample(_kwargs(), out, num_workers=1, progress=False, **JOB))
+    _assert_same_output(reference[0], out)
+    assert {n: (out / n).stat().st_mtime_ns for n in NAMES[4:]} == untouched, "a verified shard was regenerated"
+
+
+def test_npz_of_an_unreadable_png_is_one_error(reference, tmp_path):
+    """A PNG broken after the resume check: one error naming it, its shard unmarked, no half-written .npz."""
+    from var_rt.errors import VarRtError
+    from var_rt.sample import SampleJob, model_identity, write_npz
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    job = SampleJob(**json.loads((out / "job.json").read_text()))
+    assert job.model == model_identity(_kwargs())
+    (out / NAMES[9]).write_bytes((out / NAMES[9]).read_bytes()[:300])
+    with pytest.raises(VarRtError, match=f"{NAMES[9]} cannot be read.*run the same command again"):
+        write_npz(out, job, tmp_path / "x.npz")
+    assert not (out / MARKER_DIR / "000002.done").exists() and (out / MARKER_DIR / "000001.done").exists()
+    assert not list(tmp_path.glob("x.npz*"))
+
+
 def test_resume_with_other_options_is_refused(reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference[0], out)
     with pytest.raises(ConfigError, match="another sampling job.*seed"):
         run_sample(_kwargs(), out, num_workers=1, progress=False, **dict(JOB, seed=7))
     assert json.loads((out / "job.json").read_text())["seed"] == 100
+    with pytest.raises(ConfigError, match="another sampling job.*batch_size"):  # pixels depend on the batch
+        run_sample(_kwargs(), out, num_workers=1, progress=False, **dict(JOB, batch_size=4))
+    with pytest.raises(ConfigError, match="another sampling job.*model"):  # so does the device
+        run_sample(dict(_kwargs(), device="cuda"), out, num_workers=1, progress=False, **JOB)
+
+
+def test_cli_sample_records_batch_size():
+    """`sample --help` states the default --batch-size the code uses; job.json records the one used, and a
+    resume with another is one error line, exit 2."""
+    import subprocess
+    import sys
+    import tempfile
+    from conftest import REPO
+    from var_rt.sample import DEFAULT_CHUNK
+    h = subprocess.run([sys.executable, "-m", "var_rt", "sample", "--help"], capture_output=True, text=True, cwd=REPO)
+    text = " ".join(h.stdout.split())
+    assert h.returncode == 0 and f"images per pipeline call (default {DEFAULT_CHUNK})" in text, h.stdout
+    assert "forward pass (default: all)" not in text
+    fx = get_fixture("var_tiny_256")
+    with tempfile.TemporaryDirectory() as d:
+        base = [sys.executable, "-m", "var_rt", "sample", "--config", str(fx.config_path), "--var-ckpt",
+                str(fx.var_ckpt), "--vae-ckpt", str(fx.vae_ckpt), "--device", "cpu", "--classes", "7",
+                "--per-class", "1", "--num-workers", "1", "--no-npz", "--output-dir", d, "--no-progress"]
+        r = subprocess.run(base + ["--batch-size", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 0, r.stderr
+        job = json.loads((Path(d) / "job.json").read_text())
+        assert job["batch_size"] == 1 and job["model"]["device"] == "cpu" and job["model"]["backend"] == "torch"
+        r = subprocess.run(base + ["--batch-size", "2"], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "batch_size" in r.stderr
 
 
 def test_cli_sample_and_core_without_ray(tmp_path):

@@ -141,7 +141,7 @@ class VARPipeline:
     def _exported_manifest(self) -> dict:
         """The export directory's manifest, checked against this model's config, weights and precision."""
         if self._manifest is None:
-            from export.manifest import load_manifest
+            from var_rt.manifest import load_manifest
             from var_rt.checkpoint import weights_hash
             self._manifest = load_manifest(self.engine_dir, self.cfg, weights_hash(self.var, self.vae),
                                            self.precision, None)

@@ -3,10 +3,17 @@
 The job is fixed by its classes, images per class and base seed: image ``i`` (class-major order: all images
 of the first class, then the next, ...) has class ``classes[i // per_class]`` and seed ``seed + i`` and is
 written as ``{i:06d}_class{c}_seed{s}.png``. The job is cut into fixed shards of ``shard_size`` images; a
-shard is done when its marker ``.shards/{k:06d}.done`` exists, written atomically after all of its PNGs
-(each PNG is itself written to a temporary name and renamed). A restart skips done shards and redoes the
-others whole, so files are never duplicated or missing. Because an image depends only on its class and
-seed, the output does not depend on the number of workers or on which worker ran which shard.
+shard is done when its marker ``.shards/{k:06d}.done`` exists and every PNG has the size the marker records.
+Each PNG is written to a temporary name, fsync'd and renamed; the marker is written the same way after all
+of them. A restart checks the sizes (a stat per file) and redoes the other shards whole, so files are
+never duplicated, missing or truncated. ``job.json`` records every option that changes the pixels; a
+restart with other options is refused.
+
+The random numbers of an image depend only on its class and seed, and the shards are cut into pipeline
+calls of fixed index ranges (``--batch-size``, default 32 images), so the output does not depend on the
+number of workers or on which worker ran which shard. Pixels can still differ by one level between batch
+compositions (the decoder's float rounding depends on the batch), which is why ``--batch-size`` is part
+of the job.
 
 At the end all PNGs are packed, in index order, into an ``.npz`` with key ``arr_0`` (uint8, N x H x W x 3),
 the format of the standard FID evaluator; it is written streaming, so memory stays small.
@@ -38,7 +45,7 @@ JOB_FILE = "job.json"
 class SampleJob:
     """What decides the images (and so must match on resume)."""
 
-    model: Dict[str, Any]  # model identity: preset/config, checkpoints, dtype
+    model: Dict[str, Any]  # every VARPipeline.load argument but progress: preset/config, checkpoints, dtype, ...
     classes: List[int]
     per_class: int
     seed: int
@@ -48,6 +55,7 @@ class SampleJob:
     top_p: float
     more_smooth: bool
     shard_size: int
+    batch_size: Optional[int]  # images per pipeline call; None: DEFAULT_CHUNK
 
     @property
     def num_images(self) -> int:
@@ -67,8 +75,16 @@ class SampleJob:
         n, s = self.num_images, self.shard_size
         return [range(a, min(a + s, n)) for a in range(0, n, s)]
 
+    def chunks(self, k: int) -> List[tuple]:
+        """Shard k's index range cut into pipeline calls (fixed by the job, not by the workers)."""
+        r, step = self.shards()[k], self.batch_size or DEFAULT_CHUNK
+        return [(a, min(a + step, r.stop)) for a in range(r.start, r.stop, step)]
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+DEFAULT_CHUNK = 32  # images per pipeline call when --batch-size is not given
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -84,14 +100,30 @@ def marker_path(out_dir: Path, k: int) -> Path:
     return out_dir / MARKER_DIR / f"{k:06d}.done"
 
 
+def write_marker(out_dir: Path, job: SampleJob, k: int) -> None:
+    """Mark shard k done, recording the size of each of its PNGs (all written and fsync'd before this)."""
+    r = job.shards()[k]
+    sizes = {job.name(i): (out_dir / job.name(i)).stat().st_size for i in r}
+    _atomic_write(marker_path(out_dir, k), json.dumps({"start": r.start, "stop": r.stop, "sizes": sizes}).encode())
+
+
+def shard_is_done(out_dir: Path, job: SampleJob, k: int) -> bool:
+    """Shard k has its marker and every PNG the size recorded there (no file is read: a stat each)."""
+    try:
+        sizes = json.loads(marker_path(out_dir, k).read_text())["sizes"]
+        return all(sizes[job.name(i)] == (out_dir / job.name(i)).stat().st_size for i in job.shards()[k])
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, an older one without sizes, a missing PNG
+        return False
+
+
 class ShardWorker:
     """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly)."""
 
     def __init__(self, pipeline_kwargs: Dict[str, Any], out_dir: str, job: SampleJob,
-                 batch_size: Optional[int] = None, crash_at: Optional[int] = None, crash_flag: Optional[str] = None):
+                 crash_at: Optional[int] = None, crash_flag: Optional[str] = None):
         from var_rt.pipeline import VARPipeline
         self.pipe = VARPipeline.load(**pipeline_kwargs)
-        self.out_dir, self.job, self.batch_size = Path(out_dir), job, batch_size
+        self.out_dir, self.job = Path(out_dir), job
         self.crash_at, self.crash_flag = crash_at, crash_flag  # test hook: die once on this image index
 
     def ready(self) -> bool:
@@ -108,19 +140,10 @@ class ShardWorker:
         idx = list(range(start, stop))
         res = self.pipe.generate(class_labels=[j.label(i) for i in idx], seed=[j.seed_of(i) for i in idx],
                                  cfg=j.cfg, cfg_schedule=j.cfg_schedule, top_k=j.top_k, top_p=j.top_p,
-                                 more_smooth=j.more_smooth, batch_size=self.batch_size, progress=False)
+                                 more_smooth=j.more_smooth, batch_size=j.batch_size, progress=False)
         for i, im in zip(idx, res.numpy()):
             _atomic_write(self.out_dir / j.name(i), png_bytes(im))
         return len(idx)
-
-
-DEFAULT_CHUNK = 32  # images per pipeline call when --batch-size is not given
-
-
-def _chunks(r: range, batch_size: Optional[int]) -> List[tuple]:
-    """A shard's index range cut into pipeline calls (fixed by the job, not by the workers)."""
-    step = batch_size or DEFAULT_CHUNK
-    return [(a, min(a + step, r.stop)) for a in range(r.start, r.stop, step)]
 
 
 def prepare_output(out_dir: Path, job: SampleJob) -> List[int]:
@@ -140,54 +163,64 @@ def prepare_output(out_dir: Path, job: SampleJob) -> List[int]:
     for tmp in out_dir.glob("*.tmp"):  # left by an interrupted write
         tmp.unlink()
     todo = []
-    for k, r in enumerate(job.shards()):
-        m = marker_path(out_dir, k)
-        if m.exists() and all((out_dir / job.name(i)).is_file() for i in r):
-            continue
-        m.unlink(missing_ok=True)
-        todo.append(k)
+    for k in range(len(job.shards())):
+        if not shard_is_done(out_dir, job, k):
+            marker_path(out_dir, k).unlink(missing_ok=True)
+            todo.append(k)
     return todo
 
 
 def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
     """All PNGs, in index order, into npz_path as 'arr_0' (uint8 N x H x W x 3), streamed one image at a time."""
     from var_rt.images import load_image
-    first = load_image(out_dir / job.name(0))
+
+    def image(i: int) -> np.ndarray:
+        """PNG i; one that does not decode loses its shard's marker, so that running again redoes it."""
+        try:
+            return load_image(out_dir / job.name(i))
+        except (OSError, ValueError) as e:
+            marker_path(out_dir, i // job.shard_size).unlink(missing_ok=True)
+            raise VarRtError(f"{job.name(i)} cannot be read ({e}): its shard is marked not done; run the same "
+                             f"command again to regenerate it") from None
+
+    first = image(0)
     shape = (job.num_images,) + first.shape
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = npz_path.with_name(npz_path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                     "fortran_order": False, "shape": shape})
-            for i in range(job.num_images):
-                im = first if i == 0 else load_image(out_dir / job.name(i))
-                if im.shape != first.shape:
-                    raise VarRtError(f"{job.name(i)} is {im.shape}, not {first.shape}: delete it and its shard's "
-                                     f"marker in {MARKER_DIR}/ and run again to regenerate it")
-                f.write(np.ascontiguousarray(im, dtype=np.uint8).tobytes())
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                         "fortran_order": False, "shape": shape})
+                for i in range(job.num_images):
+                    im = first if i == 0 else image(i)
+                    if im.shape != first.shape:
+                        raise VarRtError(f"{job.name(i)} is {im.shape}, not {first.shape}: delete it and its "
+                                         f"shard's marker in {MARKER_DIR}/ and run again to regenerate it")
+                    f.write(np.ascontiguousarray(im, dtype=np.uint8).tobytes())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written .npz
+        raise
     os.replace(tmp, npz_path)
     return npz_path
 
 
-def _run_local(pipeline_kwargs, out_dir, job, todo, batch_size, bar, crash_at=None, crash_flag=None) -> None:
-    w = ShardWorker(pipeline_kwargs, str(out_dir), job, batch_size, crash_at, crash_flag)
-    shards = job.shards()
+def _run_local(pipeline_kwargs, out_dir, job, todo, bar, crash_at=None, crash_flag=None) -> None:
+    w = ShardWorker(pipeline_kwargs, str(out_dir), job, crash_at, crash_flag)
     for k in todo:
-        for a, b in _chunks(shards[k], batch_size):
+        for a, b in job.chunks(k):
             bar.update(w.run(a, b))
-        _atomic_write(marker_path(out_dir, k), json.dumps({"start": shards[k].start, "stop": shards[k].stop}).encode())
+        write_marker(out_dir, job, k)
 
 
-def _run_ray(pipeline_kwargs, out_dir, job, todo, batch_size, bar, num_workers, use_gpu, crash_at=None,
+def _run_ray(pipeline_kwargs, out_dir, job, todo, bar, num_workers, use_gpu, crash_at=None,
              crash_flag=None, max_restarts: Optional[int] = None) -> None:
     import ray
     actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(ShardWorker)
-    shards = job.shards()
-    pending = collections.deque((k, a, b) for k in todo for a, b in _chunks(shards[k], batch_size))
+    pending = collections.deque((k, a, b) for k in todo for a, b in job.chunks(k))
     left = collections.Counter(k for k, _, _ in pending)
     restarts_left = num_workers + 2 if max_restarts is None else max_restarts
-    new = lambda: actor_cls.remote(pipeline_kwargs, str(out_dir), job, batch_size, crash_at, crash_flag)  # noqa
+    new = lambda: actor_cls.remote(pipeline_kwargs, str(out_dir), job, crash_at, crash_flag)  # noqa
     workers = {w: new() for w in range(num_workers)}
     busy = collections.Counter()
     inflight: Dict[Any, tuple] = {}  # ref -> (worker id, chunk)
@@ -227,9 +260,23 @@ def _run_ray(pipeline_kwargs, out_dir, job, todo, batch_size, bar, num_workers, 
         k = chunk[0]
         left[k] -= 1
         if left[k] == 0:
-            _atomic_write(marker_path(out_dir, k), json.dumps({"start": shards[k].start, "stop": shards[k].stop}).encode())
+            write_marker(out_dir, job, k)
     for actor in workers.values():
         ray.kill(actor)
+
+
+def model_identity(pipeline_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Every VARPipeline.load argument that can change the pixels (all but ``progress``), defaults filled in:
+    the model, its weights, dtype, device, backend and export directory."""
+    import inspect
+
+    from var_rt.pipeline import VARPipeline
+    out = {}
+    for k, p in inspect.signature(VARPipeline.load).parameters.items():
+        if k != "progress":
+            v = pipeline_kwargs.get(k, p.default)
+            out[k] = v if v is None or isinstance(v, (bool, int, float)) else str(v)
+    return out
 
 
 def default_num_workers(ray, device: Optional[str]) -> int:
@@ -284,12 +331,9 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
         p = pipeline_kwargs.get(key)
         if p is not None and not Path(p).exists():
             raise ConfigError(f"--{key.replace('_', '-')} {str(p)!r} does not exist")
-    model_id = {k: (str(pipeline_kwargs[k]) if pipeline_kwargs.get(k) is not None else None)
-                for k in ("model", "config", "var_ckpt", "vae_ckpt", "dtype")}
-    model_id["random_weights"] = bool(pipeline_kwargs.get("random_weights"))
-    job = SampleJob(model=model_id, classes=classes, per_class=per_class, seed=seed, cfg=float(cfg),
-                    cfg_schedule=cfg_schedule, top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
-                    shard_size=shard_size)
+    job = SampleJob(model=model_identity(pipeline_kwargs), classes=classes, per_class=per_class, seed=seed,
+                    cfg=float(cfg), cfg_schedule=cfg_schedule, top_k=int(top_k), top_p=float(top_p),
+                    more_smooth=bool(more_smooth), shard_size=shard_size, batch_size=batch_size)
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-dir {str(out_dir)!r} exists and is a file")
@@ -309,7 +353,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
     with tqdm(total=job.num_images, initial=done, desc="sample", unit="img", disable=not progress,
               file=sys.stderr) as bar:
         if todo and num_workers == 1:
-            _run_local(kwargs, out_dir, job, todo, batch_size, bar, _crash_at, _crash_flag)
+            _run_local(kwargs, out_dir, job, todo, bar, _crash_at, _crash_flag)
         elif todo:
             if not ray.is_initialized():
                 ray.init()
@@ -318,7 +362,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
                 use_gpu = dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
             if use_gpu and str(kwargs.get("device") or "auto") == "auto":
                 kwargs["device"] = "cuda"
-            _run_ray(kwargs, out_dir, job, todo, batch_size, bar, num_workers, use_gpu, _crash_at, _crash_flag)
+            _run_ray(kwargs, out_dir, job, todo, bar, num_workers, use_gpu, _crash_at, _crash_flag)
     if npz is None:
         return None
     return write_npz(out_dir, job, Path(npz) if npz else out_dir / "samples.npz")
@@ -335,6 +379,9 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                     "Image i has seed --seed + i. See docs/serving.md.")
     _add_model_args(p)
     _add_sampling_args(p)
+    for action in p._actions:  # the shared sampling flags say "default: all"; a job is cut into calls of 32
+        if action.dest == "batch_size":
+            action.help = f"images per pipeline call (default {DEFAULT_CHUNK}); recorded in job.json"
     g = p.add_argument_group("job")
     g.add_argument("--output-dir", required=True, help="PNGs, job.json and shard markers (.shards/)")
     g.add_argument("--per-class", type=int, default=50, help="images per class (default 50: 50,000 for ImageNet)")

@@ -91,7 +91,7 @@ class OnnxRuntimeEngine:
                  expected_cfg=None, expected_weights_hash: Optional[str] = None, precision: Optional[str] = None,
                  dynamic: Optional[bool] = None) -> "OnnxRuntimeEngine":
         """Check the manifest (EngineMismatchError if it differs), then open the sessions for ``batch``."""
-        from export.manifest import check_engine_files, load_manifest
+        from var_rt.manifest import check_engine_files, load_manifest
 
         _import_ort()
         m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)

@@ -79,7 +79,7 @@ class TensorRTEngine:
     def from_dir(cls, out_dir: str | Path, device="cuda", batch: int = 1, expected_cfg=None,
                  expected_weights_hash: Optional[str] = None, precision: Optional[str] = None) -> "TensorRTEngine":
         """Check the manifest and the GPU, then deserialise the engines for ``batch``."""
-        from export.manifest import check_engine_files, load_manifest
+        from var_rt.manifest import check_engine_files, load_manifest
 
         m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)
         info = m.get("tensorrt")

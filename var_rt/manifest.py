@@ -1,0 +1,143 @@
+"""Reading and checking an export directory's ``manifest.json`` before anything runs it (the runtime's side).
+
+Engines and graphs are only valid for the model config, weights, precision and batch sizes they were
+built from (and, for TensorRT, the GPU). ``load_manifest`` compares those with what the caller
+expects and raises EngineMismatchError naming every difference, instead of running a stale engine.
+``check_engine_files`` checks the files themselves against the sizes and SHA-256 digests the manifest
+records, so a truncated or corrupted ``weights.bin`` is an error, not images that are silently wrong.
+``python -m export.build`` writes the manifest (export/manifest.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from var_rt.config import ModelConfig
+from var_rt.errors import EngineMismatchError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 2  # 2: "digests" (size and SHA-256 of every file) added
+_DTYPE_FLAG = {"fp16": "float16", "fp32": "float32"}
+_CHUNK = 16 * 2**20
+
+# (path, size, mtime, inode) -> SHA-256 already computed in this process: a pipeline opens one engine per
+# batch size from the same files, and hashing a 4 GB weights.bin once is enough.
+_digest_cache: Dict[Tuple, str] = {}
+
+
+def listed_files(m: dict) -> List[str]:
+    """Every file of an export, relative to its directory: ONNX graphs, weights.bin, TensorRT engines."""
+    names = list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]]
+    names += [f"engines/{f}" for f in ((m.get("tensorrt") or {}).get("engines") or {})]
+    return names
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 16 MiB pieces (about 1.5 GiB/s on one core of the dev machine; docs/export.md)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _digest_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(_CHUNK)
+                if not block:
+                    break
+                h.update(block)
+        _digest_cache[key] = h.hexdigest()
+    return _digest_cache[key]
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """The manifest of an export directory; EngineMismatchError if there is no finished export there."""
+    d = Path(out_dir)
+    if not d.exists():
+        raise EngineMismatchError(f"export directory {str(out_dir)!r} does not exist: build one with "
+                                  f"`python -m export.build ... --out-dir {out_dir}` or fix the path (--engine-dir)")
+    if not d.is_dir():
+        raise EngineMismatchError(f"{str(out_dir)!r} is a file, not an export directory (--engine-dir)")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise EngineMismatchError(f"{str(out_dir)!r} has no {MANIFEST}: it is not a finished export "
+                                  f"(run `python -m export.build` again)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineMismatchError(f"{path} is not valid JSON ({e}): export again with --force") from None
+    if data.get("format_version") != FORMAT_VERSION:
+        raise EngineMismatchError(f"{path}: format version {data.get('format_version')} is not {FORMAT_VERSION} "
+                                  f"(older exports record no file hashes): export again with --force")
+    return data
+
+
+def load_manifest(out_dir: str | Path, expected_cfg: Optional[ModelConfig], expected_weights_hash: Optional[str],
+                  precision: Optional[str], batch: Optional[int]) -> dict:
+    """Read and check ``out_dir/manifest.json``; raise EngineMismatchError saying what differs.
+
+    Args:
+        out_dir: the export directory.
+        expected_cfg: the model config the caller runs (None: do not check).
+        expected_weights_hash: ``var_rt.checkpoint.weights_hash(var, vae)`` of the caller's weights (None: skip).
+            Not compared when the precision differs: a hash of float32 weights never equals one of float16.
+        precision: "fp16" or "fp32" (None: skip).
+        batch: the batch size the caller will run (None: skip); must be one the export was built for.
+
+    Returns:
+        The manifest as a dict.
+    """
+    m = read_manifest(out_dir)
+    problems = []
+    if expected_cfg is not None:
+        want, have = expected_cfg.to_dict(), m.get("model", {})
+        for section in ("var", "vae"):
+            for key, value in want[section].items():
+                got = have.get(section, {}).get(key)
+                got = tuple(got) if isinstance(got, list) else got
+                if got != value:
+                    problems.append(f"model {section}.{key} is {got!r} in the export, {value!r} expected")
+    other_precision = precision is not None and m.get("precision") != precision
+    if other_precision:
+        flag = _DTYPE_FLAG.get(m.get("precision"))
+        problems.append(f"precision is {m.get('precision')} in the export, {precision} asked for"
+                        + (f": run with --dtype {flag} (VARPipeline.load(dtype='{flag}'))" if flag else ""))
+    elif expected_weights_hash is not None and m.get("weights_hash") != expected_weights_hash:
+        problems.append(f"weights differ (export built from weights {str(m.get('weights_hash'))[:12]}, "
+                        f"these are {expected_weights_hash[:12]}): the export is stale")
+    if batch is not None and batch not in m.get("batch_sizes", []):
+        problems.append(f"batch size {batch} was not built (built: {m.get('batch_sizes')})")
+    if problems:
+        raise EngineMismatchError(f"export {str(out_dir)!r} does not match: " + "; ".join(problems)
+                                  + ". Export again (python -m export.build ... --force) or use matching settings")
+    return m
+
+
+def check_engine_files(out_dir: str | Path, m: dict, names: Sequence[str], content: bool = True) -> None:
+    """Every listed file exists, has the size the manifest records and (content=True) its SHA-256.
+
+    The size check is a stat; the hash reads the file (d16 FP16 weights.bin, 0.8 GiB: about 0.55 s; d30,
+    4.0 GiB: about 2.7 s; once per process and file). It is on by default so that a corrupted export never
+    produces images; content=False checks sizes only.
+    """
+    out_dir = Path(out_dir)
+    digests = m.get("digests") or {}
+    missing = [n for n in names if not (out_dir / n).is_file()]
+    if missing:
+        raise EngineMismatchError(f"export {str(out_dir)!r} lists files that are missing: {', '.join(missing)}; "
+                                  f"export again with --force")
+    problems = []
+    for n in names:
+        want = digests.get(n)
+        if want is None:
+            problems.append(f"{n} has no recorded size and hash")
+            continue
+        size = (out_dir / n).stat().st_size
+        if size != want["bytes"]:
+            problems.append(f"{n} is {size} bytes, the manifest records {want['bytes']} (truncated or replaced)")
+        elif content and sha256_file(out_dir / n) != want["sha256"]:
+            problems.append(f"{n} does not match its recorded SHA-256 (the file is corrupted)")
+    if problems:
+        raise EngineMismatchError(f"export {str(out_dir)!r} is damaged: " + "; ".join(problems)
+                                  + ". Copy it again or export again with --force")
+
