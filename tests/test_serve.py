@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from conftest import get_fixture  # noqa: E402
 from var_rt.pipeline import VARPipeline  # noqa: E402
-from var_rt.serve import DEFAULT_MAX_BODY_BYTES, build_app, http_options  # noqa: E402
+from var_rt.serve import DEFAULT_MAX_BODY_BYTES, build_app, check_model_files, http_options  # noqa: E402
 
 
 def _free_port() -> int:
@@ -270,6 +270,7 @@ def test_http_listens_only_on_the_requested_host_and_the_rest_is_rays(server):
 def test_bad_checkpoint_is_one_error_line_before_ray_starts(tmp_path):
     """``serve`` checks the model files before it starts Ray: one ``error:`` line, exit status 2, in seconds."""
     fx = get_fixture("var_tiny_256")
+    check_model_files(_kwargs(fx))  # the right files pass
     missing = tmp_path / "nope.pth"
     for var_ckpt, vae_ckpt, needle in ((missing, fx.vae_ckpt, "does not exist"),
                                        (fx.vae_ckpt, fx.vae_ckpt, "looks like a VQVAE checkpoint")):

@@ -29,6 +29,7 @@ Ray is imported only here (and in var_rt.sample): the core runtime does not need
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import secrets
@@ -320,7 +321,6 @@ def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
     import warnings
 
     import torch
-    import torch.utils.serialization
 
     from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
     from var_rt.models.var import VAR
@@ -335,18 +335,29 @@ def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
         VARPipeline.load(**pipeline_kwargs)  # raises its "no checkpoint given" ConfigError before building
     with torch.device("meta"):
         var, vae = VAR(cfg), VQVAE(cfg.vae)
-    load_config = torch.utils.serialization.config.load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
         for load, model, path in ((load_var_checkpoint, var, var_ckpt), (load_vae_checkpoint, vae, vae_ckpt)):
-            mmap, load_config.mmap = load_config.mmap, True
             try:
+                with _torch_load_mmap():
+                    load(model, path)
+            except VarRtError:  # perhaps only the mmap failed (a legacy non-zip file): the plain read decides
                 load(model, path)
-            except VarRtError:  # perhaps only the mmap (a legacy non-zip file): the plain read decides
-                load_config.mmap = mmap
-                load(model, path)
-            finally:
-                load_config.mmap = mmap
+
+
+@contextlib.contextmanager
+def _torch_load_mmap():
+    """torch.load memory-maps files meanwhile (torch >= 2.5; without that option, reads them whole)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    before, config.load.mmap = config.load.mmap, True
+    try:
+        yield
+    finally:
+        config.load.mmap = before
 
 
 # ---- the deployment ---------------------------------------------------------------------------------
