@@ -1,13 +1,19 @@
-"""Ray Serve deployment: served images equal direct pipeline calls; 4xx for bad requests; 503 under overload."""
+"""Ray Serve deployment: served images equal direct pipeline calls; 4xx for bad requests; 503 JSON under overload
+and past the deadline; only Ray's own listeners on other interfaces than the requested host."""
 import pytest
 
 ray = pytest.importorskip("ray", reason="the [serve] extra (ray[serve]) is not installed")
 serve = pytest.importorskip("ray.serve", reason="the [serve] extra (ray[serve]) is not installed")
 
 import base64  # noqa: E402
+import http.client  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -17,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from conftest import get_fixture  # noqa: E402
 from var_rt.pipeline import VARPipeline  # noqa: E402
-from var_rt.serve import build_app  # noqa: E402
+from var_rt.serve import DEFAULT_MAX_BODY_BYTES, build_app, check_model_files, http_options  # noqa: E402
 
 
 def _free_port() -> int:
@@ -37,12 +43,15 @@ def server():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        main = build_app(_kwargs(fx), max_batch_size=16, num_cpus=1, batch_wait_timeout_s=0.2)
-        small = build_app(_kwargs(fx), max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1,
-                          num_cpus=1, name="VARServerSmall")
+        serve.start(http_options=http_options("127.0.0.1", port, request_timeout_s=60))
+        # 32 requests at once on a shared 2-core machine can take longer than the default deadline
+        main = build_app(_kwargs(fx), max_batch_size=16, num_cpus=1, batch_wait_timeout_s=0.2, request_timeout_s=300)
+        small = build_app(_kwargs(fx), max_batch_size=1, max_ongoing_requests=1, num_cpus=1, name="VARServerSmall")
+        # a deadline no request can meet (the batch wait alone is longer): every request times out
+        hasty = build_app(_kwargs(fx), max_batch_size=1, request_timeout_s=0.01, num_cpus=0, name="VARServerHasty")
         serve.run(main, name="main", route_prefix="/")
         serve.run(small, name="small", route_prefix="/small")
+        serve.run(hasty, name="hasty", route_prefix="/hasty")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -102,6 +111,7 @@ def test_concurrent_requests_match_direct_calls(server, pipe):
             want.update(zip(idx, res))
         got = [f.result() for f in futs]
     for i, (status, ctype, body, headers) in enumerate(got):
+        assert status == 200, body[:300]
         assert headers.get("X-Seed") == str(seeds[i]) and headers.get("X-Class-Label") == str(labels[i])
         assert status == 200, body[:300]
         assert ctype == "image/png"
@@ -131,6 +141,9 @@ def test_several_images_base64(server, pipe):
     (dict(class_labels=[1, 2], format="png"), "base64"),
     (dict(class_labels=list(range(10)) * 2, format="base64"), "at most 16"),
     (b"{not json", "not valid JSON"),
+    (b"[" * 50_000, "nested too deeply"),  # RecursionError in json.loads
+    (b'{"seed": ' * 5_000, "nested too deeply"),
+    (b"\xff\xfe{}", "not valid JSON"),
 ])
 def test_bad_requests_get_400_with_message(server, body, needle):
     status, _, out, _ = _post(server + "/generate", body)
@@ -138,17 +151,138 @@ def test_bad_requests_get_400_with_message(server, body, needle):
     assert needle in json.loads(out)["error"]
 
 
+def _assert_json_503(status, ctype, body, headers):
+    assert status == 503 and ctype.startswith("application/json"), (status, ctype, body[:300])
+    assert json.loads(body)["error"] and int(headers.get("Retry-After")) >= 1
+
+
 def test_overload_gets_503_and_nothing_lost(server):
-    """max_ongoing_requests=1, max_queued_requests=1: of 16 at once, the rest are refused with 503."""
+    """max_ongoing_requests=1: of 16 at once, the rest are refused with 503, by the replica, as JSON with
+    Retry-After (not by Ray's proxy in plain text)."""
     with ThreadPoolExecutor(16) as ex:
         got = list(ex.map(lambda s: _post(server + "/small/generate", dict(class_label=1, seed=s)), range(16)))
     codes = [g[0] for g in got]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    for g in got:
+        if g[0] == 503:
+            _assert_json_503(*g)
+            assert "max_ongoing_requests" in json.loads(g[2])["error"]
     for seed, (status, ctype, body, headers) in enumerate(got):
         if status == 200:  # each accepted request gets its own image, once
             assert ctype == "image/png" and _decode(body).shape == (256, 256, 3)
             assert headers.get("X-Seed") == str(seed)
+
+
+def test_past_the_deadline_gets_503_json_at_once(server):
+    t0 = time.monotonic()
+    got = _post(server + "/hasty/generate", dict(class_label=1, seed=0))
+    _assert_json_503(*got)
+    assert "deadline of 0.01 s" in json.loads(got[2])["error"]
+    assert time.monotonic() - t0 < 10  # not the generation's time, nor the proxy's 70 s backstop
+
+
+def _raw_post(server, path, headers, parts, timeout=30):
+    """A POST with hand-made headers, sending ``parts`` one by one: (status, JSON body)."""
+    host, port = server.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.putrequest("POST", path)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        for p in parts:
+            conn.send(p)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_body_over_the_limit_gets_413_before_it_is_read(server):
+    # a declared 1 GB body of which 1 KiB is sent: answered at once from Content-Length (otherwise the
+    # server would wait for the rest until the client's timeout)
+    status, body = _raw_post(server, "/generate", {"Content-Type": "application/json",
+                                                   "Content-Length": str(10 ** 9)}, [b" " * 1024], timeout=20)
+    assert status == 413 and f"over {DEFAULT_MAX_BODY_BYTES} bytes" in body["error"], body
+    # chunked, no Content-Length: refused once the limit is passed
+    chunk = b" " * 16384
+    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    status, body = _raw_post(server, "/generate", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                             [frame] * (DEFAULT_MAX_BODY_BYTES // len(chunk) + 1) + [b"0\r\n\r\n"])
+    assert status == 413 and "bytes" in body["error"], body
+
+
+def _listening_sockets(root_pid: int):
+    """(address, port, pid, command line) of every TCP socket listening in root_pid's process tree
+    (the Ray processes this test process started), from /proc: no ss or lsof needed."""
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except OSError:
+                pass  # exited meanwhile
+    pids, todo = set(), [root_pid]
+    while todo:
+        pids.add(todo[-1])
+        todo += children.get(todo.pop(), [])
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owner[link[8:-1]] = pid
+        except OSError:
+            pass
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.read().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in owner:  # 0A: LISTEN
+                    addr, port = cols[1].split(":")
+                    with open(f"/proc/{owner[cols[9]]}/cmdline") as c:
+                        cmd = c.read().replace("\0", " ")
+                    found.append((addr, int(port, 16), owner[cols[9]], cmd))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads listening sockets from /proc (Linux)")
+def test_http_listens_only_on_the_requested_host_and_the_rest_is_rays(server):
+    """The HTTP proxy listens on 127.0.0.1 only. What else listens is Ray's: gRPC servers of the GCS, the
+    raylet and every Ray worker (driver, controller, proxy, replicas: the issue's *:40449), and the agents'
+    metrics ports. Ray binds those to all interfaces (or the node IP) with no option to change it; the
+    list below is the one docs/serving.md gives, so a new listener shows up here."""
+    port = int(server.rsplit(":", 1)[1])
+    found = _listening_sockets(os.getpid())
+    assert {a for a, p, _, _ in found if p == port} == {"0100007F"}, [f for f in found if f[1] == port]
+    loopback = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")  # /proc hex
+    rays = ("gcs_server", "raylet", "ray::", "dashboard/dashboard.py", "autoscaler/_private/monitor.py")
+    # this process is Ray's driver: its core-worker gRPC server listens here too
+    others = [(a, p, cmd[:100]) for a, p, pid, cmd in found
+              if a not in loopback and pid != os.getpid() and not any(r in cmd for r in rays)]
+    assert not others, others
+
+
+def test_bad_checkpoint_is_one_error_line_before_ray_starts(tmp_path):
+    """``serve`` checks the model files before it starts Ray: one ``error:`` line, exit status 2, in seconds."""
+    fx = get_fixture("var_tiny_256")
+    check_model_files(_kwargs(fx))  # the right files pass
+    missing = tmp_path / "nope.pth"
+    for var_ckpt, vae_ckpt, needle in ((missing, fx.vae_ckpt, "does not exist"),
+                                       (fx.vae_ckpt, fx.vae_ckpt, "looks like a VQVAE checkpoint")):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "var_rt", "serve", "--config", str(fx.config_path),
+                            "--var-ckpt", str(var_ckpt), "--vae-ckpt", str(vae_ckpt), "--device", "cpu",
+                            "--port", str(_free_port())], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+        assert needle in lines[0] and "CheckpointError" not in lines[0]
+        assert time.monotonic() - t0 < 60
 
 
 def test_cudagraph_buckets_cover_every_batch_size():

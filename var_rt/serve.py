@@ -16,9 +16,12 @@ API (JSON in, PNG or JSON out)::
                     -> {"images": [{"class_label": 207, "seed": 0, "png_base64": "..."}, ...]}
     GET  /health    -> {"status": "ok", "model": ..., "max_batch_size": ...}
 
-Image i of a request uses seed + i (or give "seeds": [...]). Bad requests get 400 with {"error": message};
-overload (more than ``max_queued_requests`` waiting at the proxy) gets 503 from Ray Serve, and so does a
-batch that ran out of GPU memory; any other failure during generation is a 500.
+Image i of a request uses seed + i (or give "seeds": [...]). Every refusal is JSON {"error": message}:
+400 for a bad request (invalid JSON of any shape included), 413 for a body over ``max_body_bytes``, 503 with
+Retry-After when the replica already holds ``max_ongoing_requests`` requests, when a request is not done
+within ``request_timeout_s`` and when a batch ran out of GPU memory; any other failure during generation is
+a 500. Only Ray Serve's own backstops answer in plain text: a request stuck at the proxy past the deadline
+(408), and, when ``max_queued_requests`` is set, more than that many waiting at the proxy (503).
 
 Ray is imported only here (and in var_rt.sample): the core runtime does not need it.
 """
@@ -26,6 +29,7 @@ Ray is imported only here (and in var_rt.sample): the core runtime does not need
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import secrets
@@ -35,9 +39,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError
+from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError, VarRtError
 
 DEFAULT_MAX_BATCH_SIZE = 16
+# A valid request is well under 1 KiB per image (labels, seeds, a cfg schedule): 64 KiB leaves room for any of
+# them and refuses a multi-GB upload before it is read.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait before retrying
+# Requests a replica can be answering 503 at once beyond those it holds: Ray Serve sends a replica at most
+# max_ongoing_requests + this many, so a burst reaches the replica and is refused there as JSON rather than
+# by the proxy in plain text. A refusal takes milliseconds, so these slots free again at once.
+REFUSAL_HEADROOM = 64
+PROXY_TIMEOUT_GRACE_S = 10.0  # the proxy's own timeout, a backstop for requests that never reach a replica
 REQUEST_KEYS = {"class_label", "class_labels", "seed", "seeds", "cfg", "cfg_schedule", "top_k", "top_p",
                 "more_smooth", "format"}
 SAMPLING_DEFAULTS = {"cfg": 1.5, "cfg_schedule": "linear", "top_k": 900, "top_p": 0.96, "more_smooth": False}
@@ -239,26 +253,132 @@ def run_groups(pipe, items: List[tuple], buckets: Optional[List[int]]) -> list:
     return out
 
 
+class Refusal(Exception):
+    """A request answered with an HTTP error before or instead of its images: ``response()`` is
+    (status, JSON body, headers); every 503 carries Retry-After, as clients are told to retry it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    def response(self) -> tuple:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else {}
+        return self.status, {"error": str(self)}, headers
+
+
 def failure_response(exc: Exception) -> tuple:
     """(status, JSON body, headers) for an error raised while generating a request that parsed: the request
     was valid, so it is the server's failure: 503 (retry) for GPU memory, 500 otherwise."""
     if isinstance(exc, GpuMemoryError):
-        return 503, {"error": f"{exc} (server busy: retry later or with fewer images)"}, {"Retry-After": "1"}
-    return 500, {"error": f"generation failed: {exc.__class__.__name__}: {exc}"}, {}
+        return Refusal(503, f"{exc} (server busy: retry later or with fewer images)").response()
+    return Refusal(500, f"generation failed: {exc.__class__.__name__}: {exc}").response()
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes: from its
+    Content-Length before anything is read, else (chunked uploads) while it streams in."""
+    declared = request.headers.get("content-length")
+    too_large = f"the request body is over {limit} bytes: a request for up to max_batch_size images is far smaller"
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refusal(413, too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refusal(413, too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(raw: bytes) -> Any:
+    """json.loads with every failure a 400: syntax, encoding and over-long integers raise ValueError, and
+    deep nesting (``[[[[...``) raises RecursionError, which would otherwise be a 500."""
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise Refusal(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise Refusal(400, "the request body is not valid JSON (nested too deeply): send a flat JSON object "
+                           "such as {\"class_label\": 207, \"seed\": 0}") from None
+
+
+def check_limits(request_timeout_s: float, max_body_bytes: int) -> None:
+    """ConfigError for a deadline or body limit that would refuse every request."""
+    if not request_timeout_s > 0:  # also refuses NaN
+        raise ConfigError(f"--request-timeout-s must be > 0, got {request_timeout_s}")
+    if max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+
+
+def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
+    """Check the config and checkpoints here, before Ray starts, with the same errors VARPipeline.load gives.
+
+    A replica that cannot load its model fails only after Ray and Serve have started (tens of seconds) and is
+    reported as pages of Ray tracebacks with the CheckpointError buried inside. The checkpoints are
+    compared with a model built on the meta device and read memory-mapped where they can be, so this
+    allocates no weights and reads little more than the files' headers.
+    """
+    import warnings
+
+    import torch
+
+    from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
+    from var_rt.models.var import VAR
+    from var_rt.models.vqvae import VQVAE
+    from var_rt.pipeline import VARPipeline, resolve_config
+    cfg = resolve_config(pipeline_kwargs.get("model"), pipeline_kwargs.get("config"))
+    if pipeline_kwargs.get("random_weights"):
+        return
+    var_ckpt = pipeline_kwargs.get("var_ckpt")
+    vae_ckpt = pipeline_kwargs.get("vae_ckpt") or cfg.vae_checkpoint
+    if var_ckpt is None or vae_ckpt is None:
+        VARPipeline.load(**pipeline_kwargs)  # raises its "no checkpoint given" ConfigError before building
+    with torch.device("meta"):
+        var, vae = VAR(cfg), VQVAE(cfg.vae)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+        for load, model, path in ((load_var_checkpoint, var, var_ckpt), (load_vae_checkpoint, vae, vae_ckpt)):
+            try:
+                with _torch_load_mmap():
+                    load(model, path)
+            except VarRtError:  # perhaps only the mmap failed (a legacy non-zip file): the plain read decides
+                load(model, path)
+
+
+@contextlib.contextmanager
+def _torch_load_mmap():
+    """torch.load memory-maps files meanwhile (torch >= 2.5; without that option, reads them whole)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    before, config.load.mmap = config.load.mmap, True
+    try:
+        yield
+    finally:
+        config.load.mmap = before
 
 
 # ---- the deployment ---------------------------------------------------------------------------------
 def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu: Optional[bool] = None,
               max_batch_size: Optional[int] = None, batch_wait_timeout_s: float = 0.02,
               max_ongoing_requests: Optional[int] = None, max_queued_requests: Optional[int] = None,
+              request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               num_cpus: Optional[float] = None, name: str = "VARServer"):
     """A Ray Serve application: ``serve.run(build_app({...}), route_prefix="/")``.
 
     pipeline_kwargs go to VARPipeline.load (model/config, checkpoints, device, dtype, backend, engine_dir).
     use_gpu: one GPU per replica (default: when the device is CUDA, or 'auto' and the cluster has GPUs).
     max_batch_size: images per pipeline call; for exported backends the engines' largest built batch size.
-    max_ongoing_requests (per replica, default 8 x max_batch_size) and max_queued_requests (waiting at the
-    HTTP proxy, default 4 x max_batch_size x replicas) bound the queue: beyond them callers get 503.
+    max_ongoing_requests (per replica, default 8 x max_batch_size): requests a replica holds, running or
+    waiting in its Batcher; beyond them the replica answers 503 JSON with Retry-After at once. Ray Serve may
+    send a replica REFUSAL_HEADROOM more, so that a burst is refused by the replica, not by the proxy.
+    max_queued_requests: a bound on requests waiting at Ray's proxy (default none); beyond it Ray Serve
+    answers a plain-text 503 (with Retry-After where this Ray has BackpressureConfig). Those waiting include
+    requests arriving together while the proxy routes them, so a small bound refuses part of any burst.
+    request_timeout_s: a request not done within it (reading, waiting for a batch, generating) gets 503 JSON
+    with Retry-After; its images are dropped from the queue. max_body_bytes: larger bodies get 413 unread.
     Requests should wait at the replica, in its Batcher, rather than at the proxy: measured on an H200 (d16
     cudagraph, 64 clients), a replica holding at most 2 x 16 requests ran batches of 4.6 images on average
     and served 14 img/s, because the proxy hands a freed slot to a queued request only after a back-off.
@@ -277,10 +397,11 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
     max_batch_size = max_batch_size or DEFAULT_MAX_BATCH_SIZE
     if max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    check_limits(request_timeout_s, max_body_bytes)
     if max_ongoing_requests is None:
         max_ongoing_requests = 8 * max_batch_size
     if max_queued_requests is None:
-        max_queued_requests = 4 * max_batch_size * num_replicas
+        max_queued_requests = -1  # Ray's "no bound": the replicas refuse overload, the deadline bounds waiting
     if use_gpu is None:
         device = str(kwargs.get("device") or "auto")
         if device.startswith("cuda"):
@@ -299,12 +420,24 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
 
     api = FastAPI(title="var-rt", description="VAR class-conditional image generation")
 
+    deployment_options: Dict[str, Any] = {}
+    try:  # newer Ray Serve: its own plain-text 503 (proxy queue full) then says when to retry
+        from ray.serve.config import BackpressureConfig
+        deployment_options["backpressure_config"] = BackpressureConfig(retry_after_s=RETRY_AFTER_S)
+    except ImportError:
+        pass
+    limits = {"max_ongoing_requests": max_ongoing_requests, "request_timeout_s": request_timeout_s,
+              "max_body_bytes": max_body_bytes}
+
     @serve.deployment(name=name, num_replicas=num_replicas, ray_actor_options=actor_options,
-                      max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
+                      max_ongoing_requests=max_ongoing_requests + REFUSAL_HEADROOM,
+                      max_queued_requests=max_queued_requests, **deployment_options)
     @serve.ingress(api)
     class VARServer:
-        def __init__(self, load_kwargs: Dict[str, Any], batch_size: int, wait_s: float):
+        def __init__(self, load_kwargs: Dict[str, Any], batch_size: int, wait_s: float, limits: Dict[str, Any]):
             from var_rt.pipeline import VARPipeline
+            self.limits = limits
+            self.held = 0  # requests this replica holds now: reading, waiting for a batch or generating
             self.pipe = VARPipeline.load(**load_kwargs)
             self.buckets = serving_buckets(self.pipe, batch_size)
             self.max_batch_size = min(batch_size, max(self.buckets)) if self.buckets else batch_size
@@ -325,22 +458,43 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             return {"status": "ok", "model": c.name, "image_size": c.image_size, "num_classes": c.var.num_classes,
                     "backend": self.pipe.backend, "device": str(self.pipe.device),
                     "dtype": str(self.pipe.dtype).replace("torch.", ""), "max_batch_size": self.max_batch_size,
-                    "batch_sizes": self.buckets, "replica": self.replica_id,
+                    "batch_sizes": self.buckets, "replica": self.replica_id, "limits": self.limits,
                     "stats": {**{k: round(v, 3) for k, v in self.batcher.stats.items()},
                               "encode_s": round(self.encode_s, 3)}}  # this replica, since start
+
+        async def _read_and_run(self, request: Request) -> tuple:
+            """Read, parse and generate one request: (parsed request, [(image or Exception, batch images)])."""
+            body = decode_json(await read_body(request, self.limits["max_body_bytes"]))
+            try:
+                req = parse_request(body, self.pipe, self.max_batch_size)
+            except InputError as e:
+                raise Refusal(400, str(e)) from None
+            return req, await asyncio.gather(*(self.batcher.submit((req["settings"], c, s))
+                                               for c, s in zip(req["labels"], req["seeds"])))
+
+        async def _admit(self, request: Request) -> tuple:
+            """_read_and_run within the replica's limits: at most max_ongoing_requests at once, each within
+            request_timeout_s. On timeout the waiting images are cancelled, so the Batcher skips them."""
+            if self.held >= self.limits["max_ongoing_requests"]:
+                raise Refusal(503, f"server busy: this replica already holds {self.held} requests "
+                                   f"(max_ongoing_requests): retry later")
+            self.held += 1
+            try:
+                return await asyncio.wait_for(self._read_and_run(request), self.limits["request_timeout_s"])
+            except asyncio.TimeoutError:
+                raise Refusal(503, f"not done within the server's deadline of {self.limits['request_timeout_s']:g} s "
+                                   f"(request_timeout_s): the server is busy, retry later or with fewer "
+                                   f"images") from None
+            finally:
+                self.held -= 1
 
         @api.post("/generate")
         async def generate(self, request: Request):
             try:
-                try:
-                    body = json.loads(await request.body())
-                except ValueError as e:
-                    raise InputError(f"the request body is not valid JSON ({e})") from None
-                req = parse_request(body, self.pipe, self.max_batch_size)
-            except InputError as e:
-                return JSONResponse({"error": str(e)}, status_code=400)
-            done = await asyncio.gather(*(self.batcher.submit((req["settings"], c, s))
-                                          for c, s in zip(req["labels"], req["seeds"])))
+                req, done = await self._admit(request)
+            except Refusal as e:
+                status, body, headers = e.response()
+                return JSONResponse(body, status_code=status, headers=headers)
             results = [r for r, _ in done]
             for r in results:
                 if isinstance(r, Exception):
@@ -360,10 +514,17 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
                                              "png_base64": base64.b64encode(p).decode("ascii")}
                                             for c, s, p in zip(req["labels"], req["seeds"], pngs)]}, headers=meta)
 
-    return VARServer.bind(kwargs, max_batch_size, batch_wait_timeout_s)
+    return VARServer.bind(kwargs, max_batch_size, batch_wait_timeout_s, limits)
 
 
 # ---- command line -----------------------------------------------------------------------------------
+def http_options(host: str, port: int, request_timeout_s: float) -> Dict[str, Any]:
+    """Ray Serve's HTTP proxy options: it listens on ``host`` only, and its own end-to-end timeout is a
+    backstop a little past the replicas' deadline, for requests that never got to a replica (its answer
+    is Ray's plain-text 408). The gRPC proxy is not started (no grpc_options)."""
+    return {"host": host, "port": port, "request_timeout_s": request_timeout_s + PROXY_TIMEOUT_GRACE_S}
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``python -m var_rt serve`` on the CLI's subparsers."""
     from var_rt.cli import _add_model_args
@@ -384,7 +545,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="requests a replica holds, running or queued in its batcher (default 8 x max batch size)")
     g.add_argument("--max-queued-requests", type=int, default=None,
-                   help="requests waiting at the proxy before 503 (default 4 x max batch size x replicas)")
+                   help="bound on requests waiting at Ray's proxy, beyond which Ray answers a plain-text 503 "
+                        "(default: none; replicas refuse overload themselves, as JSON)")
+    g.add_argument("--request-timeout-s", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                   help=f"deadline of a request at its replica; later it gets 503 with Retry-After "
+                        f"(default {DEFAULT_REQUEST_TIMEOUT_S:g} s)")
+    g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"larger request bodies get 413 before they are read (default {DEFAULT_MAX_BODY_BYTES})")
     g.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -397,14 +564,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if a.max_queued_requests is not None and a.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests must be >= 0, got {a.max_queued_requests}")
+    check_limits(a.request_timeout_s, a.max_body_bytes)
     from var_rt.cli import ModelOptions
     kwargs = ModelOptions.from_args(a).pipeline_kwargs(absolute_paths=True)
+    check_model_files(kwargs)
     ray, serve = import_ray()
     ray.init(address=a.address) if a.address else ray.init()
-    serve.start(http_options={"host": a.host, "port": a.port})
+    serve.start(http_options=http_options(a.host, a.port, a.request_timeout_s))
     app = build_app(kwargs, num_replicas=a.num_replicas, max_batch_size=a.max_batch_size,
                     batch_wait_timeout_s=a.batch_wait_ms / 1000, max_ongoing_requests=a.max_ongoing_requests,
-                    max_queued_requests=a.max_queued_requests)
+                    max_queued_requests=a.max_queued_requests, request_timeout_s=a.request_timeout_s,
+                    max_body_bytes=a.max_body_bytes)
     serve.run(app, name="var-rt", route_prefix="/")
     print(f"serving on http://{a.host}:{a.port}  (POST /generate, GET /health; Ctrl-C stops)", file=sys.stderr)
     import signal
