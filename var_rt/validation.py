@@ -134,7 +134,7 @@ def seeds(seed, n: int, name: str = "seed") -> List[int]:
     else:
         raise InputError(f"{name} must be an integer or a list of integers, got {show(seed)}")
     if any(not 0 <= s < MAX_SEED for s in out):
-        raise InputError(f"seeds must be in [0, 2^63), got {show(out if len(out) > 1 else out[0])}")
+        raise InputError(f"{name} must be in [0, 2^63), got {show(out if len(out) > 1 else out[0])}")
     return out
 
 
