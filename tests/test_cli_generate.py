@@ -165,3 +165,127 @@ def test_random_weights_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "random weights" in r.stderr
     assert load_image(tmp_path / "g.png").shape[2] == 3
+
+
+# ---- issue 13: every bad input one clear error, nothing written ----------------------------------------
+
+def _refused(r, *never):
+    """Exit status 2, one `error:` line (no traceback, no warnings before it) and none of ``never`` written."""
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "\x1b" not in r.stderr
+    for p in never:
+        assert not Path(p).exists(), f"a refused run wrote {p}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["proc_dir", "dir_under_file", "proc_grid"])
+def test_error_unwritable_outputs(tmp_path, case):
+    """Checked before any model work: nothing written, not even the images when only the grid is impossible."""
+    fx = get_fixture("var_tiny_256")
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "o"
+    args = {"proc_dir": ["--output-dir", "/proc/var-rt-x"],
+            "dir_under_file": ["--output-dir", tmp_path / "afile" / "sub"],
+            "proc_grid": ["--output-dir", out, "--grid", "/proc/var-rt-g.png"]}[case]
+    r = run_cli("generate", *fixture_args(fx), "--device", "cpu", "--no-progress", *args)
+    msg = _refused(r, out, "/proc/var-rt-x", "/proc/var-rt-g.png", tmp_path / "afile" / "sub")
+    assert {"proc_dir": "cannot write in '/proc'", "dir_under_file": "is a file",
+            "proc_grid": "--grid"}[case] in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_existing_outputs_refused_unless_overwrite(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    out, grid = tmp_path / "o", tmp_path / "o" / "grid.png"
+    common = [*fixture_args(fx), "--class-labels", 1, "--seed", 0, "--device", "cpu", "--no-progress",
+              "--output-dir", out, "--grid", grid]
+    assert run_cli("generate", *common).returncode == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["00000_class1_seed0.png", "grid.png"]
+    msg = _refused(run_cli("generate", *common, "--cfg", 4, "--top-k", 1))
+    assert "00000_class1_seed0.png" in msg and "grid.png" in msg and "--overwrite" in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first, "a refused run changed the outputs"
+    r = run_cli("generate", *common, "--cfg", 4, "--top-k", 1, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(now) == sorted(first) and now != first  # replaced in place, no temporary files left
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--cfg", "inf"], "--cfg must be a finite number"),
+    (["--cfg-schedule", "1,1,1,1,1,1,1,1,1,nan"], "--cfg-schedule: nan is not a finite number"),
+    (["--top-p", "nan"], "--top-p must be a finite number"),
+    (["--num-images", 0], "--num-images must be >= 1"),
+    (["--seed", -3], "--seed"),
+])
+def test_error_non_finite_and_out_of_range_sampling(tmp_path, args, needle):
+    fx = get_fixture("var_tiny_256")
+    assert needle in _bad(tmp_path, *fixture_args(fx), "--device", "cpu", *args)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_error_non_finite_weights(tmp_path, value):
+    fx = get_fixture("var_tiny_256")
+    sd = torch.load(fx.vae_ckpt, weights_only=True)
+    sd["decoder.conv_out.weight"][0, 0, 0, 0] = value
+    torch.save(sd, tmp_path / "vae.pth")
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", fx.var_ckpt, "--vae-ckpt", tmp_path / "vae.pth",
+               "--device", "cpu")
+    assert "NaN or infinite" in msg and "decoder.conv_out.weight" in msg
+
+
+def test_error_bad_config_value_names_field(tmp_path):
+    import json
+    fx = get_fixture("var_tiny_256")
+    raw = json.loads(fx.config_path.read_text())
+    raw["var"]["depth"] = "x"
+    raw["vae_checkpoint"] = str(fx.vae_ckpt)
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    msg = _bad(tmp_path, "--config", tmp_path / "c.json", "--var-ckpt", fx.var_ckpt, "--device", "cpu")
+    assert "var.depth must be an integer, got 'x'" in msg
+
+
+def test_error_pickled_objects_refused_safely(tmp_path):
+    """A checkpoint with Python objects: named, refused, and no advice to load it with weights_only=False."""
+    import argparse
+    fx = get_fixture("var_tiny_256")
+    sd = torch.load(fx.var_ckpt, weights_only=True)
+    torch.save({**sd, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", tmp_path / "pickled.pth", "--vae-ckpt",
+               fx.vae_ckpt, "--device", "cpu")
+    assert "argparse.Namespace" in msg and "weights_only" not in msg and "trust" not in msg
+
+
+def test_error_truncated_checkpoint_message_is_whole(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    data = Path(fx.var_ckpt).read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", tmp_path / "cut.pth", "--vae-ckpt", fx.vae_ckpt,
+               "--device", "cpu")
+    assert "failed finding central directory); the file is truncated" in msg, msg
+
+
+def test_warnings_held_back_on_error_and_printed_on_success(tmp_path):
+    """An old VAR file (no attention temperature) warns; with a wrong VQVAE file the error line stands alone."""
+    fx = get_fixture("var_tiny_256")
+    sd = torch.load(fx.var_ckpt, weights_only=True)
+    torch.save({k: v for k, v in sd.items() if "scale_mul" not in k}, tmp_path / "old.pth")
+    msg = _bad(tmp_path, "--config", fx.config_path, "--var-ckpt", tmp_path / "old.pth", "--vae-ckpt", fx.var_ckpt,
+               "--device", "cpu")
+    assert "VQVAE" in msg
+    r = run_cli("generate", "--config", fx.config_path, "--var-ckpt", tmp_path / "old.pth", "--vae-ckpt",
+                fx.vae_ckpt, "--device", "cpu", "--no-progress", "--grid", tmp_path / "g.png")
+    assert r.returncode == 0, r.stderr
+    assert [l for l in r.stderr.splitlines() if "scale_mul_1H11" in l] == [
+        f"warning: {tmp_path / 'old.pth'}: no attn.scale_mul_1H11 in the checkpoint; using the official initial "
+        f"value log(4)"]
+
+
+def test_error_missing_engine_dir(tmp_path):
+    fx = get_fixture("var_tiny_256")
+    msg = _bad(tmp_path, *fixture_args(fx), "--device", "cpu", "--backend", "onnxruntime",
+               "--engine-dir", tmp_path / "no-export")
+    assert "does not exist" in msg and "manifest.json" in msg

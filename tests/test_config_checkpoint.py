@@ -1,12 +1,13 @@
 """Presets, the JSON config format, and checkpoint tolerance of known buffers."""
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from conftest import get_fixture
-from var_rt.checkpoint import load_var_checkpoint
+from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
 from var_rt.config import PRESETS, get_preset, load_config
 from var_rt.errors import CheckpointError, ConfigError
 from var_rt.models.var import VAR
@@ -96,3 +97,54 @@ def test_unknown_preset():
     with pytest.raises(ConfigError, match="d16"):
         get_preset("d17")
     assert set(PRESETS) == {"d16", "d20", "d24", "d30", "d36"}
+
+
+# ---- issue 13: bad config values and non-finite weights ------------------------------------------------
+
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("var", "depth", "x", "var.depth must be an integer, got 'x'"),
+    ("var", "depth", -1, "var.depth must be >= 1, got -1"),
+    ("var", "depth", 2.0, "var.depth must be an integer, got 2.0"),
+    ("var", "num_heads", 0, "var.num_heads must be >= 1, got 0"),
+    ("var", "num_heads", 3, "var.embed_dim 128 is not divisible by var.num_heads 3"),
+    ("var", "mlp_ratio", "big", "var.mlp_ratio must be a finite number, got 'big'"),
+    ("var", "norm_eps", 0, "var.norm_eps must be > 0"),
+    ("var", "shared_aln", 1, "var.shared_aln must be true or false, got 1"),
+    ("vae", "vocab_size", None, "vae.vocab_size must be an integer, got None"),
+    ("vae", "ch", 40, "vae.ch 40 with vae.ch_mult [1, 1, 2, 2, 4] gives 40 channels"),
+    ("vae", "ch_mult", [], "vae.ch_mult must be a non-empty list of integers"),
+    ("vae", "v_patch_nums", [1, 2, "3"], "vae.v_patch_nums[2] must be an integer, got '3'"),
+    ("vae", "v_patch_nums", [1, 3, 2], "vae.v_patch_nums must grow from at least 1"),
+    ("vae", "quant_resi", float("nan"), "vae.quant_resi must be a finite number"),
+])
+def test_bad_config_values_name_the_field(tmp_path, section, key, value, needle):
+    raw = json.loads(get_fixture("var_tiny_256").config_path.read_text())
+    raw[section][key] = value
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(p)
+
+
+def test_checkpoint_mismatch_names_config_fields(tmp_path):
+    import dataclasses
+    fx = get_fixture("var_tiny_256")
+    cfg = dataclasses.replace(fx.cfg, var=dataclasses.replace(fx.cfg.var, depth=3, num_classes=5))
+    with pytest.raises(CheckpointError, match="var.depth is 3 in the config but 2 in the file; "
+                                              "var.num_classes is 5 in the config but 10 in the file"):
+        load_var_checkpoint(VAR(cfg), fx.var_ckpt)
+    vae_cfg = dataclasses.replace(fx.cfg.vae, ch_mult=(1, 1, 2, 2))
+    with pytest.raises(CheckpointError, match=re.escape("vae.ch_mult is [1, 1, 2, 2] in the config but "
+                                                        "[1, 1, 2, 2, 4] in the file")):
+        load_vae_checkpoint(VQVAE(vae_cfg), fx.vae_ckpt)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_non_finite_weights_refused(tmp_path, value):
+    fx = get_fixture("var_tiny_256")
+    sd = torch.load(fx.var_ckpt, weights_only=True)
+    sd["blocks.1.ffn.fc2.weight"][3, 4] = value
+    p = tmp_path / "v.pth"
+    torch.save(sd, p)
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values \(in blocks.1.ffn.fc2.weight\)"):
+        load_var_checkpoint(VAR(fx.cfg), p)

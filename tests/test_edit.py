@@ -244,3 +244,50 @@ def test_cli_error_region_options(fx, files, tmp_path):
                                     "--mask", files["mask"])
     assert "class id" in _bad(fx, tmp_path, "--image", files["image"], "--mask", files["mask"],
                               "--class-label", 99999)
+
+
+# ---- issue 13: input files ------------------------------------------------------------------------------
+
+def _png_header(path, width, height):
+    """A PNG whose header declares width x height (no pixel data: enough for the size check, a few bytes)."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_cli_error_huge_image(fx, tmp_path):
+    """20000 x 20000: PIL's own decompression-bomb error becomes one line with our limit."""
+    msg = _bad(fx, tmp_path, "--image", _png_header(tmp_path / "huge.png", 20000, 20000), "--box", 0, 0, .5, .5)
+    assert "400,000,000 pixels" in msg and "limit is 67,108,864 pixels (8192x8192)" in msg
+
+
+def test_large_image_refused_before_decoding(tmp_path):
+    from var_rt.images import load_image
+    with pytest.raises(InputError, match=r"9000x9000 px: the limit is 67,108,864 pixels \(8192x8192\)"):
+        load_image(_png_header(tmp_path / "big.png", 9000, 9000))
+
+
+def test_cli_error_image_is_a_folder(fx, files, tmp_path):
+    (tmp_path / "folder").mkdir()
+    msg = _bad(fx, tmp_path, "--image", tmp_path / "folder", "--box", 0, 0, .5, .5)
+    assert "is a folder, not an image file" in msg
+    assert "no such file" in _bad(fx, tmp_path, "--image", tmp_path / "nope.png", "--box", 0, 0, .5, .5)
+
+
+def test_cli_edit_outputs_checked_and_not_overwritten(fx, files, tmp_path):
+    """edit shares generate's output checks: impossible locations and existing files are refused."""
+    (tmp_path / "afile").write_text("x")
+    r = run_cli(*model_args(fx), "--image", files["image"], "--mask", files["mask"], "--output-dir",
+                tmp_path / "afile" / "sub")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "is a file" in r.stderr, r.stderr
+    args = [*model_args(fx), "--image", files["image"], "--mask", files["mask"], "--top-k", 1]
+    assert run_cli(*args, "--grid", tmp_path / "g.png").returncode == 0
+    before = (tmp_path / "g.png").read_bytes()
+    r = run_cli(*args, "--grid", tmp_path / "g.png", "--seed", 3)
+    assert r.returncode == 2 and "g.png" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert (tmp_path / "g.png").read_bytes() == before
+    assert run_cli(*args, "--grid", tmp_path / "g.png", "--overwrite").returncode == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -25,23 +26,99 @@ _TOLERATED = re.compile(r"^(attn_bias_for_masking|lvl_1L|blocks\.\d+\.attn\.zero
 _MAX_LISTED = 8
 
 
+def _first_sentence(text: str) -> str:
+    """The first sentence of a library's error message, without terminal escapes (the rest is advice for
+    developers, sometimes unsafe advice for users)."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
+    return re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".") if text else ""
+
+
+def _load_error(e: Exception, what: str, path: Path) -> CheckpointError:
+    """torch.load's failure as one message a user can act on."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower():
+        # The file pickles Python objects besides tensors. Loading it anyway (weights_only=False) would run
+        # code from the file, so the message names what is inside and never suggests that.
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        inside = f"a Python object ({found.group(1)})" if found else "Python objects"
+        return CheckpointError(
+            f"{what} checkpoint {str(path)!r} holds {inside} besides tensors; var-rt only loads plain state_dicts "
+            f"of tensors, because unpickling other objects can run code from the file: use the official "
+            f".pth file (or save model.state_dict() with torch.save)")
+    return CheckpointError(
+        f"{what} checkpoint {str(path)!r} could not be read ({type(e).__name__}: "
+        f"{_first_sentence(text) or 'no details'}); the file is truncated, corrupt or not a PyTorch state_dict: "
+        f"download it again")
+
+
 def read_state_dict(path: str | Path, what: str) -> Dict[str, torch.Tensor]:
     """``torch.load(path, weights_only=True)`` with a clear error for missing, truncated or foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} checkpoint {str(path)!r} is a folder: give the checkpoint file (.pth)")
     if not path.is_file():
         raise CheckpointError(f"{what} checkpoint {str(path)!r} does not exist")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle, EOF and unpickler errors: the file is not a loadable state_dict
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{what} checkpoint {str(path)!r} could not be read ({type(e).__name__}: {first}); the file is "
-            f"truncated, corrupt or not a PyTorch state_dict: download it again") from None
+        raise _load_error(e, what, path) from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # some trainers wrap the weights
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{what} checkpoint {str(path)!r} does not hold a state_dict of tensors")
     return sd
+
+
+def _count(sd: Dict[str, torch.Tensor], pattern: str) -> int:
+    """Number of distinct indices N in keys matching ``pattern`` (a regex with one group for N)."""
+    return len({m.group(1) for k in sd for m in [re.match(pattern, k)] if m})
+
+
+def var_fields(sd: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """The config fields a VAR state_dict determines (by their JSON names), where it holds the keys."""
+    out: Dict[str, object] = {"var.depth": _count(sd, r"blocks\.(\d+)\.")}
+    if "class_emb.weight" in sd:
+        out["var.num_classes"] = sd["class_emb.weight"].shape[0] - 1  # the last row is the null class
+        out["var.embed_dim"] = sd["class_emb.weight"].shape[1]
+    if "blocks.0.attn.scale_mul_1H11" in sd:
+        out["var.num_heads"] = sd["blocks.0.attn.scale_mul_1H11"].shape[1]
+    out["var.shared_aln"] = "shared_ada_lin.1.weight" in sd
+    if "head.weight" in sd:
+        out["vae.vocab_size"] = sd["head.weight"].shape[0]
+    if "word_embed.weight" in sd:
+        out["vae.z_channels"] = sd["word_embed.weight"].shape[1]
+    return out
+
+
+def vae_fields(sd: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """The config fields a VQVAE state_dict determines (by their JSON names), where it holds the keys."""
+    out: Dict[str, object] = {}
+    if "quantize.embedding.weight" in sd:
+        out["vae.vocab_size"], out["vae.z_channels"] = tuple(sd["quantize.embedding.weight"].shape)
+    if "encoder.conv_in.weight" in sd:
+        ch = out["vae.ch"] = sd["encoder.conv_in.weight"].shape[0]
+        levels = _count(sd, r"encoder\.down\.(\d+)\.")
+        firsts = [sd.get(f"encoder.down.{i}.block.0.conv1.weight") for i in range(levels)]
+        if levels and all(w is not None for w in firsts):
+            out["vae.ch_mult"] = [w.shape[0] // ch for w in firsts]
+        out["vae.num_res_blocks"] = _count(sd, r"encoder\.down\.0\.block\.(\d+)\.")
+    return out
+
+
+def config_differences(found: Dict[str, object], cfg) -> str:
+    """'field: N in the config, M in the file' for each field the file determines and the config sets otherwise.
+
+    cfg: a ModelConfig (for VAR files) or a VQVAEConfig (VQVAE files).
+    """
+    sections = {"var": getattr(cfg, "var", None), "vae": getattr(cfg, "vae", cfg)}
+    diffs = []
+    for field, value in found.items():
+        section, name = field.split(".")
+        have = getattr(sections[section], name, None)
+        have = list(have) if isinstance(have, tuple) else have
+        if have is not None and have != value:
+            diffs.append(f"{field} is {have} in the config but {value} in the file")
+    return "; ".join(diffs)
 
 
 def describe_var_state_dict(sd: Dict[str, torch.Tensor]) -> str:
@@ -50,9 +127,8 @@ def describe_var_state_dict(sd: Dict[str, torch.Tensor]) -> str:
         if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in sd):
             return "it looks like a VQVAE checkpoint, not a VAR transformer (swap --var-ckpt and --vae-ckpt?)"
         return "it does not look like a VAR checkpoint (no class_emb.weight)"
-    depth = len({int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
-    width = sd["class_emb.weight"].shape[1]
-    shared = "shared_ada_lin.1.weight" in sd
+    f = var_fields(sd)
+    depth, width, shared = f["var.depth"], f["var.embed_dim"], f["var.shared_aln"]
     tokens = sd["pos_1LC"].shape[1] if "pos_1LC" in sd else None
     fits = [name for name, p in PRESETS.items()
             if p.var.depth == depth and p.var.embed_dim == width and p.var.shared_aln == shared
@@ -80,8 +156,13 @@ def _fmt(items, fmt) -> str:
     return shown + more
 
 
-def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: str, hint: str = "") -> None:
-    """Strict load of an official state_dict into ``model``; mismatches become one CheckpointError."""
+def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: str, hint: str = "",
+              fields: str = "") -> None:
+    """Strict load of an official state_dict into ``model``; mismatches become one CheckpointError.
+
+    fields: the config fields that differ from the file (config_differences), named first in the message.
+    Weights that are NaN or infinite are refused too: they load fine and give flat images.
+    """
     sd = dict(sd)
     missing, unexpected, shapes = _diff(model, sd)
     # Older VAR checkpoints lack the attention temperature: keep the official initial value.
@@ -92,7 +173,7 @@ def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: st
             sd[k] = torch.full_like(model.state_dict()[k], math.log(4.0))
         missing = []
     if missing or unexpected or shapes:
-        parts = []
+        parts = [fields] if fields else []
         if shapes:
             parts.append("shapes differ: " + _fmt(shapes, lambda s: f"{s[0]} file {list(s[1])} vs model {list(s[2])}"))
         if missing:
@@ -104,6 +185,10 @@ def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: st
             msg += f". {hint}"
         raise CheckpointError(msg)
     sd = {k: v for k, v in sd.items() if not _TOLERATED.match(k)}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{what} checkpoint {path!r} holds NaN or infinite values (in {_fmt(bad, str)}): the "
+                              f"file is corrupt or comes from a diverged training run; download it again")
     model.load_state_dict(sd, strict=False)  # every model key is present and shaped right (checked above)
 
 
@@ -115,7 +200,7 @@ def load_var_checkpoint(model: nn.Module, path: str | Path) -> None:
         hint = ""
     if "class_emb.weight" not in sd:
         raise CheckpointError(f"VAR checkpoint {str(path)!r}: {hint}")
-    load_into(model, sd, "VAR", str(path), hint)
+    load_into(model, sd, "VAR", str(path), hint, _differences(var_fields, sd, model))
 
 
 def load_vae_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -125,7 +210,15 @@ def load_vae_checkpoint(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"VQVAE checkpoint {str(path)!r} has no decoder weights"
                               + ("; it looks like a VAR transformer checkpoint (swap --var-ckpt and --vae-ckpt?)"
                                  if hint else ""))
-    load_into(model, sd, "VQVAE", str(path))
+    load_into(model, sd, "VQVAE", str(path), fields=_differences(vae_fields, sd, model))
+
+
+def _differences(fields_of, sd: Dict[str, torch.Tensor], model: nn.Module) -> str:
+    """config_differences for a model built from a config; best effort (the key diff is the real check)."""
+    try:
+        return config_differences(fields_of(sd), model.cfg)
+    except Exception:
+        return ""
 
 
 def weights_hash(*modules: nn.Module) -> str:

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from var_rt import validation
 from var_rt.errors import ConfigError, VarRtError
 
 
@@ -69,6 +74,10 @@ class ModelOptions:
     def from_args(cls, a: argparse.Namespace) -> "ModelOptions":
         if a.random_weights and (a.var_ckpt or a.vae_ckpt):
             raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+        if a.engine_dir is not None and not Path(a.engine_dir).is_dir():
+            what = "is a file, not an export folder" if Path(a.engine_dir).exists() else "does not exist"
+            raise ConfigError(f"--engine-dir {a.engine_dir!r} {what}: give the folder `python -m export.build` "
+                              f"wrote (it holds manifest.json)")
         return cls(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
                    random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
                    engine_dir=a.engine_dir, no_compile=a.no_compile,
@@ -98,10 +107,11 @@ class SamplingOptions:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "SamplingOptions":
-        if a.batch_size is not None and a.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {a.batch_size}")
-        return cls(cfg=a.cfg, cfg_schedule=parse_cfg_schedule(a.cfg_schedule), top_k=a.top_k, top_p=a.top_p,
-                   more_smooth=a.more_smooth, seed=a.seed, batch_size=a.batch_size)
+        """Everything var_rt.validation can check without the model (the schedule's length needs it)."""
+        s = validation.Sampling.check(a.cfg, parse_cfg_schedule(a.cfg_schedule), a.top_k, a.top_p, a.more_smooth,
+                                      cli=True)
+        return cls(**dataclasses.asdict(s), seed=validation.seeds(a.seed, 1, "--seed")[0],
+                   batch_size=validation.count(a.batch_size, "--batch-size"))
 
     def kwargs(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,8 +123,7 @@ class GenerateRequest:
     sampling: SamplingOptions
     class_labels: Optional[List[int]]
     num_images: Optional[int]
-    output_dir: Optional[Path]
-    grid: Optional[Path]
+    outputs: "Outputs"
 
 
 def parse_cfg_schedule(text: str):
@@ -126,27 +135,100 @@ def parse_cfg_schedule(text: str):
         raise ConfigError(f"--cfg-schedule {text!r}: use 'linear', 'constant' or comma-separated numbers") from None
 
 
-def check_outputs(output_dir: Optional[str], grid_file: Optional[str]) -> None:
-    """--output-dir / --grid: something to write, a PNG grid, no file/folder clash."""
-    if output_dir is None and grid_file is None:
-        raise ConfigError("nothing to write: give --output-dir DIR and/or --grid FILE.png")
-    if grid_file is not None and Path(grid_file).suffix.lower() != ".png":
-        raise ConfigError(f"--grid {grid_file!r}: the grid is written as PNG, give a .png file name")
-    for path in (output_dir, grid_file):
-        if path is not None:
+def _nearest_folder(path: Path) -> Path:
+    """The deepest existing ancestor of ``path`` (itself if it exists): where new folders would be made."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_folder(folder: Path, flag: str, given: str) -> None:
+    """``folder`` exists or can be made, and files can be created in it; checked without leaving anything."""
+    base = _nearest_folder(folder)
+    if not base.is_dir():
+        raise ConfigError(f"{flag} {given!r}: {str(base)!r} is a file, so no folder can be made inside it")
+    try:  # the only reliable test (permissions, read-only or virtual file systems, root): create a file
+        fd, probe = tempfile.mkstemp(prefix=".var-rt-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {given!r}: cannot write in {str(base)!r} ({e.strerror}); "
+                          f"choose a folder you can write to") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Where generate / edit write: one PNG per image in ``output_dir`` and/or one ``grid`` PNG.
+
+    ``check`` runs before any model work (something to write, a PNG name, no file/folder clash, locations
+    that can be written); ``refuse_existing`` once the images' names are known (before generation);
+    ``write`` writes everything at the end, all or none (var_rt.images.write_pngs).
+    """
+
+    output_dir: Optional[Path]
+    grid: Optional[Path]
+    overwrite: bool = False
+
+    @classmethod
+    def check(cls, output_dir: Optional[str], grid_file: Optional[str], overwrite: bool = False) -> "Outputs":
+        if output_dir is None and grid_file is None:
+            raise ConfigError("nothing to write: give --output-dir DIR and/or --grid FILE.png")
+        if grid_file is not None and Path(grid_file).suffix.lower() != ".png":
+            raise ConfigError(f"--grid {grid_file!r}: the grid is written as PNG, give a .png file name")
+        for flag, path, is_dir in (("--output-dir", output_dir, True), ("--grid", grid_file, False)):
+            if path is None:
+                continue
             p = Path(path)
-            if p.exists() and p.is_dir() != (path == output_dir):
-                raise ConfigError(f"{path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
+            if p.exists() and p.is_dir() != is_dir:
+                raise ConfigError(f"{flag} {path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
+            _check_writable_folder(p if is_dir else p.parent, flag, path)
+        return cls(Path(output_dir) if output_dir else None, Path(grid_file) if grid_file else None, overwrite)
+
+    def image_paths(self, labels: Sequence[int], seeds: Sequence[int]) -> List[Path]:
+        from var_rt.images import result_names
+        if self.output_dir is None:
+            return []
+        return [self.output_dir / name for name in result_names(labels, seeds)]
+
+    def refuse_existing(self, labels: Sequence[int], seeds: Sequence[int]) -> None:
+        """Without --overwrite, files that this run would replace are an error."""
+        if self.overwrite:
+            return
+        paths = self.image_paths(labels, seeds) + ([self.grid] if self.grid is not None else [])
+        taken = [str(p) for p in paths if p.exists()]
+        if taken:
+            shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+            raise ConfigError(f"{len(taken)} output file(s) already exist: {shown}; pass --overwrite to replace "
+                              f"them, or choose another --output-dir / --grid")
+
+    def write(self, images_BHW3, labels: Sequence[int], seeds: Sequence[int], grid_HW3=None,
+              grid_note: str = "") -> None:
+        from var_rt.images import write_pngs
+        files = dict(zip(self.image_paths(labels, seeds), images_BHW3))
+        if self.grid is not None:
+            files[self.grid] = grid_HW3
+        try:
+            write_pngs(files)
+        except OSError as e:
+            raise VarRtError(f"writing the PNGs failed ({e.strerror or e}: {e.filename}); nothing was "
+                             f"written") from None
+        if self.output_dir is not None:
+            print(f"wrote {len(images_BHW3)} PNG(s) to {self.output_dir}")
+        if self.grid is not None:
+            print(f"wrote grid {self.grid}{grid_note}")
 
 
 def validate_generate(a: argparse.Namespace) -> GenerateRequest:
-    check_outputs(a.output_dir, a.grid)
-    if a.num_images is not None and a.num_images < 1:
-        raise ConfigError(f"--num-images must be >= 1, got {a.num_images}")
+    outputs = Outputs.check(a.output_dir, a.grid, a.overwrite)
     return GenerateRequest(
         model=ModelOptions.from_args(a), sampling=SamplingOptions.from_args(a), class_labels=a.class_labels,
-        num_images=a.num_images, output_dir=Path(a.output_dir) if a.output_dir else None,
-        grid=Path(a.grid) if a.grid else None)
+        num_images=validation.count(a.num_images, "--num-images"), outputs=outputs)
+
+
+def add_overwrite_arg(group) -> None:
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace PNGs (and the grid) that already exist; without it such a run is refused")
 
 
 def load_pipeline(opts: ModelOptions):
@@ -160,19 +242,17 @@ def load_pipeline(opts: ModelOptions):
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from var_rt.images import grid, save_png, save_results
+    from var_rt.images import grid
 
     req = validate_generate(a)
     pipe = load_pipeline(req.model)
+    labels, seeds = pipe.plan(req.class_labels, req.num_images, req.sampling.seed)
+    req.outputs.refuse_existing(labels, seeds)
     t0 = time.perf_counter()
-    res = pipe.generate(class_labels=req.class_labels, num_images=req.num_images, **req.sampling.kwargs())
+    res = pipe.generate(class_labels=labels, **dict(req.sampling.kwargs(), seed=seeds))
     dt = time.perf_counter() - t0
     arr = res.numpy()
-    if req.output_dir is not None:
-        save_results(arr, res.labels, res.seeds, req.output_dir)
-    if req.grid is not None:
-        save_png(grid(arr), req.grid)
-        print(f"wrote grid {req.grid}")
+    req.outputs.write(arr, res.labels, res.seeds, grid(arr))
     print(f"{len(arr)} image(s) in {dt:.2f} s on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, "
           f"backend {pipe.backend})")
     return 0
@@ -196,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, help="number of images (default: one per label, or 1)")
     g.add_argument("--output-dir", help="one PNG per image; sorted names follow batch order")
     g.add_argument("--grid", help="also write all images tiled into one PNG")
-    g.set_defaults(func=cmd_generate)
+    add_overwrite_arg(g)
+    g.set_defaults(func=cmd_generate, hold_warnings=True)
 
     from var_rt.edit import add_edit_parser
     from var_rt.sample import add_sample_parser
@@ -212,13 +293,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(text: str) -> str:
+    """A message as one plain line: no terminal escapes, newlines and tabs folded into spaces."""
+    return " ".join(_ANSI.sub("", str(text)).split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command; a VarRtError becomes one ``error:`` line and exit status 2.
+
+    Commands that set ``hold_warnings`` (generate, edit) keep Python warnings back until they succeed,
+    then print each once as a ``warning:`` line: a failed run prints its error line alone.
+    """
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except VarRtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    hold = getattr(args, "hold_warnings", False)
+    with warnings.catch_warnings(record=hold) as held:
+        try:
+            rc = args.func(args)
+        except VarRtError as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    for message in dict.fromkeys(one_line(w.message) for w in held or []):
+        print(f"warning: {message}", file=sys.stderr)
+    return rc

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Tuple
 
-from var_rt.errors import ConfigError
+from var_rt import validation
+from var_rt.errors import ConfigError, InputError
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -124,8 +125,38 @@ _IGNORED = {
 }
 
 
-def _take(section: dict, cls, where: str, renames: dict | None = None, ignored: dict | None = None):
+# Smallest allowed value of each integer field (1 where not listed) and of the positive float fields.
+_INT_MINIMUM = {"share_quant_resi": 0, "default_qresi_counts": 0}
+_POSITIVE_FLOATS = ("mlp_ratio", "norm_eps")
+_GROUPS = 32  # the VQVAE's GroupNorm: every channel count must be a multiple of it
+
+
+def _check_value(cls, name: str, value, label: str):
+    """One config value against its field's type (from the dataclass default) and range; label names it."""
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    try:
+        if isinstance(default, bool):
+            return validation.flag(value, label)
+        if isinstance(default, int):
+            return validation.integer(value, label, minimum=_INT_MINIMUM.get(name, 1))
+        if isinstance(default, float):
+            v = validation.number(value, label)
+            if name in _POSITIVE_FLOATS and v <= 0:
+                raise InputError(f"{label} must be > 0, got {v:g}")
+            return v
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)) or not value:
+                raise InputError(f"{label} must be a non-empty list of integers, got {validation.show(value)}")
+            return tuple(validation.integer(v, f"{label}[{i}]", minimum=1) for i, v in enumerate(value))
+    except InputError as e:  # the same checks as requests, reported as a config error
+        raise ConfigError(str(e)) from None
+    return value
+
+
+def _take(section, cls, where: str, renames: dict | None = None, ignored: dict | None = None):
     renames, ignored = renames or {}, ignored or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a JSON object of settings, got {validation.show(section)}")
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in section.items():
@@ -136,45 +167,58 @@ def _take(section: dict, cls, where: str, renames: dict | None = None, ignored: 
         name = renames.get(key, key)
         if name not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {sorted(fields | set(renames))}")
-        if isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - dataclass errors are already explicit
-        raise ConfigError(f"{where}: {e}") from None
+        kwargs[name] = _check_value(cls, name, value, f"{where}.{key}")
+    return cls(**kwargs)
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """Read a model config in the fixtures' JSON format (``{"vae": {...}, "var": {...}}``)."""
+    """Read a model config in the fixtures' JSON format (``{"vae": {...}, "var": {...}}``).
+
+    Every value is checked for its type and range, and the values for consistency, with messages that
+    name the field; the checkpoint is checked against the config when it is loaded (var_rt.checkpoint).
+    """
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a folder: give the JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror})") from None
     if not isinstance(raw, dict) or "var" not in raw or "vae" not in raw:
         raise ConfigError(f"config file {str(path)!r} must be a JSON object with 'var' and 'vae' sections")
     vae = _take(raw["vae"], VQVAEConfig, f"{path}: vae", {"v_patch_nums": "patch_nums"}, _IGNORED["vae"])
     var = _take(raw["var"], VARConfig, f"{path}: var", None, _IGNORED["var"])
     var_pn = raw["var"].get("patch_nums")
-    if var_pn is not None and tuple(var_pn) != vae.patch_nums:
+    if var_pn is not None and (not isinstance(var_pn, list) or tuple(var_pn) != vae.patch_nums):
         raise ConfigError(f"{path}: var.patch_nums {var_pn} differs from vae.v_patch_nums {list(vae.patch_nums)}")
     vae_ckpt = raw.get("vae_checkpoint")
     if vae_ckpt is not None:
+        if not isinstance(vae_ckpt, str) or not vae_ckpt:
+            raise ConfigError(f"{path}: vae_checkpoint must be a file name (relative to the config), "
+                              f"got {validation.show(vae_ckpt)}")
         vae_ckpt = str((path.parent / vae_ckpt).resolve())
     cfg = ModelConfig(name=path.stem if path.stem != "config" else path.parent.name,
                       var=var, vae=vae, vae_checkpoint=vae_ckpt)
-    validate_config(cfg)
+    validate_config(cfg, f"{path}: ")
     return cfg
 
 
-def validate_config(cfg: ModelConfig) -> None:
-    v = cfg.var
+def validate_config(cfg: ModelConfig, where: str = "") -> None:
+    """Consistency of a config's values (each value's own type and range is checked when it is read)."""
+    v, q = cfg.var, cfg.vae
     if v.embed_dim % v.num_heads:
-        raise ConfigError(f"embed_dim {v.embed_dim} is not divisible by num_heads {v.num_heads}")
+        raise ConfigError(f"{where}var.embed_dim {v.embed_dim} is not divisible by var.num_heads {v.num_heads}")
+    if round(v.embed_dim * v.mlp_ratio) < 1:
+        raise ConfigError(f"{where}var.mlp_ratio {v.mlp_ratio:g} leaves no hidden units (embed_dim * mlp_ratio < 1)")
     if sorted(cfg.patch_nums) != list(cfg.patch_nums) or cfg.patch_nums[0] < 1:
-        raise ConfigError(f"patch_nums must grow from at least 1, got {cfg.patch_nums}")
+        raise ConfigError(f"{where}vae.v_patch_nums must grow from at least 1, got {list(cfg.patch_nums)}")
     if len(cfg.patch_nums) < 2:
-        raise ConfigError("patch_nums needs at least two scales")
+        raise ConfigError(f"{where}vae.v_patch_nums needs at least two scales, got {list(cfg.patch_nums)}")
+    odd = [q.ch * m for m in (1,) + tuple(q.ch_mult) if (q.ch * m) % _GROUPS]
+    if odd:
+        raise ConfigError(f"{where}vae.ch {q.ch} with vae.ch_mult {list(q.ch_mult)} gives {odd[0]} channels: the "
+                          f"VQVAE's group norms need multiples of {_GROUPS}")

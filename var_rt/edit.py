@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from var_rt import validation
 from var_rt.errors import ConfigError, InputError
 from var_rt.runtime import EditSpec
 
@@ -370,10 +371,8 @@ def edit(pipe, image: ImageLike, region=None, *, mode: Optional[str] = None, kee
     else:
         img, keep_grid = prepare(pipe, image, region, mode, resize, canvas_place)
         keep_scales = scale_keep_masks(keep_grid, pns)
-    n = cfgm.var.num_classes
-    label = n if class_label is None else class_label
-    if num_images < 1:
-        raise InputError(f"number of images must be >= 1, got {num_images}")
+    label = edit_label(pipe, class_label)
+    validation.count(num_images, "num-images")
     pipe.check_labels([label])
     src = [t[:1].cpu() for t in pipe.encode_tokens(img)]
     spec = EditSpec(idx=[t.to(pipe.device) for t in src], keep=[k.to(pipe.device) for k in keep_scales])
@@ -382,6 +381,11 @@ def edit(pipe, image: ImageLike, region=None, *, mode: Optional[str] = None, kee
                         progress=progress, edit=spec)
     return EditResult(images=res.images, input=img, keep=keep_grid, keep_scales=[k.cpu() for k in keep_scales],
                       source_tokens=src, tokens=res.tokens, sampled=res.sampled, labels=res.labels, seeds=res.seeds)
+
+
+def edit_label(pipe, class_label: Optional[int]) -> int:
+    """The class an edit is steered towards: the null class (unconditional) unless one is given."""
+    return pipe.cfg.var.num_classes if class_label is None else class_label
 
 
 def _keep_from_arg(keep, patch_nums: Sequence[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -417,63 +421,46 @@ class EditRequest:
     class_label: Optional[int]
     num_images: int
     resize: bool
-    output_dir: Optional[Path]
-    grid: Optional[Path]
+    outputs: "Outputs"
 
 
 def validate_edit(a: argparse.Namespace) -> EditRequest:
     """Check the options that need no model; the image and mask are checked against the model later."""
-    from var_rt.cli import ModelOptions, SamplingOptions, check_outputs
-    check_outputs(a.output_dir, a.grid)
+    from var_rt.cli import ModelOptions, Outputs, SamplingOptions
+    outputs = Outputs.check(a.output_dir, a.grid, a.overwrite)
     given = [n for n, v in (("--mask", a.mask), ("--box", a.box), ("--canvas-place", a.canvas_place)) if v is not None]
     if len(given) != 1:
         raise ConfigError("give exactly one of --mask MASK.png, --box Y0 X0 Y1 X1 or --canvas-place"
                           + (f" (got {' and '.join(given)})" if given else ""))
-    for name, path in (("--image", a.image), ("--mask", a.mask)):
-        if path is not None and not Path(path).is_file():
-            raise InputError(f"{name} {path!r}: no such file")
     box = Box(*a.box).validate() if a.box is not None else None
     place = parse_canvas_place(a.canvas_place) if a.canvas_place is not None else None
     if place is not None and a.mode == "inpaint":
         raise ConfigError("--canvas-place is outpainting: leave out --mode or use --mode outpaint")
-    if a.num_images < 1:
-        raise ConfigError(f"--num-images must be >= 1, got {a.num_images}")
     return EditRequest(
         model=ModelOptions.from_args(a), sampling=SamplingOptions.from_args(a),
         image=Path(a.image), mask=Path(a.mask) if a.mask else None, box=box, mode=a.mode, canvas_place=place,
-        class_label=a.class_label, num_images=a.num_images, resize=a.resize,
-        output_dir=Path(a.output_dir) if a.output_dir else None, grid=Path(a.grid) if a.grid else None)
-
-
-def _read_image(path: Path, what: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L" if what == "mask" else "RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"--{what} {str(path)!r} cannot be read as an image ({e.__class__.__name__})") from None
+        class_label=a.class_label, num_images=validation.count(a.num_images, "--num-images"), resize=a.resize,
+        outputs=outputs)
 
 
 def cmd_edit(a: argparse.Namespace) -> int:
     from var_rt.cli import load_pipeline
-    from var_rt.images import save_png, save_results
+    from var_rt.images import load_image
 
     req = validate_edit(a)
-    image = _read_image(req.image, "image")
-    mask = _read_image(req.mask, "mask") if req.mask is not None else None
+    image = load_image(req.image, "RGB", "--image")
+    mask = load_image(req.mask, "L", "--mask") if req.mask is not None else None
     pipe = load_pipeline(req.model)
     region = req.box if req.box is not None else mask
+    labels, seeds = pipe.plan([edit_label(pipe, req.class_label)], req.num_images, req.sampling.seed)
+    req.outputs.refuse_existing(labels, seeds)
     # edit() checks image, region and class before any model work, and nothing is written unless it succeeds
     t0 = time.perf_counter()
     res = edit(pipe, image, region, mode=req.mode, class_label=req.class_label, num_images=req.num_images,
                resize=req.resize, canvas_place=req.canvas_place, **req.sampling.kwargs())
     dt = time.perf_counter() - t0
     arr = res.numpy()
-    if req.output_dir is not None:
-        save_results(arr, res.labels, res.seeds, req.output_dir)
-    if req.grid is not None:
-        save_png(res.grid(), req.grid)
-        print(f"wrote grid {req.grid} (input, mask, results)")
+    req.outputs.write(arr, res.labels, res.seeds, res.grid(), " (input, mask, results)")
     kept = int(res.keep.sum())
     print(f"{len(arr)} edit(s) in {dt:.2f} s on {pipe.device}: {res.keep.numel() - kept} of {res.keep.numel()} "
           f"last-scale tokens regenerated")
@@ -482,7 +469,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``python -m var_rt edit`` on the CLI's subparsers."""
-    from var_rt.cli import _add_model_args, _add_sampling_args
+    from var_rt.cli import _add_model_args, _add_sampling_args, add_overwrite_arg
     e = subparsers.add_parser(
         "edit", help="zero-shot inpainting / outpainting / class-conditional editing of an image",
         description="Zero-shot editing (the official VAR demo's method). The mask's white pixels (or the box) "
@@ -507,5 +494,6 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
                    help="scale the image's shorter side to the model's size and centre-crop it")
     g.add_argument("--output-dir", help="one PNG per result")
     g.add_argument("--grid", help="one PNG: input, mask visualisation, results side by side")
-    e.set_defaults(func=cmd_edit)
+    add_overwrite_arg(g)
+    e.set_defaults(func=cmd_edit, hold_warnings=True)
     return e

@@ -1,13 +1,23 @@
-"""Image output: float tensors to uint8, PNG files whose sorted names follow batch order, and grids."""
+"""Image files: float tensors to uint8, PNG files (all or none, whose sorted names follow batch order), grids,
+and reading input images (with a size limit)."""
 from __future__ import annotations
 
 import io
 import math
+import os
+import re
+import warnings
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
+
+from var_rt.errors import InputError
+
+# Input images (edit --image / --mask) larger than this are refused before they are decoded.
+MAX_INPUT_SIDE = 8192
+MAX_INPUT_PIXELS = MAX_INPUT_SIDE * MAX_INPUT_SIDE
 
 
 def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
@@ -34,12 +44,52 @@ def grid(images_BHW3: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
     return out
 
 
-def save_png(array_HW3: np.ndarray, path: str | Path) -> Path:
+def _temp_name(path: Path) -> Path:
+    """A hidden name beside ``path`` (same folder, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _missing_folders(folder: Path) -> List[Path]:
+    """The folders that creating ``folder`` would create, deepest first."""
+    out = []
+    while not folder.exists():
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def write_pngs(files: Dict[Path, np.ndarray]) -> List[Path]:
+    """Write uint8 (H, W, 3) images as PNG files, all or none.
+
+    Every file is first written under a temporary name in its folder, and only when all are written
+    are they renamed to their names; on any failure the temporary files, and the folders made for
+    them, are removed again. So an interrupted or failed write leaves no half-written PNG and no
+    half of a set.
+    """
     from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array_HW3).save(path)
-    return path
+    files = {Path(p): a for p, a in files.items()}
+    made = [f for p in files for f in _missing_folders(p.parent)]
+    temps: Dict[Path, Path] = {}
+    try:
+        for path, array in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps[path] = _temp_name(path)
+            Image.fromarray(array).save(temps[path], format="PNG")
+        for path in list(temps):
+            os.replace(temps.pop(path), path)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        for folder in sorted(set(made), key=lambda f: len(f.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    return list(files)
+
+
+def save_png(array_HW3: np.ndarray, path: str | Path) -> Path:
+    """One PNG file (written under a temporary name and renamed, see write_pngs)."""
+    return write_pngs({Path(path): array_HW3})[0]
 
 
 def png_bytes(array_HW3: np.ndarray) -> bytes:
@@ -51,21 +101,49 @@ def png_bytes(array_HW3: np.ndarray) -> bytes:
 
 
 def save_pngs(images_BHW3: np.ndarray, out_dir: str | Path, names: Sequence[str]) -> List[Path]:
-    return [save_png(im, Path(out_dir) / name) for im, name in zip(images_BHW3, names)]
+    return write_pngs({Path(out_dir) / name: im for im, name in zip(images_BHW3, names)})
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """PNG/JPEG -> (H, W, 3) uint8."""
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+def load_image(path: str | Path, mode: str = "RGB", what: str = "image") -> np.ndarray:
+    """An image file (PNG, JPEG, ...) -> (H, W, 3) uint8 (mode "L": (H, W)); InputError if it cannot be used.
+
+    Images of more than MAX_INPUT_PIXELS are refused from their header, before decoding: the models
+    work at 256 or 512 px, and decoding a huge (or maliciously small-on-disk) file would take gigabytes.
+    """
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a folder, not an image file")
+    if not path.exists():
+        raise InputError(f"{what} {str(path)!r}: no such file")
+    with warnings.catch_warnings():  # PIL warns (and above 2x its own limit raises) about large images
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                pixels = im.size[0] * im.size[1]
+                if pixels <= MAX_INPUT_PIXELS:
+                    return np.asarray(im.convert(mode))
+                size = f"{im.size[0]}x{im.size[1]} px"
+        except Image.DecompressionBombError as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(found.group(1)):,} pixels" if found else f"more than {MAX_INPUT_PIXELS:,} pixels"
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"{what} {str(path)!r} cannot be read as an image ({type(e).__name__}): "
+                             f"give a PNG or JPEG file") from None
+    raise InputError(f"{what} {str(path)!r} is {size}: the limit is {MAX_INPUT_PIXELS:,} pixels "
+                     f"({MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}); shrink it first (the model works at "
+                     f"256 or 512 px)")
+
+
+def result_names(labels: Sequence[int], seeds: Sequence[int], start: int = 0) -> List[str]:
+    """``{index}_class{c}_seed{s}.png`` per image: sorting the names gives batch order."""
+    width = max(5, len(str(start + len(labels) - 1)))
+    return [f"{start + i:0{width}d}_class{c}_seed{s}.png" for i, (c, s) in enumerate(zip(labels, seeds))]
 
 
 def save_results(images_BHW3: np.ndarray, labels: Sequence[int], seeds: Sequence[int], out_dir: str | Path,
                  start: int = 0) -> List[Path]:
-    """One PNG per image named ``{index}_class{c}_seed{s}.png``: sorting the names gives batch order."""
-    width = max(5, len(str(start + len(images_BHW3) - 1)))
-    names = [f"{start + i:0{width}d}_class{c}_seed{s}.png" for i, (c, s) in enumerate(zip(labels, seeds))]
-    paths = save_pngs(images_BHW3, out_dir, names)
+    """One PNG per image, named by result_names."""
+    paths = save_pngs(images_BHW3, out_dir, result_names(labels, seeds, start))
     print(f"wrote {len(paths)} PNG(s) to {out_dir}")
     return paths

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from var_rt import precision, sampling
+from var_rt import precision, sampling, validation
 from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
 from var_rt.config import ModelConfig, get_preset, load_config
 from var_rt.engines.base import concrete_device
@@ -215,38 +215,13 @@ class VARPipeline:
 
     # ---- requests -------------------------------------------------------------------------
     def check_labels(self, labels: Sequence[int]) -> List[int]:
-        n = self.cfg.var.num_classes
-        out = []
-        for c in labels:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) <= n:
-                raise InputError(f"class id {c!r} is out of range for this model: use 0..{n - 1} "
-                                 f"({n} = the null class, i.e. unconditional)")
-            out.append(int(c))
-        return out
+        """Class ids as ints, each an integer in 0..num_classes (see var_rt.validation.class_ids)."""
+        return validation.class_ids(labels, self.cfg.var.num_classes)
 
     def plan(self, class_labels: Optional[Sequence[int]], num_images: Optional[int],
              seed: Union[int, Sequence[int]]) -> tuple[List[int], List[int]]:
-        """Resolve labels and per-image seeds (seed + i unless a list is given)."""
-        if class_labels is not None:
-            labels = self.check_labels(list(class_labels))
-            if num_images is not None and len(labels) not in (1, num_images):
-                raise InputError(f"{len(labels)} class labels for {num_images} images: give one label, "
-                                 f"one per image, or leave --num-images out")
-            n = num_images or len(labels)
-            labels = labels * n if len(labels) == 1 else labels
-        else:
-            n = 1 if num_images is None else num_images
-            labels = None
-        if n < 1:
-            raise InputError(f"number of images must be >= 1, got {n}")
-        if isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(n)]
-        else:
-            seeds = [int(s) for s in seed]
-            if len(seeds) != n:
-                raise InputError(f"{len(seeds)} seeds for {n} images")
-        if any(not 0 <= s < 2 ** 63 for s in seeds):
-            raise InputError("seeds must be in [0, 2^63)")
+        """Resolve labels and per-image seeds (seed + i unless a list is given); labels drawn from seeds if None."""
+        labels, seeds = validation.image_plan(class_labels, num_images, seed, self.cfg.var.num_classes)
         if labels is None:
             labels = sampling.random_labels(torch.tensor(seeds), self.cfg.var.num_classes).tolist()
         return labels, seeds
@@ -268,13 +243,10 @@ class VARPipeline:
         """
         labels, seeds = self.plan(class_labels, num_images, seed)
         n = len(labels)
-        sampling.validate_sampling(top_k, top_p, self.cfg.vae.vocab_size)
-        sampling.guidance_schedule(cfg, cfg_schedule, self.cfg.num_scales)  # validates
-        bs = self._chunk_size(n, batch_size)
-        if bs < 1:
-            raise InputError(f"batch size must be >= 1, got {bs}")
-        params = SamplingParams(cfg=float(cfg), cfg_schedule=cfg_schedule, top_k=int(top_k),
-                                top_p=float(top_p), more_smooth=bool(more_smooth))
+        s = validation.Sampling.check(cfg, cfg_schedule, top_k, top_p, more_smooth, self.cfg.num_scales)
+        bs = self._chunk_size(n, validation.count(batch_size, "batch-size"))
+        params = SamplingParams(cfg=s.cfg, cfg_schedule=s.cfg_schedule, top_k=s.top_k, top_p=s.top_p,
+                                more_smooth=s.more_smooth)
         show = self.progress if progress is None else progress
         images, tokens, sampled = [], [], []
         with self._lock, progress_bar(total=math.ceil(n / bs) * self.cfg.num_scales, enabled=show,

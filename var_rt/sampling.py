@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from var_rt.errors import InputError
+from var_rt import validation
 
 _M32 = 0xFFFFFFFF
 STREAM_TOKENS, STREAM_SMOOTH, STREAM_LABELS = 1, 2, 3
@@ -55,24 +55,18 @@ def guidance_schedule(cfg: float, schedule: Union[str, Sequence[float]], num_sca
     ``linear`` (official): t = cfg * k / (K - 1), so 0 at the first scale and cfg at the last.
     ``constant``: t = cfg at every scale. A list gives t for each scale explicitly.
     """
+    cfg, schedule = validation.number(cfg, "cfg"), validation.check_schedule(schedule, num_scales)
     if isinstance(schedule, str):
         if schedule == "linear":
             return [cfg * k / (num_scales - 1) for k in range(num_scales)]
         if schedule == "constant":
-            return [float(cfg)] * num_scales
-        raise InputError(f"unknown guidance schedule {schedule!r}: use 'linear', 'constant' "
-                         f"or {num_scales} comma-separated numbers")
-    values = [float(v) for v in schedule]
-    if len(values) != num_scales:
-        raise InputError(f"an explicit guidance schedule needs one value per scale ({num_scales}), got {len(values)}")
-    return values
+            return [cfg] * num_scales
+    return list(schedule)
 
 
 def validate_sampling(top_k: int, top_p: float, vocab: int) -> None:
-    if top_k < 0:
-        raise InputError(f"top-k must be >= 0 (0 turns it off), got {top_k}")
-    if not 0.0 <= top_p <= 1.0:
-        raise InputError(f"top-p must be in [0, 1] (0 turns it off), got {top_p}")
+    """The checks live in var_rt.validation (one validation for every entry point)."""
+    validation.filters(top_k, top_p)
 
 
 def candidates(logits_BlV: torch.Tensor, top_k: int, top_p: float):

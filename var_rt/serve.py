@@ -77,8 +77,12 @@ def exported_batch_sizes(engine_dir) -> Optional[List[int]]:
 
 # ---- request parsing (no Ray needed: unit-testable) -------------------------------------------------
 def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
-    """A JSON body -> {labels, seeds, settings (hashable), format}; InputError with a message otherwise."""
-    from var_rt import sampling
+    """A JSON body -> {labels, seeds, settings (hashable), format}; InputError with a message otherwise.
+
+    The values are checked by var_rt.validation, as for the CLI and VARPipeline.generate; this function
+    only adds what belongs to the HTTP format (field names, lists, the response format).
+    """
+    from var_rt import validation
     if not isinstance(body, dict):
         raise InputError("the request body must be a JSON object, e.g. {\"class_label\": 207, \"seed\": 0}")
     unknown = sorted(set(body) - REQUEST_KEYS)
@@ -102,47 +106,23 @@ def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
     if "seed" in body and "seeds" in body:
         raise InputError("give seed or seeds, not both")
     if "seeds" in body:
-        seeds = body["seeds"]
-        if not isinstance(seeds, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-            raise InputError("seeds must be a list of integers")
-        if len(seeds) != len(labels):
-            raise InputError(f"{len(seeds)} seeds for {len(labels)} images")
+        if not isinstance(body["seeds"], list):
+            raise InputError(f"seeds must be a list of integers, got {validation.show(body['seeds'])}")
+        seeds = validation.seeds(body["seeds"], len(labels), "seeds")
     else:
         seed = body.get("seed")
-        if seed is None:
-            seed = secrets.randbelow(2 ** 62)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InputError(f"seed must be an integer, got {seed!r}")
-        seeds = [seed + i for i in range(len(labels))]
-    if any(not 0 <= s < 2 ** 63 for s in seeds):
-        raise InputError("seeds must be in [0, 2^63)")
-    s = dict(SAMPLING_DEFAULTS)
-    for k in SAMPLING_DEFAULTS:
-        if k in body:
-            s[k] = body[k]
-    for k in ("cfg", "top_p"):
-        if isinstance(s[k], bool) or not isinstance(s[k], (int, float)) or not math.isfinite(s[k]):
-            raise InputError(f"{k} must be a number, got {s[k]!r}")
-        s[k] = float(s[k])
-    if isinstance(s["top_k"], bool) or not isinstance(s["top_k"], int):
-        raise InputError(f"top_k must be an integer, got {s['top_k']!r}")
-    if not isinstance(s["more_smooth"], bool):
-        raise InputError("more_smooth must be true or false")
-    sched = s["cfg_schedule"]
-    if isinstance(sched, list):
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in sched):
-            raise InputError("cfg_schedule must be 'linear', 'constant' or a list of numbers")
-        sched = tuple(float(v) for v in sched)
-    elif sched not in ("linear", "constant"):
+        seed = secrets.randbelow(2 ** 62) if seed is None else validation.integer(seed, "seed")
+        seeds = validation.seeds(seed, len(labels))
+    s = {k: body.get(k, default) for k, default in SAMPLING_DEFAULTS.items()}
+    if not isinstance(s["cfg_schedule"], (str, list)):
         raise InputError("cfg_schedule must be 'linear', 'constant' or a list of numbers (one per scale)")
-    sampling.validate_sampling(s["top_k"], s["top_p"], pipe.cfg.vae.vocab_size)
-    sampling.guidance_schedule(s["cfg"], list(sched) if isinstance(sched, tuple) else sched, pipe.cfg.num_scales)
+    v = validation.Sampling.check(**s, num_scales=pipe.cfg.num_scales)
     fmt = body.get("format", "png" if len(labels) == 1 else "base64")
     if fmt not in ("png", "base64"):
         raise InputError(f"format must be 'png' or 'base64', got {fmt!r}")
     if fmt == "png" and len(labels) != 1:
         raise InputError("format 'png' returns one image: use format 'base64' for several")
-    settings = (s["cfg"], sched, s["top_k"], s["top_p"], s["more_smooth"])
+    settings = (v.cfg, v.cfg_schedule, v.top_k, v.top_p, v.more_smooth)
     return {"labels": labels, "seeds": seeds, "settings": settings, "format": fmt}
 
 
