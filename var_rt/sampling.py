@@ -135,12 +135,10 @@ def threshold(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[to
     e = (vals - vals[..., :1]).exp()
     probs = e / (e.sum(dim=-1, keepdim=True) + beyond * e[..., -1:])
     ahead = probs.cumsum(dim=-1) - probs  # mass of the entries before each one in sorted order
-    # The mass strictly above an entry is `ahead` at the first entry of its group of equal values;
-    # searchsorted needs ascending order, so it runs on the negated values.
-    neg = vals.neg()
-    above = ahead.gather(-1, torch.searchsorted(neg, neg, side="left"))
-    # Kept iff above < top_p (the largest has above = 0 and always stays); t_p = the smallest kept.
-    return vals.masked_fill(above >= top_p, float("inf")).amin(dim=-1, keepdim=True)
+    # At the first entry of a group of equal values, `ahead` is the mass strictly above the group, so
+    # the group stays iff that entry passes (ahead < top_p; the largest always does). Later entries
+    # of the group may fail, but t_p = the smallest passing value, and logits >= t_p keeps them all.
+    return vals.masked_fill(ahead >= top_p, float("inf")).amin(dim=-1, keepdim=True)
 
 
 def candidate_mask(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
