@@ -13,8 +13,8 @@ from var_rt.pipeline import VARPipeline
 def official_filter(logits_BlV, top_k, top_p):
     """The official top-k / top-p masking (sample_with_top_k_top_p_ before multinomial), written out."""
     logits = logits_BlV.clone()
-    if top_k > 0:
-        kth = logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+    if top_k > 0:  # top_k > V, an error upstream, keeps everything here as in var_rt
+        kth = logits.topk(min(top_k, logits.shape[-1]), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth, -math.inf)
     if top_p > 0:
         s, idx = logits.sort(dim=-1, descending=False)
@@ -24,19 +24,105 @@ def official_filter(logits_BlV, top_k, top_p):
     return logits
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (1, 0.0), (50, 0.0), (0, 0.9), (40, 0.8), (900, 0.96)])
+def _kept(logits, top_k, top_p):
+    mask = sampling.candidate_mask(logits, top_k, top_p)
+    return torch.ones_like(logits, dtype=torch.bool) if mask is None else mask
+
+
+FILTERS = [(0, 0.0), (1, 0.0), (50, 0.0), (0, 0.9), (40, 0.8), (900, 0.96), (3000, 0.5)]
+
+
+@pytest.mark.parametrize("top_k,top_p", FILTERS)
 def test_candidates_match_official(top_k, top_p):
+    """Untied float32 rows: exactly the official kept set."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 2048, generator=g) * 3
     want = torch.isfinite(official_filter(logits, top_k, top_p))
-    vals, ids = sampling.candidates(logits, top_k, top_p)
-    got = torch.zeros_like(want)
-    keep = torch.isfinite(vals)
-    if ids is None:
-        got = keep
+    assert torch.equal(_kept(logits, top_k, top_p), want)
+
+
+@pytest.mark.parametrize("top_k,top_p", FILTERS)
+def test_candidates_with_fp16_ties(top_k, top_p):
+    """FP16-rounded rows (many ties): top-k alone is exactly the official rule; with top-p, ours is
+    the official set completed to whole groups of equal values, i.e. every logit >= the smallest
+    logit the official code keeps."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 7, 2048, generator=g) * 3).half().float()
+    if 1 < top_k < 2048:  # the rows do tie at the k-th value, so the tie rule is exercised
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        assert ((logits >= kth).sum(-1) > top_k).any()
+    official = torch.isfinite(official_filter(logits, top_k, top_p))
+    got = _kept(logits, top_k, top_p)
+    if top_p == 0:
+        assert torch.equal(got, official)
     else:
-        got.scatter_(-1, ids, keep)
+        lowest = logits.masked_fill(~official, math.inf).amin(dim=-1, keepdim=True)
+        assert torch.equal(got, logits >= lowest)
+
+
+def _draw_counts(values, top_k, top_p, n=4000):
+    """How often each id is drawn from the row ``values`` over n positions x 2 seeds."""
+    logits = torch.tensor(values, dtype=torch.float32).expand(2, n, len(values)).contiguous()
+    idx = sampling.sample_tokens(logits, torch.tensor([5, 6]), scale=4, top_k=top_k, top_p=top_p)
+    return torch.bincount(idx.view(-1), minlength=len(values))
+
+
+def test_top_k_keeps_every_tie_at_the_kth_value():
+    values = [5.0, 4.0, 3.0, 3.0, 3.0, 1.0]
+    logits = torch.tensor(values).view(1, 1, -1)
+    assert _kept(logits, 3, 0.0).view(-1).tolist() == [True] * 5 + [False]
+    counts = _draw_counts(values, 3, 0.0)
+    p = torch.tensor(values[:5]).softmax(-1)  # the three 3s: 7.6% each
+    assert counts[5] == 0 and (counts[:5] > 0).all(), counts
+    freq = counts[:5].float() / counts.sum()
+    assert ((freq - p).abs() < 5 * (p * (1 - p) / counts.sum()).sqrt()).all(), (freq, p)
+
+
+def test_top_p_keeps_or_drops_a_tied_group_together():
+    # p = softmax([2, 1, 1, 0]) = [.534, .197, .197, .072]: the mass above the 1s is .534.
+    values = [2.0, 1.0, 1.0, 0.0]
+    logits = torch.tensor(values).view(1, 1, -1)
+    assert _kept(logits, 0, 0.6).view(-1).tolist() == [True, True, True, False]  # official: one of the 1s
+    assert _kept(logits, 0, 0.5).view(-1).tolist() == [True, False, False, False]
+    counts = _draw_counts(values, 0, 0.6)
+    assert counts[3] == 0 and (counts[:3] > 0).all(), counts
+    # Top-p normalises over every logit top-k kept, ties beyond the k-th included: over {5, 4, 3, 3, 3}
+    # the mass above the 3s is .771 < .8, so they stay (normalising over 5, 4 and one 3 gives .91).
+    logits = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 1.0]).view(1, 1, -1)
+    assert _kept(logits, 3, 0.8).view(-1).tolist() == [True] * 5 + [False]
+    assert _kept(logits, 3, 0.75).view(-1).tolist() == [True, True, False, False, False, False]
+
+
+def test_untied_tokens_do_not_depend_on_the_filter_form():
+    """The noise of a token is its own (counter position * 2^20 + id): a top-k draw equals the
+    draw over the full vocabulary with the removed logits set to -inf (no ties here)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 9, 512, generator=g) * 2
+    seeds = torch.tensor([3, 4])
+    got = sampling.sample_tokens(logits, seeds, 6, 20, 0.0)
+    noise = sampling.gumbel(sampling.stream_keys(seeds, 6, sampling.STREAM_TOKENS), _counters(9, 512))
+    want = (official_filter(logits, 20, 0.0) + noise).argmax(-1)
     assert torch.equal(got, want)
+
+
+def _counters(l, V, stride=1 << 20):
+    return torch.arange(l).view(1, l, 1) * stride + torch.arange(V).view(1, 1, V)
+
+
+def test_uniform_stays_below_one():
+    """The top bin's midpoint rounds to 1.0 in float32; found by search: this counter hits it."""
+    key = sampling.stream_keys(torch.tensor([0]), 0, sampling.STREAM_TOKENS)
+    u = sampling.uniform(key, torch.tensor([[3107359]]))
+    assert u.item() == sampling.U_MAX < 1.0
+    assert torch.isfinite(sampling.gumbel(key, torch.tensor([[3107359]]))).all()
+
+
+def test_request_keys_are_the_per_scale_stream_keys():
+    seeds = torch.tensor([0, 1, 2 ** 40 + 5])
+    keys = sampling.request_keys(seeds, 4)
+    assert keys.shape == (3, 4)
+    for k in range(4):
+        assert torch.equal(keys[:, k], sampling.stream_keys(seeds, k, sampling.STREAM_TOKENS))
 
 
 def test_sampling_distribution_matches_softmax():
@@ -83,6 +169,27 @@ def test_image_depends_only_on_seed_and_class():
     assert (alone.images[0] - mixed.images[1]).abs().max() < 1e-4
     other = pipe.generate(class_labels=[4], seed=[12], top_k=50, top_p=0.9)
     assert not all(torch.equal(a, b) for a, b in zip(alone.tokens, other.tokens))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (6, 0.0), (0, 0.8), (12, 0.9)])
+@pytest.mark.parametrize("ratio", [0.0, 4 / 9, 1.0])
+def test_more_smooth_matches_official_formula(top_k, top_p, ratio):
+    """Official Gumbel-softmax, written out from the same noise: tau = max(0.27 (1 - 0.95 ratio), 0.005),
+    weights = softmax((filtered logits * (1 + ratio) + gumbel) / tau), codes = weights @ codebook."""
+    g = torch.Generator().manual_seed(3)
+    B, l, V, C = 2, 5, 64, 4
+    logits = torch.randn(B, l, V, generator=g) * 2
+    codebook = torch.randn(V, C, generator=g)
+    seeds, scale = torch.tensor([9, 10]), 4
+    filtered = 0 < top_k < V or top_p > 0
+    noise = sampling.gumbel(sampling.stream_keys(seeds, scale, sampling.STREAM_SMOOTH),
+                            _counters(l, V, stride=(1 << 20) if filtered else V))
+    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+    weights = ((official_filter(logits, top_k, top_p) * (1 + ratio) + noise) / tau).softmax(dim=-1)
+    want = weights @ codebook
+    got = sampling.smooth_codes(logits, seeds, scale, ratio, top_k, top_p, codebook)
+    assert got.shape == (B, l, C)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
 
 
 def test_more_smooth_runs_and_differs():

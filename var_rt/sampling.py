@@ -6,9 +6,33 @@ logits. So an image depends only on its own seed and class, never on the rest
 of the batch or on the device, and sampling needs no generator state and no
 host round trip (it can be captured in a CUDA graph).
 
+Which tokens can be drawn (the candidates) is a threshold on the float32 logits:
+the kept set of a row is ``{logit >= tau}``, tau = max(t_k, t_p).
+
+- Top-k, the official rule (VAR's ``sample_with_top_k_top_p_``): t_k is the k-th
+  largest logit of the row and every logit >= t_k stays, so ties at the k-th value
+  all stay and more than k tokens can be candidates (common with FP16 logits).
+  t_k = -inf when top_k is 0 (off) or >= V.
+- Top-p, tie-symmetric: with p the softmax over the top-k-kept logits (all tied
+  logits included in the normalisation), a logit v stays iff the mass of kept
+  logits strictly greater than v is < top_p; the largest always stays. t_p is the
+  smallest logit that stays. Without ties this is exactly the official rule
+  (ascending cumulative mass <= 1 - top_p removed). With ties the official code
+  keeps some of a group of equal logits and drops others in whatever order its
+  sort leaves them; equal logits are the same candidate in every respect, so ours
+  keeps or drops the whole group together, which also makes the kept set a
+  threshold that a fused kernel can find without sorting.
+
+Both thresholds are found with fixed shapes (sorted top-k values plus a count of
+the tied logits beyond k, or a full sort when top-k is off), so the whole step
+runs inside a CUDA graph.
+
 Sampling itself is the Gumbel-max trick: argmax(logits + Gumbel noise) over the
-candidates kept by top-k and top-p is a draw from their softmax, the same
-distribution the official ``torch.multinomial`` draws from.
+kept ids is a draw from their softmax, the same distribution the official
+``torch.multinomial`` draws from. The noise of a vocabulary id comes from the
+counter position * 2^20 + id whenever a filter is on (position * V + id when both
+are off), so it is tied to the token, not to its rank, and does not depend on top_k.
+``var_rt/kernels/sampler.py`` is a fused Triton version of the same draw.
 """
 from __future__ import annotations
 
@@ -38,11 +62,24 @@ def stream_keys(seeds_B: torch.Tensor, scale: int, stream: int) -> torch.Tensor:
     return _fmix32((k + scale * 0x632BE5AB + stream * 0x7FEB352D) & _M32)
 
 
+def request_keys(seeds_B: torch.Tensor, num_scales: int) -> torch.Tensor:
+    """(B, K) int64 token-draw keys of every scale, derived once per request (column k: scale k)."""
+    return torch.stack([stream_keys(seeds_B, k, STREAM_TOKENS) for k in range(num_scales)], dim=1)
+
+
+# The largest float32 below 1. The midpoint of the top bin, 1 - 2^-25, rounds to 1.0 in float32, which
+# would make the Gumbel noise +inf (a NaN on a removed logit, a NaN Gumbel-softmax on a kept one).
+U_MAX = 1.0 - 2.0 ** -24
+
+
 def uniform(keys_B: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """Uniform floats in (0, 1), shape (B, *counters.shape[1:]) from keys (B,) and int64 counters."""
+    """Uniform floats in (0, 1), shape (B, *counters.shape[1:]) from keys (B,) and int64 counters.
+
+    The midpoints ((h >> 8) + 0.5) / 2^24 of 2^24 equal bins, in float32; the top bin gives U_MAX.
+    """
     k = keys_B.view(-1, *([1] * (counters.dim() - 1)))
     h = _fmix32(_fmix32(counters ^ k) ^ ((k * 0x27D4EB2F) & _M32))
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return (((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=U_MAX)
 
 
 def gumbel(keys_B: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
@@ -69,63 +106,91 @@ def validate_sampling(top_k: int, top_p: float, vocab: int) -> None:
     validation.filters(top_k, top_p)
 
 
-def candidates(logits_BlV: torch.Tensor, top_k: int, top_p: float):
-    """Filter to the top-k / top-p candidates.
+COUNTER_STRIDE = 1 << 20  # counters per position when a filter is on: any bound above the vocabulary
 
-    Returns (values (B, l, k) with -inf where top-p removed a candidate, vocabulary ids (B, l, k) or None
-    when every id is a candidate in natural order).
+
+def threshold(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
+    """tau (B, l, 1) float32: a row's candidates are its logits >= tau (module docstring). None: no filter.
+
+    Fixed shapes only (no host sync). Top-k: t_k = the k-th of the sorted top-k values; ``beyond``
+    counts the logits tied with it that topk left out, so they still count in the top-p normalisation.
     """
     V = logits_BlV.shape[-1]
     if 0 < top_k < V:
-        vals, ids = logits_BlV.topk(top_k, dim=-1, sorted=True)
+        vals = logits_BlV.topk(top_k, dim=-1, sorted=True).values  # (B, l, k), descending
+        t_k = vals[..., -1:]
+        if top_p <= 0:
+            return t_k
+        beyond = (logits_BlV >= t_k).sum(dim=-1, keepdim=True) - top_k
     elif top_p > 0:
-        vals, ids = logits_BlV.sort(dim=-1, descending=True)
+        vals, beyond = logits_BlV.sort(dim=-1, descending=True).values, 0
     else:
-        return logits_BlV, None
-    if top_p > 0:
-        probs = vals.softmax(dim=-1)
-        # Official rule: drop tokens whose ascending cumulative mass is <= 1 - top_p, i.e. keep a
-        # token while the mass of strictly more likely ones is < top_p. The most likely always stays.
-        before = probs.cumsum(dim=-1) - probs
-        vals = vals.masked_fill(before >= top_p, float("-inf"))
-    return vals, ids
+        return None
+    e = (vals - vals[..., :1]).exp()
+    probs = e / (e.sum(dim=-1, keepdim=True) + beyond * e[..., -1:])
+    ahead = probs.cumsum(dim=-1) - probs  # mass of the entries before each one in sorted order
+    # At the first entry of a group of equal values, `ahead` is the mass strictly above the group, so
+    # the group stays iff that entry passes (ahead < top_p; the largest always does). Later entries
+    # of the group may fail, but t_p = the smallest passing value, and logits >= t_p keeps them all.
+    return vals.masked_fill(ahead >= top_p, float("inf")).amin(dim=-1, keepdim=True)
 
 
-def _counters(vals: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """Counter of each candidate: position * V + vocabulary id, so noise is tied to the token, not its rank."""
-    l, k = vals.shape[-2], vals.shape[-1]
-    pos = torch.arange(l, device=vals.device, dtype=torch.int64).view(1, l, 1)
-    if ids is None:
-        return pos * k + torch.arange(k, device=vals.device, dtype=torch.int64).view(1, 1, k)
-    V = 1 << 20  # any bound above the vocabulary; fixed so counters do not depend on top_k
-    return pos * V + ids
+def candidate_mask(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
+    """(B, l, V) bool, True for the candidates; None when both filters are off (every id is one)."""
+    tau = threshold(logits_BlV, top_k, top_p)
+    return None if tau is None else logits_BlV >= tau
+
+
+def _noise(keys_B: torch.Tensor, logits_BlV: torch.Tensor, filtered: bool) -> torch.Tensor:
+    """(B, l, V) Gumbel noise from the counter position * stride + vocabulary id.
+
+    stride = COUNTER_STRIDE when a filter is on, so the noise of a token does not depend on top_k;
+    V when both are off.
+    """
+    l, V = logits_BlV.shape[-2:]
+    dev = logits_BlV.device
+    stride = COUNTER_STRIDE if filtered else V
+    counters = (torch.arange(l, device=dev, dtype=torch.int64).view(1, l, 1) * stride
+                + torch.arange(V, device=dev, dtype=torch.int64).view(1, 1, V))
+    return gumbel(keys_B, counters)
+
+
+def _perturbed(logits_BlV: torch.Tensor, keys_B: torch.Tensor, top_k: int, top_p: float,
+               mul: float = 1.0) -> torch.Tensor:
+    """logits * mul + Gumbel noise on the candidates, -inf elsewhere (B, l, V).
+
+    A fill rather than adding -inf logits, so a removed id can never come out as NaN.
+    """
+    keep = candidate_mask(logits_BlV, top_k, top_p)
+    scores = (logits_BlV * mul if mul != 1.0 else logits_BlV) + _noise(keys_B, logits_BlV, keep is not None)
+    return scores if keep is None else scores.masked_fill(~keep, float("-inf"))
+
+
+def draw_tokens(logits_BlV: torch.Tensor, keys_B: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """One token per position, (B, l) int64, from this scale's keys (B,) (a column of request_keys).
+
+    The PyTorch reference of ``var_rt.kernels.sampler.sample_fused``.
+    """
+    return _perturbed(logits_BlV, keys_B, top_k, top_p).argmax(dim=-1)
 
 
 def sample_tokens(logits_BlV: torch.Tensor, seeds_B: torch.Tensor, scale: int,
                   top_k: int, top_p: float) -> torch.Tensor:
     """One token per position, (B, l) int64. Logits are float32."""
-    vals, ids = candidates(logits_BlV, top_k, top_p)
-    if vals.shape[-1] == 1:
-        choice = torch.zeros(vals.shape[:-1] + (1,), dtype=torch.int64, device=vals.device)
-    else:
-        noise = gumbel(stream_keys(seeds_B, scale, STREAM_TOKENS), _counters(vals, ids))
-        choice = (vals + noise).argmax(dim=-1, keepdim=True)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+    return draw_tokens(logits_BlV, stream_keys(seeds_B, scale, STREAM_TOKENS), top_k, top_p)
 
 
 def smooth_codes(logits_BlV: torch.Tensor, seeds_B: torch.Tensor, scale: int, ratio: float,
                  top_k: int, top_p: float, codebook_VC: torch.Tensor) -> torch.Tensor:
     """``more_smooth``: Gumbel-softmax mix of codebook vectors instead of a hard token, (B, l, Cvae).
 
-    tau = max(0.27 * (1 - 0.95 ratio), 0.005) on logits * (1 + ratio), after top-k / top-p, as upstream.
+    tau = max(0.27 * (1 - 0.95 ratio), 0.005) on logits * (1 + ratio), over the same candidates as
+    the token draw (removed ids get weight 0), as upstream.
     """
-    vals, ids = candidates(logits_BlV, top_k, top_p)
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-    noise = gumbel(stream_keys(seeds_B, scale, STREAM_SMOOTH), _counters(vals, ids))
-    w = ((vals * (1 + ratio) + noise) / tau).softmax(dim=-1)  # (B, l, k)
-    if ids is None:
-        return w @ codebook_VC.float()
-    return (w.unsqueeze(-2) @ codebook_VC.float()[ids]).squeeze(-2)
+    keys = stream_keys(seeds_B, scale, STREAM_SMOOTH)
+    w = (_perturbed(logits_BlV, keys, top_k, top_p, mul=1 + ratio) / tau).softmax(dim=-1)  # (B, l, V)
+    return w @ codebook_VC.float()
 
 
 def random_labels(seeds_B: torch.Tensor, num_classes: int) -> torch.Tensor:
