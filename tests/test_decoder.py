@@ -145,11 +145,14 @@ def test_group_norm_silu_rejects_bad_shapes():
         gn.group_norm_silu(x, 3, torch.ones(3, device=DEVICE), torch.zeros(6, device=DEVICE), 1e-6)
 
 
-def test_fixture_decoder_fused_norm_float32():
+def test_fixture_decoder_fused_norm_float32(monkeypatch):
     """The kernel in the decoder's norm -> SiLU pairs, the attention's norm and the output norm: the
     middle of the fixture decoder and its output head (every kind of call; the whole decoder under
     the interpreter is slow, the FP16 test below runs it once)."""
-    _groupnorm_kernel()
+    gn = _groupnorm_kernel()
+    calls = []
+    kernel = gn.group_norm_silu
+    monkeypatch.setattr(gn, "group_norm_silu", lambda *a, **k: calls.append(k["silu"]) or kernel(*a, **k))
     ref, fast = (m.decoder.to(DEVICE) for m in _fixture_decoders(torch.float32))
     assert fast.fast_paths == {"upsample": True, "fused_norm": True}
     with torch.no_grad():
@@ -159,6 +162,9 @@ def test_fixture_decoder_fused_norm_float32():
         for run in (lambda d: d.mid(h), lambda d: d.conv_out(d.norm_out.forward_silu(d.up[0].block[0](h0)))):
             a, b = run(ref), run(fast)
             assert (a - b).abs().max().item() < 1e-5 * a.abs().max().item()
+    # the kernel ran for the fast decoder only: mid = 2 res blocks (norm -> SiLU twice) + attention
+    # (norm alone); then a res block and the output norm
+    assert calls == [True, True, False, True, True] + [True, True, True]
 
 
 def test_fused_norm_falls_back_where_triton_cannot_run(monkeypatch):
