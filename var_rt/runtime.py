@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from var_rt import sampling
+from var_rt.kernels import sampler as fused_sampler
 from var_rt.config import ModelConfig
 
 
@@ -99,6 +100,7 @@ class ScaleLoop:
         z = lambda *s, dtype=act: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
         self.labels = z(B, dtype=torch.int64)
         self.seeds = z(B, dtype=torch.int64)
+        self.keys = z(B, K, dtype=torch.int64)  # token-draw keys of every scale, derived once per request
         f32 = torch.float32  # everything but the KV cache (var_rt.precision)
         self.cfg_t = [z(2, dtype=f32) for _ in range(K)]  # [1 + t, t] per scale
         self.ada_blocks = z(v.depth, 2 * B, 6, C, dtype=f32)
@@ -132,6 +134,7 @@ class ScaleLoop:
         """Copy a request into the loop's buffers (host -> device copies, before the loop runs)."""
         self.labels.copy_(labels)
         self.seeds.copy_(seeds)
+        self.keys.copy_(sampling.request_keys(self.seeds, self.cfg.num_scales))
         for buf, t in zip(self.cfg_t, sampling.guidance_schedule(params.cfg, params.cfg_schedule,
                                                                  self.cfg.num_scales)):
             buf.copy_(torch.tensor([1.0 + t, t], dtype=torch.float64))  # each rounded once to float32
@@ -176,19 +179,26 @@ class ScaleLoop:
                 ops.kv_append(nk, pk, self.present[si][0])
                 ops.kv_append(nv, pv, self.present[si][1])
             logits = self.logits[si]
-            idx = sampling.sample_tokens(logits, self.seeds, si, params.top_k, params.top_p)
-            self.sampled[si].copy_(idx)
-            if params.more_smooth:
-                h = sampling.smooth_codes(logits, self.seeds, si, si / (K - 1), params.top_k, params.top_p,
-                                          self.codebook)
+            if not params.more_smooth and fused_sampler.available(logits):
+                # One launch: thresholds, Gumbel-max draw, ids and codebook rows (same tokens as below).
+                fused_sampler.sample_fused(logits, self.keys[:, si], params.top_k, params.top_p, self.codebook,
+                                           self.sampled[si], self.h[si])
+                idx, h = self.sampled[si], self.h[si]
             else:
-                h = F.embedding(idx, self.codebook)
+                idx = sampling.draw_tokens(logits, self.keys[:, si], params.top_k, params.top_p)
+                self.sampled[si].copy_(idx)
+                if params.more_smooth:
+                    h = sampling.smooth_codes(logits, self.seeds, si, si / (K - 1), params.top_k, params.top_p,
+                                              self.codebook)
+                else:
+                    h = F.embedding(idx, self.codebook)
             if edit:
                 keep = self.edit_keep[si]
                 idx = torch.where(keep, self.edit_idx[si], idx)
                 h = torch.where(keep.unsqueeze(-1), F.embedding(self.edit_idx[si], self.codebook), h)
             self.tokens[si].copy_(idx)
-            self.h[si].copy_(h)
+            if h is not self.h[si]:
+                self.h[si].copy_(h)
             outs = {"f_hat_out": self.f_hat[(si + 1) % 2]}
             if si + 1 < K:
                 outs["x"] = self.x[si + 1]
