@@ -65,7 +65,7 @@ def test_ties_at_the_thresholds(top_k, top_p):
     logits = torch.tensor(row, device=DEV).expand(2, 40, len(row)).contiguous()
     codebook = torch.randn(len(row), 3).to(DEV)
     seeds = torch.tensor([1, 2], device=DEV)
-    ids, h, _ = _run(logits, seeds, top_k, top_p, codebook)
+    ids, _, _ = _run(logits, seeds, top_k, top_p, codebook)
     assert torch.equal(ids, _reference(logits, seeds, top_k, top_p))
     kept = sampling.candidate_mask(logits[:1, :1], top_k, top_p).view(-1)
     assert kept.sum() == (4 if top_k else 3)  # ties beyond k, or a two-member group, are candidates
@@ -78,7 +78,7 @@ def test_fp16_ties():
     codebook = torch.randn(512, 4, generator=g).to(DEV)
     seeds = torch.tensor([8, 9], device=DEV)
     for top_k, top_p in [(50, 0.0), (50, 0.9), (0, 0.8)]:
-        ids, h, _ = _run(logits, seeds, top_k, top_p, codebook)
+        ids, _, _ = _run(logits, seeds, top_k, top_p, codebook)
         assert torch.equal(ids, _reference(logits, seeds, top_k, top_p)), (top_k, top_p)
 
 

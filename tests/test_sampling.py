@@ -14,7 +14,8 @@ def official_filter(logits_BlV, top_k, top_p):
     """The official top-k / top-p masking (sample_with_top_k_top_p_ before multinomial), written out."""
     logits = logits_BlV.clone()
     if top_k > 0:  # top_k > V, an error upstream, keeps everything here as in var_rt
-        kth = logits.topk(min(top_k, logits.shape[-1]), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        k = min(top_k, logits.shape[-1])
+        kth = logits.topk(k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth, -math.inf)
     if top_p > 0:
         s, idx = logits.sort(dim=-1, descending=False)
@@ -93,6 +94,11 @@ def test_top_p_keeps_or_drops_a_tied_group_together():
     assert _kept(logits, 3, 0.75).view(-1).tolist() == [True, True, False, False, False, False]
 
 
+def _counters(l, V, stride=1 << 20):
+    """Counters as sampling._noise makes them, written out: position * stride + vocabulary id."""
+    return torch.arange(l).view(1, l, 1) * stride + torch.arange(V).view(1, 1, V)
+
+
 def test_untied_tokens_do_not_depend_on_the_filter_form():
     """The noise of a token is its own (counter position * 2^20 + id): a top-k draw equals the
     draw over the full vocabulary with the removed logits set to -inf (no ties here)."""
@@ -103,10 +109,6 @@ def test_untied_tokens_do_not_depend_on_the_filter_form():
     noise = sampling.gumbel(sampling.stream_keys(seeds, 6, sampling.STREAM_TOKENS), _counters(9, 512))
     want = (official_filter(logits, 20, 0.0) + noise).argmax(-1)
     assert torch.equal(got, want)
-
-
-def _counters(l, V, stride=1 << 20):
-    return torch.arange(l).view(1, l, 1) * stride + torch.arange(V).view(1, 1, V)
 
 
 def test_uniform_stays_below_one():
