@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from var_rt.config import PRESETS
-from var_rt.errors import CheckpointError
+from var_rt.errors import CheckpointError, one_line
 
 # Buffers of the official modules that inference does not need.
 _TOLERATED = re.compile(r"^(attn_bias_for_masking|lvl_1L|blocks\.\d+\.attn\.zero_k_bias|quantize\.ema_vocab_hit_SV)$")
@@ -29,7 +29,7 @@ _MAX_LISTED = 8
 def _first_sentence(text: str) -> str:
     """The first sentence of a library's error message, without terminal escapes (the rest is advice for
     developers, sometimes unsafe advice for users)."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
+    text = one_line(text)
     return re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".") if text else ""
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from var_rt import validation
-from var_rt.errors import ConfigError, VarRtError
+from var_rt.errors import ConfigError, VarRtError, one_line
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -211,8 +210,8 @@ class Outputs:
         try:
             write_pngs(files)
         except OSError as e:
-            raise VarRtError(f"writing the PNGs failed ({e.strerror or e}: {e.filename}); nothing was "
-                             f"written") from None
+            raise VarRtError(f"writing {str(e.filename or 'the PNGs')!r} failed ({e.strerror or e}); the "
+                             f"unfinished files were removed") from None
         if self.output_dir is not None:
             print(f"wrote {len(images_BHW3)} PNG(s) to {self.output_dir}")
         if self.grid is not None:
@@ -291,14 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default="checkpoints", help="where to put them (default ./checkpoints)")
     d.set_defaults(func=cmd_download)
     return p
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def one_line(text: str) -> str:
-    """A message as one plain line: no terminal escapes, newlines and tabs folded into spaces."""
-    return " ".join(_ANSI.sub("", str(text)).split())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,13 @@
 """Errors a user can act on. The CLI prints their message and exits with status 2."""
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(text) -> str:
+    """A message as one plain line: terminal escapes removed, newlines and tabs folded into spaces
+    (library messages carry both; an error or warning line must not)."""
+    return " ".join(_ANSI.sub("", str(text)).split())
 
 
 class VarRtError(Exception):
