@@ -219,3 +219,19 @@ def test_fixture_decoder_fp16_fused_norm_close_to_fp32():
     vae32 = copy.deepcopy(get_fixture("var_tiny_256").vae).to(DEVICE)
     err_max, err_mean = _fp16_error(fast16.to(DEVICE), vae32, _f_hat(4, device=DEVICE))
     assert err_max < FP16_MAX_ERR and err_mean < FP16_MEAN_ERR, (err_max, err_mean)
+
+
+# ---- 4. the GPU benchmark's command line (it does not run here) ----------------------------------
+
+def test_decoder_bench_cli(capsys):
+    from benchmarks import decoder_bench
+    with pytest.raises(SystemExit) as e:
+        decoder_bench.main(["--help"])
+    assert e.value.code == 0 and "--batch-sizes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        decoder_bench.parse_args(["--variants", "ref,fastest"])
+    assert e.value.code == 2 and "unknown variant(s) fastest" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            decoder_bench.parse_args([])
+        assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
