@@ -6,7 +6,7 @@ is built (var_rt.ops), and the same arithmetic in PyTorch otherwise.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -25,7 +25,7 @@ class TorchEngine:
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
-                 fast_decoder: Optional[bool] = None):
+                 fast_decoder: bool = False):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -44,7 +44,7 @@ class TorchEngine:
             # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
             # GroupNorm/SiLU passes are fused (the decoder dominates at large batch). Compiled at the
             # first call (tens of seconds), outside any CUDA-graph capture (CudaGraphLoop warms up first).
-            if fast_decoder is None or fast_decoder:  # same function, fewer FLOPs and passes (models/vqvae.py)
+            if fast_decoder:  # same function, fewer FLOPs and passes (models/vqvae.py); opt-in until timed on a GPU
                 vae.decoder.set_fast(True)
             vae.decoder.to(memory_format=torch.channels_last)
             vae.post_quant_conv.to(memory_format=torch.channels_last)
