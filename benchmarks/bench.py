@@ -200,25 +200,17 @@ def free_memory(clock: Clock):
         torch.cuda.empty_cache()
 
 
-# ---- instrumented engine -----------------------------------------------------------------------
-class TimedEngine:
-    """Wraps an engine: records a mark before and after every graph it runs."""
+# ---- instrumented session ----------------------------------------------------------------------
+class TimedGraphs:
+    """Wraps a session's ``run_graph`` (the one place its graphs run): a mark before and after each."""
 
-    def __init__(self, inner, marks: Optional[Marks]):
-        self.inner, self.marks_ = inner, marks
-        for a in ("name", "device", "act_dtype", "batch_sizes", "inplace_kv"):
-            setattr(self, a, getattr(inner, a))
+    def __init__(self, session):
+        self.session, self.inner, self.marks_ = session, session.run_graph, None
 
-    def graph_names(self):
-        return self.inner.graph_names()
-
-    def run(self, graph, inputs, outputs):
+    def __call__(self, graph):
         self.marks_.mark(f"{graph}:begin")
-        self.inner.run(graph, inputs, outputs)
+        self.inner(graph)
         self.marks_.mark(f"{graph}:end")
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def phase_breakdown(stamps: Dict[str, float], K: int) -> Dict[str, object]:
@@ -244,10 +236,10 @@ def median_breakdown(runs: List[Dict[str, object]]) -> Dict[str, object]:
 
 def instrumented_backend(pipe, B: int, params, labels, seeds, clock: Clock, runs: int) -> Dict[str, object]:
     """Eager runs of the pipeline's own ScaleLoop for batch B (its buffers and its engine, whatever the
-    backend) with the engine wrapped so that every graph it runs is bracketed by events."""
+    backend) with its session's graphs bracketed by events."""
     loop, _ = pipe._loop(B)  # built and warmed by the timed calls
-    engine = loop.engine
-    loop.engine = timed = TimedEngine(engine, None)
+    timed = TimedGraphs(loop.session)
+    loop.session.run_graph = timed  # an instance attribute: this session only
     out = []
     try:
         loop.set_request(labels, seeds, params)
@@ -256,7 +248,7 @@ def instrumented_backend(pipe, B: int, params, labels, seeds, clock: Clock, runs
             loop.run(params)
             out.append(phase_breakdown(timed.marks_.read(), pipe.cfg.num_scales))
     finally:
-        loop.engine = engine
+        del loop.session.run_graph
     return median_breakdown(out)
 
 

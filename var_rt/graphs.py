@@ -192,3 +192,14 @@ def guide(logits_2BlV: torch.Tensor, cfg_t: torch.Tensor) -> torch.Tensor:
     B = logits_2BlV.shape[0] // 2
     logits = logits_2BlV.float()
     return cfg_t[0] * logits[:B] - cfg_t[1] * logits[B:]
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+           "bool": torch.bool}
+
+
+def resolved_spec(module: nn.Module, B: int, act_dtype: torch.dtype):
+    """``module.io_spec(B)`` with dtype names resolved ("act" = the compute dtype): (inputs, outputs)."""
+    ins, outs = module.io_spec(B)
+    conv = lambda d: {n: (shape, act_dtype if k == "act" else _DTYPES[k]) for n, (shape, k) in d.items()}  # noqa: E731
+    return conv(ins), conv(outs)

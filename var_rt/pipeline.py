@@ -166,7 +166,9 @@ class VARPipeline:
     def _loop(self, B: int):
         if B not in self._loops:
             loop = ScaleLoop(self._engine_for(B), self.cfg, B, self.vae.quantize.embedding.weight)
-            runner = CudaGraphLoop(loop) if self.backend == "cudagraph" else loop
+            # Capture is not an engine: any session whose steps only enqueue work can be replayed as one graph.
+            capture = self.backend in ("cudagraph", "tensorrt") and loop.session.capturable
+            runner = CudaGraphLoop(loop) if capture else loop
             self._loops[B] = (loop, runner)
         return self._loops[B]
 

@@ -6,15 +6,15 @@ guidance mixes the two halves, tokens are sampled, looked up in the codebook,
 upsampled, refined by phi and accumulated into f_hat, whose area-downsampled
 copy is the next scale's input.
 
-``ScaleLoop`` owns every buffer for one batch size (allocated once) and drives an
-engine (var_rt.engines.base.Engine) through the graphs by name; it never reads a
-value back to the host until the image is done, so the whole loop can be
-captured as one CUDA graph (``CudaGraphLoop``).
+``ScaleLoop`` drives one engine session (var_rt.engines.base.Session: the graphs' buffers for one
+batch size, bound once) through its named steps and owns the sampling buffers; it never reads a
+value back to the host until the image is done, so the whole loop can be captured as one CUDA
+graph (``CudaGraphLoop``) when the session's steps only enqueue work on the current stream.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,42 +22,8 @@ import torch.nn.functional as F
 from var_rt import sampling
 from var_rt.kernels import sampler as fused_sampler
 from var_rt.config import ModelConfig
-
-
-class KVCache:
-    """Keys and values of every block for all scales, allocated once: (depth, 2B, H, L, c) each."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-        self.fused = k.is_cuda and _ops_loaded()  # K and V written in one launch by the CUDA extension
-
-    @classmethod
-    def allocate(cls, depth, rows, heads, tokens, head_dim, dtype, device) -> "KVCache":
-        shape = (depth, rows, heads, tokens, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-
-    def provider(self, begin: int, end: int):
-        """KV provider for one scale: write this scale's rows at [begin, end), attend to [0, end)."""
-        fused = self.fused
-
-        def kv(layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-            if fused:
-                from var_rt import ops
-                ops.kv_write(self.k[layer:layer + 1], self.v[layer:layer + 1], k_new.unsqueeze(0),
-                             v_new.unsqueeze(0), begin)
-            else:
-                self.k[layer, :, :, begin:end].copy_(k_new)
-                self.v[layer, :, :, begin:end].copy_(v_new)
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        return kv
-
-
-def _ops_loaded() -> bool:
-    try:
-        from var_rt import ops
-    except ImportError:  # pragma: no cover
-        return False
-    return ops.extension_loaded()
+from var_rt.engines.torch_engine import TorchEngine
+from var_rt.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,44 +55,29 @@ class LoopOutput:
 
 
 class ScaleLoop:
-    """All buffers of one generation at batch size B on one engine, and the loop over scales."""
+    """One generation at batch size B: an engine session (graph buffers, bound once), the sampling
+    buffers, and the loop over scales."""
 
     def __init__(self, engine, cfg: ModelConfig, B: int, codebook_VC: torch.Tensor):
         self.engine, self.cfg, self.B = engine, cfg, B
-        dev, act = engine.device, engine.act_dtype
-        v = cfg.var
-        C, K, V, Cv, P = v.embed_dim, cfg.num_scales, cfg.vae.vocab_size, cfg.vae.z_channels, cfg.patch_nums[-1]
+        self.session = engine.session(B)
+        b, K, dev = self.session.bufs, cfg.num_scales, engine.device
         self.codebook = codebook_VC.to(dev, torch.float32)
-        z = lambda *s, dtype=act: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
-        self.labels = z(B, dtype=torch.int64)
+        z = lambda *s, dtype: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
+        self.labels, self.image = b["labels"], b["image"]
+        self.cfg_t = [b[f"cfg_t_{si}"] for si in range(K)]      # [1 + t, t] per scale
+        self.logits = [b[f"logits_{si}"] for si in range(K)]    # (B, l, V) guided, float32
+        self.h = [b[f"h_{si}"] for si in range(K)]              # (B, l, Cv) code vectors, float32
+        self.f_hat = [b["f_hat_0"], b["f_hat_1"]]
         self.seeds = z(B, dtype=torch.int64)
         self.keys = z(B, K, dtype=torch.int64)  # token-draw keys of every scale, derived once per request
-        f32 = torch.float32  # everything but the KV cache (var_rt.precision)
-        self.cfg_t = [z(2, dtype=f32) for _ in range(K)]  # [1 + t, t] per scale
-        self.ada_blocks = z(v.depth, 2 * B, 6, C, dtype=f32)
-        self.ada_head = z(2 * B, 2, C, dtype=f32)
-        self.x = [z(2 * B, pn * pn, C, dtype=f32) for pn in cfg.patch_nums]
-        self.logits = [z(B, pn * pn, V, dtype=torch.float32) for pn in cfg.patch_nums]
-        self.h = [z(B, pn * pn, Cv, dtype=torch.float32) for pn in cfg.patch_nums]
-        self.f_hat = [z(B, Cv, P, P, dtype=torch.float32) for _ in range(2)]  # ping-pong: no aliasing
         # Tokens of all scales in one (B, L) buffer each, so a result comes back in one copy.
         self.tokens_BL = z(B, cfg.num_tokens, dtype=torch.int64)
         self.sampled_BL = z(B, cfg.num_tokens, dtype=torch.int64)
-        self.tokens = [self.tokens_BL[:, b:e] for b, e in cfg.scale_ranges()]
-        self.sampled = [self.sampled_BL[:, b:e] for b, e in cfg.scale_ranges()]
-        self.image = z(B, 3, cfg.image_size, cfg.image_size, dtype=torch.float32)
+        self.tokens = [self.tokens_BL[:, b_:e] for b_, e in cfg.scale_ranges()]
+        self.sampled = [self.sampled_BL[:, b_:e] for b_, e in cfg.scale_ranges()]
         self.edit_idx = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
         self.edit_keep = [z(B, pn * pn, dtype=torch.bool) for pn in cfg.patch_nums]
-        H, c, L = v.num_heads, cfg.head_dim, cfg.num_tokens
-        if engine.inplace_kv:
-            self.kv = KVCache.allocate(v.depth, 2 * B, H, L, c, act, dev)
-        else:
-            # Exported graphs take a contiguous past (depth, 2B, H, begin, c): two flat buffers,
-            # each scale's past read from one and past+present written into the other.
-            n = v.depth * 2 * B * H * L * c
-            self.kv_flat = [(z(n), z(n)), (z(n), z(n))]
-            self.present = [(z(v.depth, 2 * B, H, pn * pn, c), z(v.depth, 2 * B, H, pn * pn, c))
-                            for pn in cfg.patch_nums]
 
     # ---- inputs ------------------------------------------------------------------------
     def set_request(self, labels: torch.Tensor, seeds: torch.Tensor, params: SamplingParams,
@@ -143,41 +94,16 @@ class ScaleLoop:
                 self.edit_idx[si].copy_(edit.idx[si].expand_as(self.edit_idx[si]))
                 self.edit_keep[si].copy_(edit.keep[si].expand_as(self.edit_keep[si]))
 
-    def _past(self, si: int, which: int):
-        """Contiguous (depth, 2B, H, begin, c) view of the cache before scale si."""
-        v, cfg = self.cfg.var, self.cfg
-        b = cfg.scale_ranges()[si][0]
-        shape = (v.depth, 2 * self.B, v.num_heads, b, cfg.head_dim)
-        n = v.depth * 2 * self.B * v.num_heads * b * cfg.head_dim
-        flat_k, flat_v = self.kv_flat[which]
-        return flat_k[:n].view(shape), flat_v[:n].view(shape)
-
     # ---- the loop ----------------------------------------------------------------------
     @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
     def run(self, params: SamplingParams, edit: bool = False,
             on_scale: Optional[Callable[[int], None]] = None) -> None:
         """Generate into self.image / self.tokens from the request buffers. No host sync."""
-        eng, cfg, B = self.engine, self.cfg, self.B
-        pns, K = cfg.patch_nums, cfg.num_scales
-        eng.run("condition", {"labels": self.labels},
-                {"ada_blocks": self.ada_blocks, "ada_head": self.ada_head, "x": self.x[0]})
+        sess, K = self.session, self.cfg.num_scales
+        sess.condition()
         self.f_hat[0].zero_()
-        for si, pn in enumerate(pns):
-            ins = {"x": self.x[si], "ada_blocks": self.ada_blocks, "ada_head": self.ada_head, "cfg_t": self.cfg_t[si]}
-            outs = {"logits": self.logits[si]}
-            if eng.inplace_kv:
-                ins.update(cache_k=self.kv.k, cache_v=self.kv.v)
-            else:
-                if si:
-                    ins["past_k"], ins["past_v"] = self._past(si, si % 2)
-                outs["present_k"], outs["present_v"] = self.present[si]
-            eng.run(f"step_{si}", ins, outs)
-            if not eng.inplace_kv and si + 1 < K:
-                from var_rt import ops
-                nk, nv = self._past(si + 1, (si + 1) % 2)
-                pk, pv = self._past(si, si % 2)
-                ops.kv_append(nk, pk, self.present[si][0])
-                ops.kv_append(nv, pv, self.present[si][1])
+        for si in range(K):
+            sess.step(si)
             logits = self.logits[si]
             if not params.more_smooth and fused_sampler.available(logits):
                 # One launch: thresholds, Gumbel-max draw, ids and codebook rows (same tokens as below).
@@ -199,13 +125,10 @@ class ScaleLoop:
             self.tokens[si].copy_(idx)
             if h is not self.h[si]:
                 self.h[si].copy_(h)
-            outs = {"f_hat_out": self.f_hat[(si + 1) % 2]}
-            if si + 1 < K:
-                outs["x"] = self.x[si + 1]
-            eng.run(f"transition_{si}", {"f_hat": self.f_hat[si % 2], "h": self.h[si]}, outs)
+            sess.transition(si)
             if on_scale is not None:
                 on_scale(si)
-        eng.run("decode", {"f_hat": self.f_hat[K % 2]}, {"image": self.image})
+        sess.decode()
 
     def output(self, rows: Optional[int] = None, device=None) -> LoopOutput:
         """Copies of the results (first ``rows`` images), on ``device`` (default: the engine's).
@@ -236,6 +159,9 @@ class CudaGraphLoop:
     """
 
     def __init__(self, loop: ScaleLoop):
+        if not loop.session.capturable:
+            raise ConfigError(f"the {loop.engine.name} engine's steps cannot be captured in a CUDA graph "
+                              f"(they synchronise or leave the current stream); run it without capture")
         self.loop = loop
         self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -265,7 +191,6 @@ class CudaGraphLoop:
 def run_scale_loop(var, vae, labels_B: torch.Tensor, seeds_B: torch.Tensor, params: SamplingParams,
                    edit: Optional[EditSpec] = None, on_scale: Optional[Callable[[int], None]] = None) -> LoopOutput:
     """One generation with the PyTorch modules (the reference backend), buffers allocated for this call."""
-    from var_rt.engines.torch_engine import TorchEngine
     engine = TorchEngine(var, vae)
     loop = ScaleLoop(engine, var.cfg, labels_B.shape[0], vae.quantize.embedding.weight)
     loop.set_request(labels_B, seeds_B, params, edit)

@@ -1,20 +1,23 @@
 """The engine protocol: every backend runs the named graphs of var_rt.graphs the same way.
 
-An engine holds one model (weights loaded once) and runs a graph by name on
-caller-owned, preallocated, contiguous tensors, writing the outputs in place on
-the current stream with no host synchronisation. The scale loop
-(var_rt.runtime.ScaleLoop) only talks to this interface, so it does not know
-which backend runs.
+An engine holds one model (weights loaded once). For the scale loop it hands out a **session for
+one batch size** (``engine.session(B)``): the session allocates the loop's buffers from the graphs'
+IO specs (the one place shapes are written: ``var_rt.graphs`` ``io_spec``, copied into an export's
+manifest), binds them once, and exposes the named steps ``condition()``, ``step(si)``,
+``transition(si)`` and ``decode()``, each enqueuing work on the current stream with no host
+synchronisation and no allocation. The scale loop (var_rt.runtime.ScaleLoop) only reads and writes
+the session's buffers and calls its steps, so it does not know which backend runs.
 
-KV cache: an engine with ``inplace_kv = True`` (the PyTorch engines) receives the
-full caches ``cache_k``/``cache_v`` (depth, 2B, H, L, c) as step inputs and
-writes the scale's keys/values into them itself. Other engines (exported graphs)
-take ``past_k``/``past_v`` (depth, 2B, H, begin, c) and return
-``present_k``/``present_v``; the loop appends them with ``var_rt.ops.kv_append``.
+The KV cache belongs to the session of the engine that needs it: the PyTorch engine writes a static
+cache in place (var_rt.engines.torch_engine); exported graphs take the keys/values of earlier scales
+as ``past_*`` inputs and return ``present_*`` (``ConcatKV`` below, shared by ONNX Runtime and TensorRT).
+
+``engine.run(graph, inputs, outputs)`` runs one graph on caller-owned tensors (tests and tools);
+``Session.capturable`` says whether a session's steps can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
@@ -27,11 +30,12 @@ class Engine(Protocol):
     device: torch.device
     act_dtype: torch.dtype
     batch_sizes: Optional[Tuple[int, ...]]  # None: any batch size
-    inplace_kv: bool
 
     def graph_names(self) -> List[str]: ...
 
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None: ...
+
+    def session(self, B: int) -> "Session": ...
 
 
 def concrete_device(device) -> torch.device:
@@ -55,3 +59,206 @@ def check_io(graph: str, name: str, t: Optional[torch.Tensor], shape: Sequence[i
                          f"on {device}, got {str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
                          f"{'' if t.is_contiguous() else ' (not contiguous)'}")
     return t
+
+
+# ---- sessions ------------------------------------------------------------------------------------
+Spec = Dict[str, Tuple[Sequence[int], torch.dtype]]  # IO name -> (shape, dtype)
+
+
+def loop_key(graph: str, name: str, K: int) -> Optional[str]:
+    """The loop buffer a graph's IO name is bound to (None: the session's KV tensors).
+
+    The one place that knows how the graphs chain: the condition's ``x`` is step 0's input, transition
+    si writes step si+1's ``x``, ``f_hat`` ping-pongs between two buffers (a graph never reads and writes
+    the same buffer), the decoder reads the last one.
+    """
+    kind, _, si = graph.partition("_")
+    i = int(si) if si else None
+    if name in ("labels", "ada_blocks", "ada_head", "image"):
+        return name
+    if kind == "condition" and name == "x":
+        return "x_0"
+    if kind == "step":
+        return {"x": f"x_{i}", "cfg_t": f"cfg_t_{i}", "logits": f"logits_{i}"}.get(name)
+    if kind == "transition":
+        return {"f_hat": f"f_hat_{i % 2}", "h": f"h_{i}", "f_hat_out": f"f_hat_{(i + 1) % 2}",
+                "x": f"x_{i + 1}"}.get(name)
+    if kind == "decode" and name == "f_hat":
+        return f"f_hat_{K % 2}"
+    return None
+
+
+LOOP_GRAPHS = lambda K: ["condition"] + [f"{k}_{si}" for si in range(K) for k in ("step", "transition")] \
+    + ["decode"]  # noqa: E731
+
+
+class Session:
+    """The loop's buffers for one batch size on one engine, bound once, and the named steps.
+
+    ``bufs`` maps loop keys (``labels``, ``x_{si}``, ``cfg_t_{si}``, ``logits_{si}``, ``h_{si}``,
+    ``f_hat_{0,1}``, ``image``, ...) to tensors allocated here from ``spec(graph) -> (inputs, outputs)``.
+    Subclasses bind each graph once (``_bind``) and enqueue it (``_launch``); ``extra_io`` adds the KV
+    tensors of a step. ``run_graph`` is the one place a graph runs (tools may wrap it, e.g. timing).
+    """
+
+    capturable = False  # True when every step only enqueues work on the current CUDA stream
+
+    def __init__(self, engine, B: int, K: int, spec: Callable[[str], Tuple[Spec, Spec]]):
+        self.engine, self.B, self.K = engine, B, K
+        self.bufs: Dict[str, torch.Tensor] = {}
+        self.io: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = {}
+        for graph in LOOP_GRAPHS(K):
+            ins, outs = spec(graph)
+            self.io[graph] = (self._wire(graph, ins, engine.device), self._wire(graph, outs, engine.device))
+
+    def _wire(self, graph: str, spec: Spec, device) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, (shape, dtype) in spec.items():
+            key = loop_key(graph, name, self.K)
+            if key is None:
+                continue
+            t = self.bufs.get(key)
+            if t is None:
+                t = self.bufs[key] = torch.zeros(tuple(shape), dtype=dtype, device=device)
+            elif tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"graph {graph!r}: {name!r} is {dtype} {tuple(shape)} but buffer {key!r} "
+                                 f"is {t.dtype} {tuple(t.shape)}: the export's graphs do not chain")
+            out[name] = t
+        return out
+
+    def bind_all(self) -> None:
+        for graph, (ins, outs) in self.io.items():
+            extra_in, extra_out = self.extra_io(graph)
+            self._bind(graph, {**ins, **extra_in}, {**outs, **extra_out})
+
+    # ---- what subclasses provide ----------------------------------------------------------------
+    def extra_io(self, graph: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def _bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _launch(self, graph: str) -> None:
+        raise NotImplementedError
+
+    def after_step(self, si: int) -> None:
+        """Work after step si's graph (e.g. appending its keys/values to the cache)."""
+
+    # ---- the named steps ---------------------------------------------------------------------------
+    def run_graph(self, graph: str) -> None:
+        self._launch(graph)
+
+    def condition(self) -> None:
+        self.run_graph("condition")
+
+    def step(self, si: int) -> None:
+        self.run_graph(f"step_{si}")
+        self.after_step(si)
+
+    def transition(self, si: int) -> None:
+        self.run_graph(f"transition_{si}")
+
+    def decode(self) -> None:
+        self.run_graph("decode")
+
+
+class RunSession(Session):
+    """A session whose graphs run through ``engine.run`` on the bound tensors (the PyTorch engine)."""
+
+    def _bind(self, graph, inputs, outputs):
+        self._bound = getattr(self, "_bound", {})
+        self._bound[graph] = (inputs, outputs)
+
+    def _launch(self, graph):
+        ins, outs = self._bound[graph]
+        self.engine.run(graph, ins, outs)
+
+
+class ConcatKV:
+    """The KV layout of exported step graphs: ``past_*`` (depth, 2B, H, begin, c) in, ``present_*`` out.
+
+    Two flat buffers per key/value: a scale's past is a contiguous view of one, and after the step its
+    past + present is written into the other (``ops.kv_append``), which is the next scale's past.
+    """
+
+    def __init__(self, depth: int, rows: int, heads: int, head_dim: int, ranges, dtype, device):
+        self.shape = (depth, rows, heads, head_dim)
+        self.ranges = ranges
+        n = depth * rows * heads * ranges[-1][1] * head_dim
+        z = lambda *s: torch.zeros(s, dtype=dtype, device=device)  # noqa: E731
+        self.flat = [(z(n), z(n)), (z(n), z(n))]
+        self.present = [(z(depth, rows, heads, e - b, head_dim), z(depth, rows, heads, e - b, head_dim))
+                        for b, e in ranges]
+
+    @classmethod
+    def from_spec(cls, spec: Callable[[str], Tuple[Spec, Spec]], K: int, dtype, device) -> "ConcatKV":
+        """The layout the step graphs declare: their ``present_k`` shapes (depth, 2B, H, l, c) per scale."""
+        shapes = [spec(f"step_{si}")[1]["present_k"][0] for si in range(K)]
+        ranges, b = [], 0
+        for sh in shapes:
+            ranges.append((b, b + sh[3]))
+            b += sh[3]
+        depth, rows, heads, _, c = shapes[0]
+        return cls(depth, rows, heads, c, ranges, dtype, device)
+
+    def past(self, si: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous (depth, 2B, H, begin, c) views of the cache before scale si."""
+        d, r, h, c = self.shape
+        b = self.ranges[si][0]
+        n = d * r * h * b * c
+        fk, fv = self.flat[si % 2]
+        return fk[:n].view(d, r, h, b, c), fv[:n].view(d, r, h, b, c)
+
+    def io(self, si: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        ins = {}
+        if si:
+            ins["past_k"], ins["past_v"] = self.past(si)
+        return ins, {"present_k": self.present[si][0], "present_v": self.present[si][1]}
+
+    def append(self, si: int) -> None:
+        if si + 1 >= len(self.ranges):
+            return
+        from var_rt import ops
+        (nk, nv), (pk, pv) = self.past(si + 1), self.past(si)
+        ops.kv_append(nk, pk, self.present[si][0])
+        ops.kv_append(nv, pv, self.present[si][1])
+
+
+def manifest_spec(manifest: dict, B: int) -> Callable[[str], Tuple[Spec, Spec]]:
+    """``spec(graph)`` from an export's manifest (its fixed-shape entries, written from ``io_spec``)."""
+    files = manifest["onnx"]["files"]
+
+    def spec(graph: str):
+        e = files[f"onnx/{graph}.b{B}.onnx"]
+        conv = lambda d: {n: (tuple(v["shape"]), getattr(torch, v["dtype"])) for n, v in d.items()}  # noqa: E731
+        return conv(e["inputs"]), conv(e["outputs"])
+    return spec
+
+
+class ExportedSession(Session):
+    """A session over exported graphs (ONNX Runtime, TensorRT): shapes from the export's manifest, every
+    graph bound once through ``engine.bind(graph, inputs, outputs) -> handle`` and run by
+    ``engine.execute(graph, handle)``, with the exported graphs' KV layout (``ConcatKV``).
+    Capturable when the engine says so (``engine.capturable``: it only enqueues on the current stream)."""
+
+    def __init__(self, engine):
+        spec = manifest_spec(engine.manifest, engine.batch)
+        K = sum(1 for g in engine.graph_names() if g.startswith("step_"))
+        super().__init__(engine, engine.batch, K, spec)
+        self.capturable = bool(getattr(engine, "capturable", False))
+        self.kv = ConcatKV.from_spec(spec, K, engine.act_dtype, engine.device)
+        self._handles: Dict[str, object] = {}
+        self.bind_all()
+
+    def extra_io(self, graph):
+        kind, _, si = graph.partition("_")
+        return self.kv.io(int(si)) if kind == "step" else ({}, {})
+
+    def _bind(self, graph, inputs, outputs):
+        self._handles[graph] = self.engine.bind(graph, inputs, outputs)
+
+    def _launch(self, graph):
+        self.engine.execute(graph, self._handles[graph])
+
+    def after_step(self, si):
+        self.kv.append(si)

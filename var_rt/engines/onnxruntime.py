@@ -1,7 +1,7 @@
 """ONNX Runtime engine: runs the exported graphs of an export directory (``python -m export.build``).
 
-Inputs and outputs are bound with IO binding to the caller's torch tensors (no copies, no allocation
-per call). On the CPU it runs the fixed-shape graphs ``{graph}.b{B}.onnx``, one session each, with the
+Inputs and outputs are bound with IO binding to torch tensors (no copies, no allocation per call);
+a session (``session(B)``) binds the scale loop's buffers once per graph and only runs the bindings. On the CPU it runs the fixed-shape graphs ``{graph}.b{B}.onnx``, one session each, with the
 large initializers shared between sessions (one memory-mapped ``weights.bin``, registered with
 ``SessionOptions.add_initializer``), so the ten step sessions hold one copy of the blocks. On CUDA,
 ORT copies every session's initializers to the GPU, so there the engine runs the dynamic graphs
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from var_rt.engines.base import check_io, concrete_device
+from var_rt.engines.base import ExportedSession, check_io, concrete_device
 from var_rt.errors import BackendUnavailableError, InputError
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -33,7 +33,7 @@ def _import_ort():
 class OnnxRuntimeEngine:
     """Engine protocol over ONNX Runtime sessions (see var_rt/engines/base.py)."""
 
-    inplace_kv = False  # step graphs take past_k/past_v and return present_k/present_v
+    capturable = False  # ORT runs on its own stream and synchronises it after every run
 
     def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch: int,
                  providers: Optional[Sequence] = None, dynamic: Optional[bool] = None):
@@ -130,6 +130,16 @@ class OnnxRuntimeEngine:
         return list(self._graph_names)
 
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
+        """One graph on caller-owned tensors (bound for this call)."""
+        self.execute(graph, self.bind(graph, inputs, outputs))
+
+    def session(self, B: int) -> ExportedSession:
+        if B != self.batch:
+            raise InputError(f"this engine runs the batch-{self.batch} graphs; open one for batch {B}")
+        return ExportedSession(self)
+
+    def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]):
+        """An IO binding of the graph's inputs and outputs to these tensors (checked here, once)."""
         sess = self._sessions.get(graph)
         if sess is None:
             raise InputError(f"graph {graph!r} is not in this export (batch {self.batch}); "
@@ -147,6 +157,11 @@ class OnnxRuntimeEngine:
                 io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())
         for name, t in self._checked(graph, outputs, spec["outputs"]):
             io.bind_output(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        return sess, io
+
+    def execute(self, graph: str, bound) -> None:
+        """Run a bound graph, ordered with the caller's stream on CUDA."""
+        sess, io = bound
         if self._stream is None:
             sess.run_with_iobinding(io, self._run_options)
             return
@@ -160,3 +175,4 @@ class OnnxRuntimeEngine:
         for name, io_spec in specs.items():
             yield name, check_io(graph, name, tensors.get(name), io_spec["shape"], self.device,
                                  getattr(torch, io_spec["dtype"]))
+

@@ -2,8 +2,9 @@
 
 The step is one engine with an optimisation profile per (batch, scale) (see export/trt_build.py); this
 class makes one execution context per profile used, all sharing one activation buffer (the graphs run
-one after another on one stream), and sets each context's profile and input shapes once, so ``run``
-only sets tensor addresses and enqueues ``execute_async_v3`` on the current torch CUDA stream.
+one after another on one stream), and sets each context's profile and input shapes once. A session
+(``session(B)``) sets every tensor address once; each step then only enqueues ``execute_async_v3`` on
+the current torch CUDA stream, so the whole scale loop can be captured in one CUDA graph.
 Engines are deserialised only after the manifest matches (model, weights, precision, batch, GPU).
 """
 from __future__ import annotations
@@ -14,15 +15,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from var_rt.engines.base import check_io, concrete_device
+from var_rt.engines.base import ExportedSession, check_io, concrete_device
 from var_rt.errors import BackendUnavailableError, EngineMismatchError, InputError
 
 
 class TensorRTEngine:
     """Engine protocol over TensorRT 10 / TensorRT-RTX engines (see var_rt/engines/base.py)."""
 
-    inplace_kv = False
     name = "tensorrt"
+    capturable = True  # execute only enqueues on the current torch stream
 
     def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch: int):
         info = manifest["tensorrt"]
@@ -107,6 +108,16 @@ class TensorRTEngine:
         return list(self._graphs)
 
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
+        """One graph on caller-owned tensors (addresses set for this call)."""
+        self.execute(graph, self.bind(graph, inputs, outputs))
+
+    def session(self, B: int) -> ExportedSession:
+        if B != self.batch:
+            raise InputError(f"these engines were opened for batch {self.batch}; open them for batch {B}")
+        return ExportedSession(self)
+
+    def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
+        """Set the context's tensor addresses to these tensors (checked here); they stay until rebound."""
         entry = self._contexts.get(graph)
         if entry is None:
             raise InputError(f"graph {graph!r} is not in this export (batch {self.batch})")
@@ -119,5 +130,10 @@ class TensorRTEngine:
             ctx.set_tensor_address(n, check_io(graph, n, t, s, self.device).data_ptr())
         for n, t in outputs.items():  # output shapes follow from the input shapes set at load
             ctx.set_tensor_address(n, check_io(graph, n, t, tuple(ctx.get_tensor_shape(n)), self.device).data_ptr())
+
+    def execute(self, graph: str, handle=None) -> None:
+        """Enqueue the graph on the current torch stream (no host synchronisation: capturable)."""
+        ctx, _ = self._contexts[graph]
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT failed to enqueue {graph}")
+

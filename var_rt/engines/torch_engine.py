@@ -1,11 +1,12 @@
 """PyTorch engine: runs the graphs with the PyTorch modules (the reference, and the body of CUDA graphs).
 
-Keys and values are written straight into the preallocated cache (``inplace_kv``).
+Keys and values are written straight into the session's static cache (``KVCache``).
 On CUDA, the scale transition uses the fused kernel of the CUDA extension when it
 is built (var_rt.ops), and the same arithmetic in PyTorch otherwise.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List
 
 import torch
@@ -14,14 +15,60 @@ try:
     from var_rt import ops
 except ImportError:  # pragma: no cover - ops.py is part of the package
     ops = None
-from var_rt.graphs import all_graphs, guide
+from var_rt.engines.base import RunSession
+from var_rt.graphs import DecodeGraph, all_graphs, guide, resolved_spec
 from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
-from var_rt.runtime import KVCache
+
+
+class KVCache:
+    """Keys and values of every block for all scales, allocated once: (depth, 2B, H, L, c) each."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        self.fused = k.is_cuda and ops is not None and ops.extension_loaded()  # K and V in one launch
+
+    @classmethod
+    def allocate(cls, depth, rows, heads, tokens, head_dim, dtype, device) -> "KVCache":
+        shape = (depth, rows, heads, tokens, head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    def provider(self, begin: int, end: int):
+        """KV provider for one scale: write this scale's rows at [begin, end), attend to [0, end)."""
+        fused = self.fused
+
+        def kv(layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+            if fused:
+                ops.kv_write(self.k[layer:layer + 1], self.v[layer:layer + 1], k_new.unsqueeze(0),
+                             v_new.unsqueeze(0), begin)
+            else:
+                self.k[layer, :, :, begin:end].copy_(k_new)
+                self.v[layer, :, :, begin:end].copy_(v_new)
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return kv
+
+
+class TorchSession(RunSession):
+    """The loop's buffers at batch B on the PyTorch engine, and its static KV cache (steps get it as
+    ``cache_k``/``cache_v`` and write this scale's keys/values into it). Only enqueues work on the
+    current stream: capturable on CUDA."""
+
+    def __init__(self, engine: "TorchEngine", B: int):
+        cfg = engine.cfg
+        super().__init__(engine, B, cfg.num_scales, lambda g: resolved_spec(engine.graphs[g], B, engine.act_dtype))
+        self.capturable = engine.device.type == "cuda"
+        v = cfg.var
+        self.kv = KVCache.allocate(v.depth, 2 * B, v.num_heads, cfg.num_tokens, cfg.head_dim, engine.act_dtype,
+                                   engine.device)
+        self.bind_all()
+
+    def extra_io(self, graph):
+        if graph.startswith("step_"):
+            return {"cache_k": self.kv.k, "cache_v": self.kv.v}, {}
+        return {}, {}
 
 
 class TorchEngine:
-    inplace_kv = True
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
@@ -44,14 +91,22 @@ class TorchEngine:
             # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
             # GroupNorm/SiLU passes are fused (the decoder dominates at large batch). Compiled at the
             # first call (tens of seconds), outside any CUDA-graph capture (CudaGraphLoop warms up first).
+            # The engine's own copy of the decoder: its memory format and fast paths are this engine's
+            # business, not the shared VQVAE's (a reference engine on the same modules stays the reference).
+            own = copy.copy(vae)
+            own._modules = dict(vae._modules)  # its own module table: the assignments below stay here
+            dec = DecodeGraph(own)
+            dec.vae.decoder = copy.deepcopy(vae.decoder).to(memory_format=torch.channels_last)
+            dec.vae.post_quant_conv = copy.deepcopy(vae.post_quant_conv).to(memory_format=torch.channels_last)
             if fast_decoder:  # same function, fewer FLOPs and passes (models/vqvae.py); opt-in until timed on a GPU
-                vae.decoder.set_fast(True)
-            vae.decoder.to(memory_format=torch.channels_last)
-            vae.post_quant_conv.to(memory_format=torch.channels_last)
-            self._decode = torch.compile(self.graphs["decode"], dynamic=False)
+                dec.vae.decoder.set_fast(True)
+            self._decode = torch.compile(dec, dynamic=False)
 
     def graph_names(self) -> List[str]:
         return list(self.graphs)
+
+    def session(self, B: int) -> TorchSession:
+        return TorchSession(self, B)
 
     @torch.no_grad()
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,29 @@
+"""No process-wide switches: what one engine chooses (compilation, decoder layout, fast paths) stays its own."""
+import pytest
+import torch
+
+from var_rt.engines.torch_engine import TorchEngine
+from var_rt.models import var as var_mod
+from var_rt.pipeline import VARPipeline
+
+
+def test_fusion_is_a_per_call_choice(fx256):
+    """A reference call after a fused one runs the reference function (no switch is left on)."""
+    x, s, b = torch.randn(2, 3, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    f = var_mod.modulated_layer_norm
+    ref = f.__wrapped__(x, s, b, 1e-6, torch.float32)
+    assert torch.equal(f(x, s, b, 1e-6, torch.float32, fused=True), ref)  # CPU: fused falls back
+    assert torch.equal(f(x, s, b, 1e-6, torch.float32), ref)
+    assert not hasattr(var_mod, "_Fusion") and not hasattr(var_mod, "enable_fusion")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled engines exist on CUDA only")
+def test_compiled_engine_leaves_the_shared_modules_alone(fx256):
+    pipe = VARPipeline.load(config=fx256.config_path, var_ckpt=fx256.var_ckpt, vae_ckpt=fx256.vae_ckpt,
+                            device="cuda", dtype="float32", progress=False)
+    before = [p.is_contiguous() for p in pipe.vae.decoder.parameters()]
+    fast = TorchEngine(pipe.var, pipe.vae, compile=True, fast_decoder=True)
+    ref = TorchEngine(pipe.var, pipe.vae)
+    assert fast.fused and not ref.fused
+    assert [p.is_contiguous() for p in pipe.vae.decoder.parameters()] == before  # still the default layout
+    assert not any(m.fast_paths["upsample"] for m in [pipe.vae.decoder] if hasattr(m, "fast_paths"))
