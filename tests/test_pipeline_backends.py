@@ -123,3 +123,19 @@ def test_onnxruntime_cuda_is_ordered_with_the_callers_stream():
     got = out.clone()  # read on the caller's stream right after the run
     torch.cuda.synchronize()
     assert torch.equal(got, want), float((got - want).abs().nan_to_num(9.0).max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs a CUDA GPU and onnxruntime-gpu (ORT CUDA graphs; not run on a CPU)")
+def test_onnxruntime_cuda_graphs_give_the_same_tokens():
+    fx = get_fixture("var_tiny_256")
+    out = exported(fx.name, "fp32")
+    kw = dict(class_labels=fx.cases["labels"].tolist(), seed=0, cfg=1.5, top_k=50, top_p=0.9)
+    plain = _pipe(fx, out, device="cuda")
+    graphed = VARPipeline.load(config=fx.config_path, var_ckpt=fx.var_ckpt, vae_ckpt=fx.vae_ckpt, device="cuda",
+                               dtype="float32", backend="onnxruntime", engine_dir=out, progress=False,
+                               engine_options={"cuda_graph": True})
+    a = plain.generate(**kw)
+    for _ in range(3):  # ORT captures after its first runs, then replays
+        b = graphed.generate(**kw)
+        assert token_mismatch(a.tokens, b.tokens)[0] == 0

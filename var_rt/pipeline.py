@@ -102,13 +102,15 @@ class VARPipeline:
 
     def __init__(self, cfg: ModelConfig, var: VAR, vae: VQVAE, device: torch.device, dtype: torch.dtype,
                  backend: str = "torch", progress: bool = True, compile: Optional[bool] = None,
-                 engine_dir: Optional[Union[str, Path]] = None):
+                 engine_dir: Optional[Union[str, Path]] = None, engine_options: Optional[dict] = None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if backend in EXPORTED and engine_dir is None:
             raise ConfigError(f"backend {backend!r} runs exported graphs: build them with `python -m export.build` "
                               f"and pass the directory with --engine-dir")
         self.engine_dir = Path(engine_dir) if engine_dir is not None else None
+        # Extra keyword arguments of the exported engine (e.g. onnxruntime's cuda_graph=True).
+        self.engine_options = dict(engine_options or {})
         if backend == "cudagraph" and device.type != "cuda":
             raise ConfigError("backend 'cudagraph' needs a CUDA GPU (--device cuda); use --backend torch on the CPU")
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
@@ -157,7 +159,8 @@ class VARPipeline:
             else:
                 from var_rt.engines.tensorrt import TensorRTEngine as Engine
             self._engines[B] = Engine.from_dir(self.engine_dir, self.device, batch=B, expected_cfg=self.cfg,
-                                               expected_weights_hash=m["weights_hash"], precision=self.precision)
+                                               expected_weights_hash=m["weights_hash"], precision=self.precision,
+                                               **self.engine_options)
         return self._engines[B]
 
     def _built_batch_sizes(self):
@@ -193,7 +196,7 @@ class VARPipeline:
              var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_weights: bool = False,
              device: Optional[str] = None, dtype: Optional[str] = None, backend: str = "torch",
              progress: bool = True, weight_seed: int = 0, compile: Optional[bool] = None,
-             engine_dir: Optional[Union[str, Path]] = None) -> "VARPipeline":
+             engine_dir: Optional[Union[str, Path]] = None, engine_options: Optional[dict] = None) -> "VARPipeline":
         """Build a pipeline from a preset name or JSON config plus checkpoints (or explicit random weights)."""
         cfg = resolve_config(model, config)
         dev = resolve_device(device)
@@ -213,7 +216,8 @@ class VARPipeline:
         else:
             load_var_checkpoint(var, var_ckpt)
             load_vae_checkpoint(vae, vae_ckpt)
-        return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile, engine_dir=engine_dir)
+        return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile, engine_dir=engine_dir,
+                   engine_options=engine_options)
 
     # ---- requests -------------------------------------------------------------------------
     def check_labels(self, labels: Sequence[int]) -> List[int]:

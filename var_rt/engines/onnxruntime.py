@@ -36,7 +36,7 @@ class OnnxRuntimeEngine:
     capturable = False  # ORT runs on its own stream and synchronises it after every run
 
     def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch: int,
-                 providers: Optional[Sequence] = None, dynamic: Optional[bool] = None):
+                 providers: Optional[Sequence] = None, dynamic: Optional[bool] = None, cuda_graph: bool = False):
         ort = _import_ort()
         if torch.device(device).type == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # onnxruntime-gpu finds the CUDA/cuDNN libraries of the torch install
@@ -54,13 +54,22 @@ class OnnxRuntimeEngine:
             if self.device.type == "cuda":
                 # use_tf32 off for FP32 exports: ORT's CUDA provider otherwise runs FP32 matmuls and
                 # convolutions in TF32 (seen on the H100: greedy tokens equal, decoded image off by > 1e-3).
-                providers = [("CUDAExecutionProvider", {
-                    "device_id": self.device.index, "user_compute_stream": str(self._stream.cuda_stream),
-                    "use_tf32": "0" if manifest.get("precision") == "fp32" else "1"}),
-                    "CPUExecutionProvider"]
+                options = {"device_id": self.device.index, "user_compute_stream": str(self._stream.cuda_stream),
+                           "use_tf32": "0" if manifest.get("precision") == "fp32" else "1"}
+                if cuda_graph:
+                    # ORT captures each session's graph at its first runs and replays it after: it needs
+                    # fixed shapes and IO addresses (the fixed-shape files, bound once by a session) and
+                    # every node on the CUDA EP. Written against the documented API; not yet run on a GPU.
+                    options["enable_cuda_graph"] = "1"
+                providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
             else:
                 providers = ["CPUExecutionProvider"]
-        self.dynamic = self.device.type == "cuda" if dynamic is None else dynamic
+        self.cuda_graph = bool(cuda_graph and self.device.type == "cuda")
+        if self.cuda_graph and dynamic:
+            raise InputError("ONNX Runtime CUDA graphs need the fixed-shape graphs: leave dynamic off")
+        # On CUDA the dynamic graphs by default (one copy of the weights); with CUDA graphs the fixed ones
+        # (each step session holds its own copy of the blocks on the GPU).
+        self.dynamic = (self.device.type == "cuda" and not self.cuda_graph) if dynamic is None else dynamic
         self._ext_names: Dict[str, List[str]] = {}
         files = manifest["onnx"]["files"]
         self._io = {f: e for f, e in files.items()}
@@ -89,14 +98,14 @@ class OnnxRuntimeEngine:
     @classmethod
     def from_dir(cls, out_dir: str | Path, device="cpu", providers: Optional[Sequence] = None, batch: int = 1,
                  expected_cfg=None, expected_weights_hash: Optional[str] = None, precision: Optional[str] = None,
-                 dynamic: Optional[bool] = None) -> "OnnxRuntimeEngine":
+                 dynamic: Optional[bool] = None, cuda_graph: bool = False) -> "OnnxRuntimeEngine":
         """Check the manifest (EngineMismatchError if it differs), then open the sessions for ``batch``."""
         from var_rt.manifest import check_engine_files, load_manifest
 
         _import_ort()
         m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)
         check_engine_files(Path(out_dir), m, list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]])
-        return cls(out_dir, m, torch.device(device), batch, providers, dynamic)
+        return cls(out_dir, m, torch.device(device), batch, providers, dynamic, cuda_graph)
 
     # ---- shared weights ---------------------------------------------------------------------
     def _shared_initializers(self, ort) -> Dict[str, object]:
