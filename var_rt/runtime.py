@@ -105,7 +105,7 @@ class ScaleLoop:
         for si in range(K):
             sess.step(si)
             logits = self.logits[si]
-            if not params.more_smooth and fused_sampler.available(logits):
+            if not params.more_smooth and logits.is_cuda and fused_sampler.available(logits):
                 # One launch: thresholds, Gumbel-max draw, ids and codebook rows (same tokens as below).
                 fused_sampler.sample_fused(logits, self.keys[:, si], params.top_k, params.top_p, self.codebook,
                                            self.sampled[si], self.h[si])
