@@ -47,8 +47,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from var_rt.kernels import sampler
-
 try:
     import triton
     import triton.language as tl
@@ -64,10 +62,11 @@ _LN100 = math.log(100.0)  # cap of the cosine-attention scale (split_heads_l2)
 
 
 def available(tensor: torch.Tensor) -> bool:
-    """Whether these kernels can run on ``tensor``: the rule of ``var_rt.kernels.sampler.available``
-    (Triton importable and a CUDA tensor, or a CPU tensor with ``TRITON_INTERPRET=1`` set before
-    triton was imported)."""
-    return sampler.available(tensor)
+    """Whether these kernels can run on ``tensor``: Triton importable and the tensor on CUDA, or
+    ``TRITON_INTERPRET=1`` set before triton was first imported and the tensor on CPU."""
+    if triton is None or _INTERPRETED is None:
+        return False
+    return (tensor.is_cuda and not _INTERPRETED) or (tensor.device.type == "cpu" and _INTERPRETED)
 
 
 if triton is not None:
@@ -148,7 +147,7 @@ if triton is not None:
 
     @triton.jit
     def _linear_gelu_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K, sx_m, sw_n, so_m,
-                            GELU: tl.constexpr, IEEE: tl.constexpr,
+                            GELU: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """o = act(round(x @ w.T + b)) for one (BLOCK_M, BLOCK_N) tile, float32 accumulation."""
         pm = tl.program_id(0)
@@ -165,7 +164,9 @@ if triton is not None:
                         mask=mm[:, None] & km[None, :], other=0.0)
             w = tl.load(w_ptr + rn[None, :].to(tl.int64) * sw_n + (k0 + rk)[:, None],
                         mask=nm[None, :] & km[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) of w.T
-            if IEEE:  # float32 weights: a float32 product, not TF32 (the FP32 policy has no TF32)
+            if UPCAST:  # the interpreter's dot multiplies bfloat16's raw bits: give it exact float32 copies
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:  # float32 weights: a float32 product, not TF32 (the FP32 policy has no TF32)
                 acc = tl.dot(a, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w, acc)
@@ -179,6 +180,23 @@ if triton is not None:
             h = h / (1.0 + tl.exp(-2.0 * u))
         tl.store(o_ptr + rm[:, None].to(tl.int64) * so_m + rn[None, :], _cast(h, o_ptr.dtype.element_ty),
                  mask=mm[:, None] & nm[None, :])
+
+
+def _interpret_mode() -> Optional[bool]:
+    """True if the kernels run under Triton's CPU interpreter, False if they compile, None if neither.
+
+    Triton decides at decoration time: its own library (``tl.sum``...) when triton is first imported,
+    these kernels when this module is. With TRITON_INTERPRET set in between (var_rt.runtime imports
+    triton through var_rt.kernels.sampler) the two disagree and no kernel can run.
+    """
+    if triton is None:
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
+    kinds = {isinstance(f, InterpretedFunction) for f in (tl.sum, _modulated_ln_kernel)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+_INTERPRETED = _interpret_mode()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +213,7 @@ def _check_runnable(t: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"{what}: triton is not installed (pip install triton); use the PyTorch reference")
     if not available(t):
         raise RuntimeError(f"{what}: needs a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1 set before "
-                           f"triton is imported; got a {t.device.type} tensor")
+                           f"triton is first imported; got a {t.device.type} tensor (interpreter: {_INTERPRETED})")
 
 
 def _rows(x: torch.Tensor, name: str, C: int) -> torch.Tensor:
@@ -427,6 +445,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu:
         grid = (triton.cdiv(M, bm), triton.cdiv(N, 64))
         _linear_gelu_kernel[grid](x2, weight, bias, o2, M, N, K, x2.stride(0), weight.stride(0), o2.stride(0),
                                   GELU=gelu, IEEE=weight.dtype == torch.float32,
+                                  UPCAST=_INTERPRETED and weight.dtype == torch.bfloat16,
                                   BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, num_warps=4, enable_fp_fusion=False)
     return out
 
