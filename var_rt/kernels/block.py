@@ -40,7 +40,6 @@ stream and allocate nothing when the output buffers are passed.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Optional, Tuple
 
@@ -58,7 +57,6 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 MAX_WIDTH = 1 << 14  # one row per program held in registers; VAR's widest is 1920 (d30), 2304 (d36)
-_LN100 = math.log(100.0)  # cap of the cosine-attention scale (split_heads_l2)
 
 
 def available(tensor: torch.Tensor) -> bool:
@@ -136,7 +134,7 @@ if triton is not None:
             qf = qf / tl.maximum(tl.sqrt(tl.sum(qf * qf, axis=1)), 1e-12)[:, None]
             kf = kf / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)[:, None]
             s = tl.load(sm_ptr + hh, mask=hm, other=0.0).to(tl.float32)
-            qf = qf * tl.exp(tl.minimum(s, 4.605170185988092))[:, None]  # ln 100 as float32
+            qf = qf * tl.exp(tl.minimum(s, 4.605170185988092))[:, None]  # math.log(100.0), rounded to float32 as clamp()'s
             q = _cast(qf, v.dtype)
             k = _cast(kf, v.dtype)
         hd = hh[:, None].to(tl.int64)
