@@ -30,7 +30,7 @@ from conftest import get_fixture  # noqa: E402
 from var_rt import precision  # noqa: E402
 from var_rt.kernels import block as K  # noqa: E402
 from var_rt.models import var as M  # noqa: E402
-from var_rt.runtime import KVCache  # noqa: E402
+from var_rt.engines.torch_engine import KVCache  # noqa: E402
 
 if not K.available(torch.zeros(1, device=DEV)):
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (conftest imports var_rt, which imports "

@@ -12,7 +12,7 @@ operation:
   block i+1, or of the head (``AdaLNBeforeHead``). The block boundary costs one launch, not two.
 * ``qk_norm_kv_write``: from the qkv GEMM output, q L2-normalised and scaled into a q buffer and the
   normalised k and plain v written straight into the static KV cache at [begin, begin + l)
-  (reference ``split_heads_l2`` then the cache copy of ``var_rt.runtime.KVCache``); also without
+  (reference ``split_heads_l2`` then the cache copy of ``var_rt.engines.torch_engine.KVCache``); also without
   the L2 norm (plain split, ``attn_l2_norm=False``).
 * ``linear_gelu``: fc1 with its tanh-GELU in the GEMM epilogue (reference
   ``F.gelu(linear(x, fc1), approximate="tanh")``), float32 accumulation.
