@@ -615,6 +615,7 @@ def write_plot(results: dict, path: Path) -> Optional[str]:
 
 # ---- main --------------------------------------------------------------------------------------
 def parse_args(argv=None):
+    from var_rt.sampling import DEFAULTS
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", choices=PRESET_NAMES, help="presets (several allowed)")
     p.add_argument("--config", nargs="+", help="model JSON config(s) instead of presets")
@@ -628,9 +629,9 @@ def parse_args(argv=None):
                    help="random weights (the default when no checkpoint is given)")
     p.add_argument("--var-ckpt")
     p.add_argument("--vae-ckpt")
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--cfg", type=float, default=DEFAULTS.cfg)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-case-s", type=float, default=60.0,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
+from var_rt.sampling import DEFAULTS
 
 
 def filter_and_sample(logits_BlV: torch.Tensor, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
@@ -59,8 +60,8 @@ class OfficialStyle:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def generate(self, labels_B: torch.Tensor, seed: int = 0, cfg: float = 1.5, top_k: int = 900,
-                 top_p: float = 0.96, mark: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+    def generate(self, labels_B: torch.Tensor, seed: int = 0, cfg: float = DEFAULTS.cfg, top_k: int = DEFAULTS.top_k,
+                 top_p: float = DEFAULTS.top_p, mark: Optional[Callable[[str], None]] = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] on the device. ``mark(name)`` is called at phase boundaries."""
         mark = mark or (lambda name: None)
         var, vae, mc = self.var, self.vae, self.cfg

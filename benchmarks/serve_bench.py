@@ -158,6 +158,7 @@ def run_served(load_kwargs: dict, args, num_replicas: int) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
+    from var_rt.sampling import DEFAULTS
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="d16")
     p.add_argument("--config")
@@ -174,9 +175,9 @@ def parser() -> argparse.ArgumentParser:
                    help="replica counts to measure one after the other, e.g. 1 2 (one GPU each on CUDA)")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--images", type=int, default=512)
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--cfg", type=float, default=DEFAULTS.cfg)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
     p.add_argument("--no-compile", action="store_true", help="no Inductor fusion (faster start, slower calls)")
     p.add_argument("--skip-direct", action="store_true")
     p.add_argument("--out-dir", required=True)

@@ -88,7 +88,7 @@ def test_served_groups_are_padded_to_a_built_batch_size():
     from var_rt.serve import SAMPLING_DEFAULTS, run_groups, serving_buckets
     fx = get_fixture("var_tiny_256")
     pipe = _pipe(fx, exported("var_tiny_256", "fp32"))
-    built = sorted(pipe._built_batch_sizes())
+    built = sorted(pipe.built_batch_sizes)
     assert serving_buckets(pipe, 64) == built and serving_buckets(pipe, 1) == [min(built)]
     n = max(built) - 1 if max(built) > 1 else 1
     settings = (1.5, "linear", SAMPLING_DEFAULTS["top_k"], SAMPLING_DEFAULTS["top_p"], False)

@@ -1,119 +1,27 @@
-"""Command line: ``python -m var_rt generate|download``.
+"""Command line: ``python -m var_rt generate|edit|sample|serve|download``.
 
 Each command parses with argparse (kebab-case flags), validates once into a frozen
 dataclass, and only then touches models or files: a bad request writes nothing.
+This module holds generate and download and registers the other commands' parsers; the
+flag groups and checks they share are in var_rt.options. Only ``__main__`` and the
+``var-rt`` entry point import this module.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from var_rt import validation
-from var_rt.errors import ConfigError, VarRtError, one_line
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="preset: d16, d20, d24, d30 (256 px) or d36 (512 px)")
-    src.add_argument("--config", help="model config JSON (the fixtures' format)")
-    g.add_argument("--var-ckpt", help="VAR transformer checkpoint (official var_dNN.pth)")
-    g.add_argument("--vae-ckpt", help="VQVAE checkpoint (official vae_ch160v4096z32.pth)")
-    g.add_argument("--random-weights", action="store_true",
-                   help="no checkpoints: random weights (images are noise; for trying the pipeline)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="default: float16 on GPU, float32 on CPU")
-    g.add_argument("--backend", default="torch",
-                   help="torch (reference), cudagraph (GPU: whole loop in one CUDA graph), onnxruntime or "
-                        "tensorrt (exported graphs from `python -m export.build`, see --engine-dir)")
-    g.add_argument("--engine-dir", help="export directory (ONNX files / TensorRT engines + manifest.json) "
-                                        "for the onnxruntime and tensorrt backends")
-    g.add_argument("--no-compile", action="store_true",
-                   help="cudagraph backend: skip torch.compile fusion (faster start, slower steady state)")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance strength (default 1.5)")
-    g.add_argument("--cfg-schedule", default="linear",
-                   help="'linear' (official), 'constant', or one comma-separated value per scale")
-    g.add_argument("--top-k", type=int, default=900, help="0 turns it off (default 900)")
-    g.add_argument("--top-p", type=float, default=0.96, help="0 turns it off (default 0.96)")
-    g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax codes (official option)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    g.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: all)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-    """The model group of a command: what to load and where to run it."""
-
-    model: Optional[str]
-    config: Optional[str]
-    var_ckpt: Optional[str]
-    vae_ckpt: Optional[str]
-    random_weights: bool
-    device: str
-    dtype: str
-    backend: str
-    engine_dir: Optional[str]
-    no_compile: bool
-    progress: bool
-
-    @classmethod
-    def from_args(cls, a: argparse.Namespace) -> "ModelOptions":
-        if a.random_weights and (a.var_ckpt or a.vae_ckpt):
-            raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
-        if a.engine_dir is not None and not Path(a.engine_dir).is_dir():
-            what = "is a file, not an export folder" if Path(a.engine_dir).exists() else "does not exist"
-            raise ConfigError(f"--engine-dir {a.engine_dir!r} {what}: give the folder `python -m export.build` "
-                              f"wrote (it holds manifest.json)")
-        return cls(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
-                   random_weights=a.random_weights, device=a.device, dtype=a.dtype, backend=a.backend,
-                   engine_dir=a.engine_dir, no_compile=a.no_compile,
-                   progress=not getattr(a, "no_progress", False))
-
-    def pipeline_kwargs(self, absolute_paths: bool = False) -> dict:
-        """Keyword arguments of VARPipeline.load. absolute_paths: for Ray replicas and workers, which do not
-        run in this working directory (same machine or a shared disk)."""
-        path = (lambda p: str(Path(p).resolve()) if p else None) if absolute_paths else (lambda p: p)
-        return dict(model=self.model, config=path(self.config), var_ckpt=path(self.var_ckpt),
-                    vae_ckpt=path(self.vae_ckpt), random_weights=self.random_weights, device=self.device,
-                    dtype=self.dtype, backend=self.backend, engine_dir=path(self.engine_dir),
-                    compile=False if self.no_compile else None, progress=self.progress)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """The sampling group of a command, as keyword arguments of VARPipeline.generate."""
-
-    cfg: float
-    cfg_schedule: object
-    top_k: int
-    top_p: float
-    more_smooth: bool
-    seed: int
-    batch_size: Optional[int]
-
-    @classmethod
-    def from_args(cls, a: argparse.Namespace) -> "SamplingOptions":
-        """Everything var_rt.validation can check without the model (the schedule's length needs it)."""
-        s = validation.Sampling.check(a.cfg, parse_cfg_schedule(a.cfg_schedule), a.top_k, a.top_p, a.more_smooth,
-                                      cli=True)
-        return cls(**dataclasses.asdict(s), seed=validation.seeds(a.seed, 1, "--seed")[0],
-                   batch_size=validation.count(a.batch_size, "--batch-size"))
-
-    def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
+from var_rt.edit import add_edit_parser
+from var_rt.errors import VarRtError, one_line
+from var_rt.options import (ModelOptions, Outputs, SamplingOptions, add_model_args, add_overwrite_arg,
+                            add_sampling_args, load_pipeline)
+from var_rt.sample import add_sample_parser
+from var_rt.serve import add_serve_parser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,100 +30,7 @@ class GenerateRequest:
     sampling: SamplingOptions
     class_labels: Optional[List[int]]
     num_images: Optional[int]
-    outputs: "Outputs"
-
-
-def parse_cfg_schedule(text: str):
-    if text in ("linear", "constant"):
-        return text
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--cfg-schedule {text!r}: use 'linear', 'constant' or comma-separated numbers") from None
-
-
-def _nearest_folder(path: Path) -> Path:
-    """The deepest existing ancestor of ``path`` (itself if it exists): where new folders would be made."""
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable_folder(folder: Path, flag: str, given: str) -> None:
-    """``folder`` exists or can be made, and files can be created in it; checked without leaving anything."""
-    base = _nearest_folder(folder)
-    if not base.is_dir():
-        raise ConfigError(f"{flag} {given!r}: {str(base)!r} is a file, so no folder can be made inside it")
-    try:  # the only reliable test (permissions, read-only or virtual file systems, root): create a file
-        fd, probe = tempfile.mkstemp(prefix=".var-rt-probe-", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{flag} {given!r}: cannot write in {str(base)!r} ({e.strerror}); "
-                          f"choose a folder you can write to") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Outputs:
-    """Where generate / edit write: one PNG per image in ``output_dir`` and/or one ``grid`` PNG.
-
-    ``check`` runs before any model work (something to write, a PNG name, no file/folder clash, locations
-    that can be written); ``refuse_existing`` once the images' names are known (before generation);
-    ``write`` writes everything at the end, all or none (var_rt.images.write_pngs).
-    """
-
-    output_dir: Optional[Path]
-    grid: Optional[Path]
-    overwrite: bool = False
-
-    @classmethod
-    def check(cls, output_dir: Optional[str], grid_file: Optional[str], overwrite: bool = False) -> "Outputs":
-        if output_dir is None and grid_file is None:
-            raise ConfigError("nothing to write: give --output-dir DIR and/or --grid FILE.png")
-        if grid_file is not None and Path(grid_file).suffix.lower() != ".png":
-            raise ConfigError(f"--grid {grid_file!r}: the grid is written as PNG, give a .png file name")
-        for flag, path, is_dir in (("--output-dir", output_dir, True), ("--grid", grid_file, False)):
-            if path is None:
-                continue
-            p = Path(path)
-            if p.exists() and p.is_dir() != is_dir:
-                raise ConfigError(f"{flag} {path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
-            _check_writable_folder(p if is_dir else p.parent, flag, path)
-        return cls(Path(output_dir) if output_dir else None, Path(grid_file) if grid_file else None, overwrite)
-
-    def image_paths(self, labels: Sequence[int], seeds: Sequence[int]) -> List[Path]:
-        from var_rt.images import result_names
-        if self.output_dir is None:
-            return []
-        return [self.output_dir / name for name in result_names(labels, seeds)]
-
-    def refuse_existing(self, labels: Sequence[int], seeds: Sequence[int]) -> None:
-        """Without --overwrite, files that this run would replace are an error."""
-        if self.overwrite:
-            return
-        paths = self.image_paths(labels, seeds) + ([self.grid] if self.grid is not None else [])
-        taken = [str(p) for p in paths if p.exists()]
-        if taken:
-            shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-            raise ConfigError(f"{len(taken)} output file(s) already exist: {shown}; pass --overwrite to replace "
-                              f"them, or choose another --output-dir / --grid")
-
-    def write(self, images_BHW3, labels: Sequence[int], seeds: Sequence[int], grid_HW3=None,
-              grid_note: str = "") -> None:
-        from var_rt.images import write_pngs
-        files = dict(zip(self.image_paths(labels, seeds), images_BHW3))
-        if self.grid is not None:
-            files[self.grid] = grid_HW3
-        try:
-            write_pngs(files)
-        except OSError as e:
-            raise VarRtError(f"writing {str(e.filename or 'the PNGs')!r} failed ({e.strerror or e}); the "
-                             f"unfinished files were removed") from None
-        if self.output_dir is not None:
-            print(f"wrote {len(images_BHW3)} PNG(s) to {self.output_dir}")
-        if self.grid is not None:
-            print(f"wrote grid {self.grid}{grid_note}")
+    outputs: Outputs
 
 
 def validate_generate(a: argparse.Namespace) -> GenerateRequest:
@@ -223,21 +38,6 @@ def validate_generate(a: argparse.Namespace) -> GenerateRequest:
     return GenerateRequest(
         model=ModelOptions.from_args(a), sampling=SamplingOptions.from_args(a), class_labels=a.class_labels,
         num_images=validation.count(a.num_images, "--num-images"), outputs=outputs)
-
-
-def add_overwrite_arg(group) -> None:
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace PNGs (and the grid) that already exist; without it such a run is refused")
-
-
-def load_pipeline(opts: ModelOptions):
-    """A pipeline from a command's model options (shared by generate, edit and the other commands)."""
-    from var_rt.pipeline import VARPipeline
-    pipe = VARPipeline.load(**opts.pipeline_kwargs())
-    if opts.random_weights:
-        print("note: random weights (--random-weights): the images show the pipeline working, not content",
-              file=sys.stderr)
-    return pipe
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -269,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="class-conditional image generation")
-    _add_model_args(g)
-    _add_sampling_args(g)
+    add_model_args(g)
+    add_sampling_args(g)
     g.add_argument("--class-labels", type=int, nargs="+", help="class ids (random per seed if omitted)")
     g.add_argument("--num-images", type=int, help="number of images (default: one per label, or 1)")
     g.add_argument("--output-dir", help="one PNG per image; sorted names follow batch order")
@@ -278,9 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_overwrite_arg(g)
     g.set_defaults(func=cmd_generate, hold_warnings=True)
 
-    from var_rt.edit import add_edit_parser
-    from var_rt.sample import add_sample_parser
-    from var_rt.serve import add_serve_parser
     add_edit_parser(sub)
     add_serve_parser(sub)
     add_sample_parser(sub)

@@ -35,7 +35,10 @@ import torch.nn.functional as F
 
 from var_rt import validation
 from var_rt.errors import ConfigError, InputError
+from var_rt.options import (ModelOptions, Outputs, SamplingOptions, add_model_args, add_overwrite_arg,
+                            add_sampling_args, load_pipeline)
 from var_rt.runtime import EditSpec
+from var_rt.sampling import DEFAULTS
 
 MODES = ("inpaint", "outpaint")
 GREY = 0.5  # canvas fill in [0, 1]: 0 in the VQVAE's [-1, 1] input range
@@ -334,9 +337,9 @@ def prepare(pipe, image: ImageLike, region=None, mode: Optional[str] = None, res
 
 def edit(pipe, image: ImageLike, region=None, *, mode: Optional[str] = None, keep=None,
          class_label: Optional[int] = None, num_images: int = 1, seed: Union[int, Sequence[int]] = 0,
-         cfg: float = 1.5, cfg_schedule="linear", top_k: int = 900, top_p: float = 0.96,
-         more_smooth: bool = False, resize: bool = False, canvas_place=None,
-         batch_size: Optional[int] = None, progress: Optional[bool] = None) -> EditResult:
+         cfg: float = DEFAULTS.cfg, cfg_schedule=DEFAULTS.cfg_schedule, top_k: int = DEFAULTS.top_k,
+         top_p: float = DEFAULTS.top_p, more_smooth: bool = DEFAULTS.more_smooth, resize: bool = False,
+         canvas_place=None, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> EditResult:
     """Zero-shot edit of one image with a loaded VARPipeline.
 
     Give the region either as ``region`` (a Box or a mask: white = the region) with ``mode``, or
@@ -411,8 +414,8 @@ def _keep_from_arg(keep, patch_nums: Sequence[int]) -> Tuple[torch.Tensor, List[
 
 @dataclasses.dataclass(frozen=True)
 class EditRequest:
-    model: "ModelOptions"
-    sampling: "SamplingOptions"
+    model: ModelOptions
+    sampling: SamplingOptions
     image: Path
     mask: Optional[Path]
     box: Optional[Box]
@@ -421,12 +424,11 @@ class EditRequest:
     class_label: Optional[int]
     num_images: int
     resize: bool
-    outputs: "Outputs"
+    outputs: Outputs
 
 
 def validate_edit(a: argparse.Namespace) -> EditRequest:
     """Check the options that need no model; the image and mask are checked against the model later."""
-    from var_rt.cli import ModelOptions, Outputs, SamplingOptions
     outputs = Outputs.check(a.output_dir, a.grid, a.overwrite)
     given = [n for n, v in (("--mask", a.mask), ("--box", a.box), ("--canvas-place", a.canvas_place)) if v is not None]
     if len(given) != 1:
@@ -444,7 +446,6 @@ def validate_edit(a: argparse.Namespace) -> EditRequest:
 
 
 def cmd_edit(a: argparse.Namespace) -> int:
-    from var_rt.cli import load_pipeline
     from var_rt.images import load_image
 
     req = validate_edit(a)
@@ -469,13 +470,12 @@ def cmd_edit(a: argparse.Namespace) -> int:
 
 def add_edit_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``python -m var_rt edit`` on the CLI's subparsers."""
-    from var_rt.cli import _add_model_args, _add_sampling_args, add_overwrite_arg
     e = subparsers.add_parser(
         "edit", help="zero-shot inpainting / outpainting / class-conditional editing of an image",
         description="Zero-shot editing (the official VAR demo's method). The mask's white pixels (or the box) "
                     "mark the region: --mode inpaint regenerates inside it, --mode outpaint outside it.")
-    _add_model_args(e)
-    _add_sampling_args(e)
+    add_model_args(e)
+    add_sampling_args(e)
     g = e.add_argument_group("edit")
     g.add_argument("--image", required=True, help="input image (PNG/JPEG) at the model's size (or use --resize)")
     g.add_argument("--mask", help="binary PNG: white = the region, black = the rest; the input's size, the "

@@ -5,7 +5,7 @@ import dataclasses
 import math
 import threading
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
 from var_rt.progress import progress_bar
 from var_rt.runtime import CudaGraphLoop, EditSpec, SamplingParams, ScaleLoop
+from var_rt.sampling import DEFAULTS
 
 BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
 EXPORTED = ("onnxruntime", "tensorrt")  # backends that run graphs from `python -m export.build`
@@ -163,8 +164,19 @@ class VARPipeline:
                                                **self.engine_options)
         return self._engines[B]
 
-    def _built_batch_sizes(self):
-        return tuple(self._exported_manifest()["batch_sizes"]) if self.backend in EXPORTED else None
+    @property
+    def built_batch_sizes(self) -> Optional[Tuple[int, ...]]:
+        """The batch sizes the exported engines were built for, ascending (from the export's manifest);
+        None for the torch and cudagraph backends, which run any batch size."""
+        return tuple(sorted(self._exported_manifest()["batch_sizes"])) if self.backend in EXPORTED else None
+
+    def batch_sizes_up_to(self, limit: int) -> Optional[List[int]]:
+        """The built batch sizes a call of up to ``limit`` images can run at: those <= limit, or the
+        smallest one (the call is padded up to it) when none is; None where any size runs."""
+        built = self.built_batch_sizes
+        if built is None:
+            return None
+        return [b for b in built if b <= limit] or [built[0]]
 
     def _loop(self, B: int):
         if B not in self._loops:
@@ -175,17 +187,26 @@ class VARPipeline:
             self._loops[B] = (loop, runner)
         return self._loops[B]
 
-    def _chunk_size(self, n: int, batch_size: Optional[int]) -> int:
-        allowed = self._built_batch_sizes()
+    def chunk_size(self, n: int, batch_size: Optional[int] = None,
+                   buckets: Optional[Sequence[int]] = None) -> int:
+        """Images per forward pass for a call of ``n`` images; the last chunk is padded up to it on the
+        cudagraph and exported backends, so buffers, captured graphs and engines are reused.
+
+        ``batch_size`` when given (on exported backends, one the engines were built for). Else the smallest
+        of ``buckets`` (the sizes a server warmed) that holds all ``n``: one padded pass rather than a new
+        size. Else the largest built size <= n (the smallest if none is) on exported backends, n otherwise.
+        """
+        allowed = self.built_batch_sizes
         if batch_size is not None and allowed is not None and batch_size not in allowed:
             raise InputError(f"batch size {batch_size} is not one the engines were built for "
                              f"({', '.join(map(str, allowed))}): pick one of those or rebuild with export.build")
         if batch_size is not None:
             return batch_size
-        if allowed is not None:
-            fitting = [b for b in allowed if b <= n]
-            return max(fitting) if fitting else min(allowed)
-        return n
+        holding = [b for b in buckets or () if b >= n]
+        if holding:
+            return min(holding)
+        fitting = self.batch_sizes_up_to(n)
+        return max(fitting) if fitting is not None else n
 
     def warmup(self, batch_size: int = 1, **sampling_kwargs) -> None:
         """Allocate buffers (and capture CUDA graphs) for a batch size before serving requests."""
@@ -233,8 +254,9 @@ class VARPipeline:
         return labels, seeds
 
     def generate(self, class_labels: Optional[Sequence[int]] = None, num_images: Optional[int] = None,
-                 seed: Union[int, Sequence[int]] = 0, cfg: float = 1.5, cfg_schedule="linear",
-                 top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
+                 seed: Union[int, Sequence[int]] = 0, cfg: float = DEFAULTS.cfg,
+                 cfg_schedule=DEFAULTS.cfg_schedule, top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p,
+                 more_smooth: bool = DEFAULTS.more_smooth,
                  batch_size: Optional[int] = None, progress: Optional[bool] = None,
                  edit: Optional[EditSpec] = None) -> GenerationResult:
         """Generate images. Each image depends only on its class and its seed.
@@ -250,7 +272,7 @@ class VARPipeline:
         labels, seeds = self.plan(class_labels, num_images, seed)
         n = len(labels)
         s = validation.Sampling.check(cfg, cfg_schedule, top_k, top_p, more_smooth, self.cfg.num_scales)
-        bs = self._chunk_size(n, validation.count(batch_size, "batch-size"))
+        bs = self.chunk_size(n, validation.count(batch_size, "batch-size"))
         params = SamplingParams(cfg=s.cfg, cfg_schedule=s.cfg_schedule, top_k=s.top_k, top_p=s.top_p,
                                 more_smooth=s.more_smooth)
         show = self.progress if progress is None else progress

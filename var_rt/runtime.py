@@ -28,11 +28,11 @@ from var_rt.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    cfg: float = 1.5
-    cfg_schedule: object = "linear"  # "linear", "constant" or one value per scale
-    top_k: int = 900
-    top_p: float = 0.96
-    more_smooth: bool = False
+    cfg: float = sampling.DEFAULTS.cfg
+    cfg_schedule: object = sampling.DEFAULTS.cfg_schedule  # "linear", "constant" or one value per scale
+    top_k: int = sampling.DEFAULTS.top_k
+    top_p: float = sampling.DEFAULTS.top_p
+    more_smooth: bool = sampling.DEFAULTS.more_smooth
 
     def key(self):
         """What changes the captured work (guidance values do not: they are buffers)."""

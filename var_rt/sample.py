@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule
+from var_rt.sampling import DEFAULTS
 
 MARKER_DIR = ".shards"
 JOB_FILE = "job.json"
@@ -297,8 +299,9 @@ def default_num_workers(ray, device: Optional[str]) -> int:
 
 
 def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional[Sequence[int]] = None,
-               num_classes: Optional[int] = None, per_class: int = 50, seed: int = 0, cfg: float = 1.5,
-               cfg_schedule="linear", top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
+               num_classes: Optional[int] = None, per_class: int = 50, seed: int = 0,
+               cfg: float = DEFAULTS.cfg, cfg_schedule=DEFAULTS.cfg_schedule, top_k: int = DEFAULTS.top_k,
+               top_p: float = DEFAULTS.top_p, more_smooth: bool = DEFAULTS.more_smooth,
                batch_size: Optional[int] = None, shard_size: int = 1000, num_workers: Optional[int] = None,
                use_gpu: Optional[bool] = None, npz: Optional[str] = "", progress: bool = True,
                _crash_at: Optional[int] = None, _crash_flag: Optional[str] = None) -> Optional[Path]:
@@ -371,14 +374,13 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
 # ---- command line -----------------------------------------------------------------------------------
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``python -m var_rt sample`` on the CLI's subparsers."""
-    from var_rt.cli import _add_model_args, _add_sampling_args
     p = subparsers.add_parser(
         "sample", help="dataset-scale sampling for FID (PNGs + .npz), sharded over Ray workers, resumable",
         description="Generate --per-class images for every class (or --num-classes / --classes) into "
                     "--output-dir, resumably, then pack them into an .npz (key arr_0) for the FID evaluator. "
                     "Image i has seed --seed + i. See docs/serving.md.")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    add_model_args(p)
+    add_sampling_args(p)
     for action in p._actions:  # the shared sampling flags say "default: all"; a job is cut into calls of 32
         if action.dest == "batch_size":
             action.help = f"images per pipeline call (default {DEFAULT_CHUNK}); recorded in job.json"
@@ -400,7 +402,6 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from var_rt.cli import ModelOptions, parse_cfg_schedule
     kwargs = ModelOptions.from_args(a).pipeline_kwargs(absolute_paths=True)
     if a.address and a.num_workers != 1:
         try:

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError, VarRtError
+from var_rt.options import ModelOptions, add_model_args
+from var_rt.sampling import DEFAULTS
 
 DEFAULT_MAX_BATCH_SIZE = 16
 # A valid request is well under 1 KiB per image (labels, seeds, a cfg schedule): 64 KiB leaves room for any of
@@ -54,7 +56,7 @@ REFUSAL_HEADROOM = 64
 PROXY_TIMEOUT_GRACE_S = 10.0  # the proxy's own timeout, a backstop for requests that never reach a replica
 REQUEST_KEYS = {"class_label", "class_labels", "seed", "seeds", "cfg", "cfg_schedule", "top_k", "top_p",
                 "more_smooth", "format"}
-SAMPLING_DEFAULTS = {"cfg": 1.5, "cfg_schedule": "linear", "top_k": 900, "top_p": 0.96, "more_smooth": False}
+SAMPLING_DEFAULTS = DEFAULTS.asdict()  # the sampling fields a request may leave out
 
 
 def import_ray():
@@ -199,15 +201,12 @@ def cudagraph_buckets(max_batch_size: int) -> List[int]:
 
 
 def serving_buckets(pipe, max_batch_size: int) -> Optional[List[int]]:
-    """The batch sizes a replica runs (a group is padded up to the next one) and warms at start: the
-    cudagraph buckets, or the exported engines' built sizes up to max_batch_size; None for eager torch
-    (any size runs without warm-up)."""
+    """The batch sizes a replica runs (a group is padded up to the next one, VARPipeline.chunk_size) and
+    warms at start: the cudagraph buckets, or the exported engines' built sizes up to max_batch_size; None
+    for eager torch (any size runs without warm-up)."""
     if pipe.backend == "cudagraph":
         return cudagraph_buckets(max_batch_size)
-    built = pipe._built_batch_sizes()
-    if built:
-        return sorted(b for b in built if b <= max_batch_size) or [min(built)]
-    return None
+    return pipe.batch_sizes_up_to(max_batch_size)
 
 
 def run_groups(pipe, items: List[tuple], buckets: Optional[List[int]]) -> list:
@@ -217,10 +216,9 @@ def run_groups(pipe, items: List[tuple], buckets: Optional[List[int]]) -> list:
         groups.setdefault(settings, []).append(i)
     out: list = [None] * len(items)
     for (cfg, sched, top_k, top_p, smooth), idx in groups.items():
-        n = len(idx)
-        # padded to a bucket: one captured graph / built engine per bucket, not per group size
-        bs = next((b for b in buckets if b >= n), None) if buckets else None
         try:
+            # padded to a bucket: one captured graph / built engine per bucket, not per group size
+            bs = pipe.chunk_size(len(idx), buckets=buckets)
             res = pipe.generate(class_labels=[items[i][1] for i in idx], seed=[items[i][2] for i in idx],
                                 cfg=cfg, cfg_schedule=list(sched) if isinstance(sched, tuple) else sched,
                                 top_k=top_k, top_p=top_p, more_smooth=smooth, batch_size=bs, progress=False)
@@ -427,10 +425,8 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             self.replica_id = uuid.uuid4().hex[:8]
             # Capture / load every bucket before traffic, with the default sampling settings: a first call at
             # a new bucket costs seconds (capture, engine load), which would stall every request behind it.
-            warm = dict(cfg=SAMPLING_DEFAULTS["cfg"], top_k=SAMPLING_DEFAULTS["top_k"],
-                        top_p=SAMPLING_DEFAULTS["top_p"], more_smooth=SAMPLING_DEFAULTS["more_smooth"])
             for bs in self.buckets or []:
-                self.pipe.warmup(bs, **warm)
+                self.pipe.warmup(bs, **SAMPLING_DEFAULTS)
 
         @api.get("/health")
         async def health(self):
@@ -507,12 +503,11 @@ def http_options(host: str, port: int, request_timeout_s: float) -> Dict[str, An
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``python -m var_rt serve`` on the CLI's subparsers."""
-    from var_rt.cli import _add_model_args
     p = subparsers.add_parser(
         "serve", help="HTTP server on Ray Serve (POST /generate, GET /health); needs the [serve] extra",
         description="Serve the model over HTTP with Ray Serve: one replica per GPU, dynamic batching, "
                     "503 when the queue is full. See docs/serving.md.")
-    _add_model_args(p)
+    add_model_args(p)
     g = p.add_argument_group("serving")
     g.add_argument("--num-replicas", type=int, default=1, help="replicas (one GPU each on CUDA; default 1)")
     g.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 to expose)")
@@ -545,7 +540,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.max_queued_requests is not None and a.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests must be >= 0, got {a.max_queued_requests}")
     check_limits(a.request_timeout_s, a.max_body_bytes)
-    from var_rt.cli import ModelOptions
     kwargs = ModelOptions.from_args(a).pipeline_kwargs(absolute_paths=True)
     check_model_files(kwargs)
     ray, serve = import_ray()
