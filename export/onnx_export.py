@@ -177,10 +177,12 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
                on_progress: Callable[[str], None] = lambda s: None) -> Dict[str, dict]:
     """Export every graph (fixed shapes per batch size, plus the dynamic variants) sharing weights.bin.
 
-    Only the dynamic graphs are traced; each fixed-shape file is the dynamic graph with its symbolic
-    axes set to numbers (``specialize``). Tracing and serialising a d30 step graph takes ~20 s, so
-    tracing the 10 scales x batch sizes separately took 20 minutes for d30 at batch 1 and 16; the
-    specialised files are the same computation (tests compare every one with PyTorch) in seconds.
+    The graphs are ``all_graphs(var, vae, export=True)``: the forms of area downsampling and of FP16
+    CPU convolutions that trace (``var_rt.models.traceable``). Only the dynamic graphs are traced;
+    each fixed-shape file is the dynamic graph with its named axes bound to numbers (``specialize``).
+    Tracing and serialising a d30 step graph takes ~20 s, so tracing the 10 scales x batch sizes
+    separately took 20 minutes for d30 at batch 1 and 16; the specialised files are the same
+    computation (tests compare specialised graphs with traced ones, and every one with PyTorch).
 
     Returns ``{file name: {"graph", "batch", "inputs", "outputs"}}`` for the manifest, where inputs and
     outputs map names to ``{"shape", "dtype"}`` (a dynamic axis is its name, e.g. "2B" or "past").
