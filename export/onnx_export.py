@@ -17,7 +17,6 @@ Files written into ``<out>/onnx/``:
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import os
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from var_rt.graphs import all_graphs
 from var_rt.models.var import VAR
@@ -63,79 +61,6 @@ def sample_inputs(module, B: int, act_dtype: torch.dtype, seed: int = 0) -> Dict
         else:
             out[name] = (torch.randn(shape, generator=g) * 0.5).to(dt)
     return out
-
-
-# ---- area downsampling without adaptive pooling ------------------------------------------------
-def _area_matrix(n_out: int, n_in: int, dtype, device) -> torch.Tensor:
-    """(n_out, n_in) averaging matrix of adaptive average pooling (bins [floor(i n/o), ceil((i+1) n/o)))."""
-    a = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        s, e = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-        a[i, s:e] = 1.0 / (e - s)
-    return a.to(dtype=dtype, device=device)
-
-
-class _HalfConv2d(torch.autograd.Function):
-    """An FP16 convolution that runs in float32 on the CPU while tracing, and exports as one FP16 Conv.
-
-    PyTorch's CPU FP16 convolution is about 500x slower than FP32 (a 256 px decode takes minutes at
-    fixture size and would take half an hour for the real VQVAE), and tracing runs the model once.
-    The ONNX node is the same Conv the exporter writes for an FP16 conv2d.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, b, stride, padding, dilation, groups):
-        return F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding, dilation,
-                        groups).to(x.dtype)
-
-    @staticmethod
-    def symbolic(g, x, w, b, stride, padding, dilation, groups):
-        k = list(w.type().sizes()[2:])
-        pads = list(padding) * 2 if not isinstance(padding, str) else None
-        args = (x, w) if b is None or b.node().mustBeNone() else (x, w, b)
-        return g.op("Conv", *args, kernel_shape_i=k, strides_i=list(stride), pads_i=pads,
-                    dilations_i=list(dilation), group_i=groups)
-
-
-@contextlib.contextmanager
-def export_patches():
-    """Substitutions of torch functions while tracing, each computing the same numbers (see also
-    ``_HalfConv2d``).
-
-    - ``F.interpolate(mode="area")`` becomes ``A_h @ x @ A_w^T``. Area downsampling is adaptive
-      average pooling; ONNX has none, and the exporter only handles sizes that divide (16 -> 13 or
-      32 -> 24 do not) and fails where it cannot see the input size (the encoder's residual loop).
-      Two small constant matrices compute the same averages for any sizes.
-    - ``F.layer_norm``'s normalized_shape is made of Python ints: the model reads it from
-      ``x.shape[-1]``, which the tracer records as a graph value, and the exporter needs a constant.
-    """
-    original, original_ln = F.interpolate, F.layer_norm
-
-    def layer_norm(x, normalized_shape, *args, **kwargs):
-        return original_ln(x, tuple(int(s) for s in normalized_shape), *args, **kwargs)
-
-    def interpolate(x, size=None, scale_factor=None, mode="nearest", *args, **kwargs):
-        if mode != "area" or size is None:
-            return original(x, size, scale_factor, mode, *args, **kwargs)
-        oh, ow = (size, size) if isinstance(size, int) else size
-        ih, iw = int(x.shape[-2]), int(x.shape[-1])
-        a_h = _area_matrix(oh, ih, x.dtype, x.device)
-        a_w = _area_matrix(ow, iw, x.dtype, x.device)
-        return a_h @ x @ a_w.T
-
-    original_conv = F.conv2d
-
-    def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-        if x.dtype != torch.float16 or x.is_cuda or isinstance(padding, str):
-            return original_conv(x, w, b, stride, padding, dilation, groups)
-        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-        return _HalfConv2d.apply(x, w, b, pair(stride), pair(padding), pair(dilation), groups)
-
-    F.interpolate, F.layer_norm, F.conv2d = interpolate, layer_norm, conv2d
-    try:
-        yield
-    finally:
-        F.interpolate, F.layer_norm, F.conv2d = original, original_ln, original_conv
 
 
 # ---- dynamic axes ----------------------------------------------------------------------------------
@@ -238,8 +163,9 @@ def export_one(module, name: str, B: int, act_dtype: torch.dtype, opset: int, tm
     path = tmp_dir / f"{name}.onnx"
     # The TorchScript-based exporter (dynamo=False): these graphs are plain tensor code with static
     # control flow, which it traces in seconds even for d30, keeps parameter names on initializers and
-    # constant-folds; it writes external data by itself when a graph is over 2 GB.
-    with warnings.catch_warnings(), torch.no_grad(), export_patches():
+    # constant-folds; it writes external data by itself when a graph is over 2 GB. It traces the module
+    # as it is: the export forms of the graphs come from all_graphs(..., export=True).
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(args[n] for n in ins), str(path), input_names=list(ins),
                           output_names=list(outs), opset_version=opset, dynamo=False,
@@ -251,10 +177,12 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
                on_progress: Callable[[str], None] = lambda s: None) -> Dict[str, dict]:
     """Export every graph (fixed shapes per batch size, plus the dynamic variants) sharing weights.bin.
 
-    Only the dynamic graphs are traced; each fixed-shape file is the dynamic graph with its symbolic
-    axes set to numbers (``specialize``). Tracing and serialising a d30 step graph takes ~20 s, so
-    tracing the 10 scales x batch sizes separately took 20 minutes for d30 at batch 1 and 16; the
-    specialised files are the same computation (tests compare every one with PyTorch) in seconds.
+    The graphs are ``all_graphs(var, vae, export=True)``: the forms of area downsampling and of FP16
+    CPU convolutions that trace (``var_rt.models.traceable``). Only the dynamic graphs are traced;
+    each fixed-shape file is the dynamic graph with its named axes bound to numbers (``specialize``).
+    Tracing and serialising a d30 step graph takes ~20 s, so tracing the 10 scales x batch sizes
+    separately took 20 minutes for d30 at batch 1 and 16; the specialised files are the same
+    computation (tests compare specialised graphs with traced ones, and every one with PyTorch).
 
     Returns ``{file name: {"graph", "batch", "inputs", "outputs"}}`` for the manifest, where inputs and
     outputs map names to ``{"shape", "dtype"}`` (a dynamic axis is its name, e.g. "2B" or "past").
@@ -262,7 +190,7 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
     import onnx
 
     act_dtype = var.head.weight.dtype
-    graphs = all_graphs(var, vae)
+    graphs = all_graphs(var, vae, export=True)
     onnx_dir.mkdir(parents=True, exist_ok=True)
     store = WeightStore(onnx_dir)
     files: Dict[str, dict] = {}
@@ -297,36 +225,57 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
 
 
 def specialize(dyn_model, module, B: int, name: str):
-    """A copy of a dynamic graph with every input and output shape set to ``module.io_spec(B)``.
+    """A copy of a dynamic graph at the fixed shapes of ``module.io_spec(B)``, made with ONNX's tools.
 
-    Inputs the fixed graph does not take (step_0 has no past) become empty constants of their shape,
-    so the graph computes what it computed with an empty input.
+    1. Each named axis of the graph's inputs and outputs ("B", "2B", "l", "past") gets its number from
+       io_spec; ONNX Runtime's ``make_dim_param_fixed`` (the pass behind
+       ``python -m onnxruntime.tools.make_dynamic_shape_fixed``) binds it everywhere it occurs.
+    2. Inputs the fixed graph does not take (step_0 has no past) become empty initializers of their
+       shape (past length 0), so the graph computes what it computed with an empty input.
+    3. ``onnx.shape_inference.infer_shapes`` (strict, with data propagation) infers the intermediate
+       shapes again at these sizes (the traced ones were symbolic) and fails where a fixed shape
+       contradicts what the graph computes; then every input and output must have io_spec's shape.
+
+    (onnx's ``update_inputs_outputs_dims`` would do step 1 too, but it runs the checker, which looks
+    for ``weights.bin`` in the current directory.) Specialising instead of tracing: see ``export_all``;
+    ``tests/test_export.py`` compares specialised graphs with graphs traced at the same shapes.
     """
     import onnx
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
 
     ins, outs = module.io_spec(B)
-    shapes = {**{n: s for n, (s, _) in ins.items()}, **{n: s for n, (s, _) in outs.items()}}
+    want = {n: [int(d) for d in s] for n, (s, _) in {**ins, **outs}.items()}
     model = onnx.ModelProto()
     model.CopyFrom(dyn_model)
     model.graph.name = name
-    for vi in list(model.graph.input):
-        if vi.name not in ins:
-            t = vi.type.tensor_type
-            sym = {"B": B, "2B": 2 * B, "past": 0}
-            if not any(d.dim_param == "past" for d in t.shape.dim) or \
-                    any(d.HasField("dim_param") and d.dim_param not in sym for d in t.shape.dim):
-                raise ValueError(f"{name}: graph input {vi.name} is not in io_spec and is not an empty past")
-            dims = [sym[d.dim_param] if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
-            model.graph.initializer.append(onnx.helper.make_tensor(vi.name, t.elem_type, dims, vals=[]))
-            model.graph.input.remove(vi)
+
+    def dims(vi):
+        return vi.type.tensor_type.shape.dim
+
+    axes: Dict[str, int] = {}
+    for vi in [vi for vi in model.graph.input if vi.name in want] + list(model.graph.output):
+        rank, spec_rank = len(dims(vi)), len(want[vi.name])
+        if rank != spec_rank:
+            raise ValueError(f"{name}: {vi.name} has rank {rank} in the graph, {spec_rank} in io_spec")
+        for d, n in zip(dims(vi), want[vi.name]):
+            if d.HasField("dim_param") and axes.setdefault(d.dim_param, n) != n:
+                raise ValueError(f"{name}: axis {d.dim_param} is both {axes[d.dim_param]} and {n} in io_spec")
+    for vi in [vi for vi in model.graph.input if vi.name not in want]:
+        sym = {**axes, "past": 0}
+        if not any(d.dim_param == "past" for d in dims(vi)) or \
+                any(d.HasField("dim_param") and d.dim_param not in sym for d in dims(vi)):
+            raise ValueError(f"{name}: graph input {vi.name} is not in io_spec and is not an empty past")
+        shape = [sym[d.dim_param] if d.HasField("dim_param") else d.dim_value for d in dims(vi)]
+        model.graph.initializer.append(onnx.helper.make_tensor(vi.name, vi.type.tensor_type.elem_type, shape, vals=[]))
+        model.graph.input.remove(vi)
+    for axis, n in axes.items():
+        make_dim_param_fixed(model.graph, axis, n)
+    del model.graph.value_info[:]  # the traced intermediate shapes, in symbolic axes
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     for vi in list(model.graph.input) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        want = shapes[vi.name]
-        if len(dims) != len(want):
-            raise ValueError(f"{name}: {vi.name} has rank {len(dims)} in the graph, {len(want)} in io_spec")
-        for d, n in zip(dims, want):
-            d.dim_value = int(n)
-    del model.graph.value_info[:]  # intermediate shapes were symbolic: ONNX Runtime infers them again
+        got = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims(vi)]
+        if got != want[vi.name]:
+            raise ValueError(f"{name}: {vi.name} has shape {got} in the specialised graph, {want[vi.name]} in io_spec")
     return model
 
 

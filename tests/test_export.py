@@ -352,3 +352,68 @@ def test_externalize_inlines_external_constant_nodes(tmp_path):
     assert t.data_location == onnx.TensorProto.DEFAULT
     assert np.array_equal(numpy_helper.to_array(t), np.arange(6, dtype=np.float32).reshape(2, 3))
     assert model.graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL
+
+
+@pytest.mark.parametrize("n_in,n_out", [(16, 8), (16, 13), (32, 24), (13, 5)])
+def test_area_downsample_as_matmul_is_area_interpolation(n_in, n_out):
+    """The export form of area downsampling (two constant averaging matrices) computes F.interpolate's
+    averages, also for sizes that do not divide, and on a non-square input."""
+    import torch.nn.functional as F
+
+    from var_rt.models.traceable import area_downsample
+
+    x = torch.randn(2, 3, n_in, n_in + 3, dtype=torch.float64)
+    want = F.interpolate(x, size=(n_out, n_out - 1), mode="area")
+    assert torch.equal(area_downsample(x, (n_out, n_out - 1)), want)  # the eager form is interpolate itself
+    got = area_downsample(x, (n_out, n_out - 1), as_matmul=True)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-12
+    x32 = x[..., :n_in].float()
+    assert (area_downsample(x32, n_out, as_matmul=True) - F.interpolate(x32, size=n_out, mode="area")).abs().max() < 1e-6
+
+
+def test_specialised_graphs_equal_traced_ones(fx256, tmp_path):
+    """A fixed-shape file (the dynamic graph specialised by export.onnx_export.specialize) gives what the
+    graph traced directly at that shape gives, under ONNX Runtime CPU: step_0 (its empty past), a step
+    with a past, and a transition with a 16 -> 13 area downsample (measured: bit-identical)."""
+    from export.onnx_export import export_one
+
+    out = exported(fx256.name, "fp32")
+    graphs = all_graphs(fx256.var, fx256.vae, export=True)
+    for g in ("step_0", "step_4", "transition_7"):
+        ins = sample_inputs(graphs[g], 2, torch.float32, seed=3)
+        traced = export_one(graphs[g], g, 2, torch.float32, 17, tmp_path)
+        for a, b in zip(run_ort(out / "onnx" / f"{g}.b2.onnx", ins), run_ort(traced, ins)):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-6, (g, float((a - b).abs().max()))
+
+
+def test_export_graphs_share_the_model_and_leave_it_alone(fx256):
+    """all_graphs(export=True) holds the model's own tensors; only its copy of the VQVAE modules traces FP16
+    convolutions in float32, so the model passed in keeps PyTorch's kernels."""
+    from var_rt.models.traceable import Conv2d
+
+    ref, exp = all_graphs(fx256.var, fx256.vae), all_graphs(fx256.var, fx256.vae, export=True)
+    for g in ("decode", "encode", "transition_3", "step_3"):
+        a, b = dict(ref[g].named_parameters()), dict(exp[g].named_parameters())
+        assert a.keys() == b.keys() and all(a[k] is b[k] for k in a), g
+    convs = lambda m: [c for c in m.modules() if isinstance(c, Conv2d)]  # noqa: E731
+    assert convs(fx256.vae) and not any(c.trace_fp16_in_fp32 for c in convs(fx256.vae))
+    assert len(convs(exp["decode"])) == len(convs(fx256.vae))  # every VQVAE convolution is one
+    assert all(c.trace_fp16_in_fp32 for c in convs(exp["decode"]) + convs(exp["transition_3"]))
+
+
+def test_fp16_convolutions_export_as_fp16_conv_nodes(fx256):
+    """Traced in float32 on the CPU, every FP16 convolution of the decoder and encoder is still one Conv
+    node on FP16 tensors in the exported graph (no casts to float32 around it)."""
+    import onnx
+
+    out = exported(fx256.name, "fp16")
+    for g in ("decode", "encode", "transition_3"):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "onnx" / f"{g}.b2.onnx"),
+                                                            load_external_data=False))
+        types = {vi.name: vi.type.tensor_type.elem_type
+                 for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+        types.update({t.name: t.data_type for t in model.graph.initializer})
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        assert convs, g
+        for n in convs:
+            assert {types[i] for i in n.input} == {onnx.TensorProto.FLOAT16}, (g, n.name, [types[i] for i in n.input])

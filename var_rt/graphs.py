@@ -15,15 +15,19 @@ Graphs (B images, 2B rows with the unconditional half, l = pn_si^2, P = last gri
 - ``transition`` (one per scale si): f_hat and this scale's code vectors -> new f_hat and, for
   si < K-1, the next scale's block input (upsample, phi, accumulate, area-downsample, embed).
 - ``decode``: f_hat -> image in [0, 1].  ``encode``: image in [0, 1] -> the 10 token maps.
+
+``all_graphs(..., export=True)`` builds the graphs as ONNX export traces them: area downsampling as
+two constant matrix products and FP16 convolutions on the CPU computed in float32, the same numbers
+in forms that trace (``var_rt.models.traceable``). The modules hold the model's own parameters.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from var_rt.models.traceable import area_downsample, with_fp16_convs_traced_in_fp32
 from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
 
@@ -95,11 +99,14 @@ class StepGraph(nn.Module):
 
 
 class TransitionGraph(nn.Module):
-    """Scale transition after scale ``si``: f_hat += phi(upsample(h)); next input from area(f_hat)."""
+    """Scale transition after scale ``si``: f_hat += phi(upsample(h)); next input from area(f_hat).
 
-    def __init__(self, var: VAR, vae: VQVAE, si: int):
+    ``export``: area downsampling as matrix products (``area_downsample``), the form ONNX export traces.
+    """
+
+    def __init__(self, var: VAR, vae: VQVAE, si: int, export: bool = False):
         super().__init__()
-        self.var, self.vae, self.si = var, vae, si
+        self.var, self.vae, self.si, self.export = var, vae, si, export
         self.pns = var.cfg.patch_nums
         self.last = si == len(self.pns) - 1
 
@@ -117,7 +124,7 @@ class TransitionGraph(nn.Module):
         if self.last:
             return f_hat
         nxt = self.pns[self.si + 1]
-        tokens = F.interpolate(f_hat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2)
+        tokens = area_downsample(f_hat, nxt, as_matmul=self.export).flatten(2).transpose(1, 2)
         return f_hat, self.var.scale_input(self.si + 1, tokens)
 
     def io_spec(self, B: int) -> Tuple[IOSpec, IOSpec]:
@@ -149,9 +156,11 @@ class DecodeGraph(nn.Module):
 
 
 class EncodeGraph(nn.Module):
-    def __init__(self, vae: VQVAE):
+    """``export``: the quantiser's area downsampling as matrix products, as in ``TransitionGraph``."""
+
+    def __init__(self, vae: VQVAE, export: bool = False):
         super().__init__()
-        self.vae = vae
+        self.vae, self.export = vae, export
 
     input_names = ["image"]
 
@@ -161,7 +170,7 @@ class EncodeGraph(nn.Module):
 
     def forward(self, image):
         w = self.vae.quant_conv.weight
-        return tuple(self.vae.encode_idx(image.to(w.dtype).mul(2).sub(1)))
+        return tuple(self.vae.encode_idx(image.to(w.dtype).mul(2).sub(1), area_as_matmul=self.export))
 
     def io_spec(self, B: int) -> Tuple[IOSpec, IOSpec]:
         cfg = self.vae.cfg
@@ -170,16 +179,23 @@ class EncodeGraph(nn.Module):
                 {f"idx_{si}": ((B, pn * pn), "int64") for si, pn in enumerate(cfg.patch_nums)})
 
 
-def all_graphs(var: VAR, vae: VQVAE) -> Dict[str, nn.Module]:
-    """Every graph of a model by name: condition, step_{si}, transition_{si}, decode, encode."""
+def all_graphs(var: VAR, vae: VQVAE, export: bool = False) -> Dict[str, nn.Module]:
+    """Every graph of a model by name: condition, step_{si}, transition_{si}, decode, encode.
+
+    ``export=True``: the graphs ONNX export traces (see the module docstring). Their VQVAE is a copy of
+    ``vae``'s modules over the same tensors whose convolutions trace FP16 in float32 on the CPU, so
+    ``vae`` itself is not changed and may run elsewhere meanwhile.
+    """
     K = len(var.cfg.patch_nums)
+    if export:
+        vae = with_fp16_convs_traced_in_fp32(vae)
     g: Dict[str, nn.Module] = {"condition": ConditionGraph(var)}
     for si in range(K):
         g[f"step_{si}"] = StepGraph(var, si)
     for si in range(K):
-        g[f"transition_{si}"] = TransitionGraph(var, vae, si)
+        g[f"transition_{si}"] = TransitionGraph(var, vae, si, export)
     g["decode"] = DecodeGraph(vae)
-    g["encode"] = EncodeGraph(vae)
+    g["encode"] = EncodeGraph(vae, export)
     return g
 
 

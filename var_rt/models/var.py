@@ -51,13 +51,15 @@ def fusable(fn):
 
 
 @fusable
-def modulated_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
+def modulated_layer_norm(x: torch.Tensor, C: int, scale: torch.Tensor, shift: torch.Tensor, eps: float,
                          out_dtype: torch.dtype) -> torch.Tensor:
     """LN(x) * (1 + scale) + shift in float32 (LN has no affine weights in VAR), cast to the next matmul's dtype.
 
     ``1 + scale`` is computed in scale's dtype, as the official ``scale.add(1)`` is (see var_rt.precision).
+    ``C`` is x's last dimension, a Python int: ONNX export needs LayerNorm's shape as a constant, and
+    ``x.shape[-1]`` would be traced as a value of the graph.
     """
-    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    y = F.layer_norm(x.float(), (C,), eps=eps)
     return (y * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
@@ -68,13 +70,14 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> tor
 
 
 @fusable
-def residual_modulated_layer_norm(x, y, gamma, scale, shift, eps: float, out_dtype: torch.dtype):
+def residual_modulated_layer_norm(x, y, gamma, C: int, scale, shift, eps: float, out_dtype: torch.dtype):
     """x + y * gamma, and its modulated layer norm: the two halves of a block meet here.
 
     y * gamma is rounded to y's dtype: the official code multiplies in place (``.mul_(gamma1)``).
+    ``C``: x's last dimension, as in ``modulated_layer_norm``.
     """
     x = x + (y * gamma).to(y.dtype)
-    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    n = F.layer_norm(x.float(), (C,), eps=eps)
     return x, (n * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
@@ -162,8 +165,9 @@ class AdaLNSelfAttn(nn.Module):
         """x (B, l, C) float32 residual stream; ada (B, 6, C) held in float32 (values of ``ada_dtype``)."""
         mm = self.attn.mat_qkv.weight.dtype
         g1, g2, s1, s2, b1, b2 = ada_B6C.to(self.ada_dtype).unsqueeze(1).unbind(2)  # each (B, 1, C)
-        h = self.attn(modulated_layer_norm(x_BlC, s1, b1, self.eps, mm, fused=fused), layer, kv, attn_bias, fused)
-        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, s2, b2, self.eps, mm, fused=fused)
+        h = self.attn(modulated_layer_norm(x_BlC, self.C, s1, b1, self.eps, mm, fused=fused), layer, kv, attn_bias,
+                      fused)
+        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, self.C, s2, b2, self.eps, mm, fused=fused)
         return gated_residual(x_BlC, self.ffn(y), g2, fused=fused)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from var_rt.config import VQVAEConfig
+from var_rt.models.traceable import Conv2d, area_downsample
 
 
 _gn_kernel = None  # var_rt.kernels.groupnorm once imported (triton is optional): see _load_gn_kernel
@@ -68,7 +69,7 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=padding)
+    return Conv2d(cin, cout, kernel_size=3, stride=stride, padding=padding)
 
 
 class ResnetBlock(nn.Module):
@@ -78,7 +79,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = _conv3x3(cin, cout)
         self.norm2 = _group_norm(cout)
         self.conv2 = _conv3x3(cout, cout)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.nin_shortcut = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.norm1.forward_silu(x_BCHW))
@@ -92,8 +93,8 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = _group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.qkv = Conv2d(channels, 3 * channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x_BCHW.shape
@@ -306,7 +307,7 @@ class Decoder(nn.Module):
         return {"upsample": any(ups), "fused_norm": any(norms)}
 
 
-class Phi(nn.Conv2d):
+class Phi(Conv2d):
     """phi(h) = (1 - r) h + r conv3x3(h): the residual refinement applied to each scale's codes."""
 
     def __init__(self, channels: int, ratio: float):
@@ -401,7 +402,7 @@ class VectorQuantizer(nn.Module):
         for si in range(len(self.patch_nums) - 1):
             f_hat = f_hat + self.scale_residual(si, self.lookup(idx_list[si], self.patch_nums[si]))
             nxt = self.patch_nums[si + 1]
-            outs.append(F.interpolate(f_hat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2))
+            outs.append(area_downsample(f_hat, nxt).flatten(2).transpose(1, 2))
         return torch.cat(outs, dim=1)
 
     def nearest(self, z_NC: torch.Tensor) -> torch.Tensor:
@@ -410,14 +411,16 @@ class VectorQuantizer(nn.Module):
         d = z_NC.square().sum(1, keepdim=True) + w.square().sum(1) - 2 * z_NC @ w.T
         return d.argmin(1)
 
-    def f_to_idx(self, f_BChw: torch.Tensor) -> List[torch.Tensor]:
-        """Encoder features -> 10 token maps, each (B, pn*pn): residual quantisation coarse to fine."""
+    def f_to_idx(self, f_BChw: torch.Tensor, area_as_matmul: bool = False) -> List[torch.Tensor]:
+        """Encoder features -> 10 token maps, each (B, pn*pn): residual quantisation coarse to fine.
+
+        ``area_as_matmul``: the form of area downsampling ONNX export traces (``area_downsample``)."""
         B, C, H, W = f_BChw.shape
         rest = f_BChw.float()  # the quantiser runs in float32 (var_rt.precision)
         out = []
         for si, pn in enumerate(self.patch_nums):
             last = si == len(self.patch_nums) - 1
-            z = rest if last else F.interpolate(rest, size=(pn, pn), mode="area")
+            z = rest if last else area_downsample(rest, pn, area_as_matmul)
             idx = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn * pn)
             rest = rest - self.scale_residual(si, self.lookup(idx, pn))
             out.append(idx)
@@ -441,6 +444,6 @@ class VQVAE(nn.Module):
         w = self.post_quant_conv.weight
         return self.decoder(self.post_quant_conv(f_hat_BChw.to(w.dtype))).clamp(-1, 1)
 
-    def encode_idx(self, img_B3HW: torch.Tensor) -> List[torch.Tensor]:
-        """Image in [-1, 1] -> list of token maps (B, pn*pn)."""
-        return self.quantize.f_to_idx(self.quant_conv(self.encoder(img_B3HW)))
+    def encode_idx(self, img_B3HW: torch.Tensor, area_as_matmul: bool = False) -> List[torch.Tensor]:
+        """Image in [-1, 1] -> list of token maps (B, pn*pn) (``area_as_matmul``: see ``f_to_idx``)."""
+        return self.quantize.f_to_idx(self.quant_conv(self.encoder(img_B3HW)), area_as_matmul)
