@@ -31,7 +31,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import math
 import secrets
 import sys
 import time

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
