@@ -96,7 +96,7 @@ def test_residual_modulated_ln(mm, ada, C):
     g, s, b = _ada_rows(gen, B, C, ada)
     x_keep = x.clone()
     x_out, h = K.residual_modulated_ln(x, y, g, s, b, 1e-6, mm, ada_dtype=ada)
-    x_ref, h_ref = M.residual_modulated_layer_norm.__wrapped__(x, y, _as_ref(g, ada), _as_ref(s, ada),
+    x_ref, h_ref = M.residual_modulated_layer_norm.__wrapped__(x, y, _as_ref(g, ada), x.shape[-1], _as_ref(s, ada),
                                                                _as_ref(b, ada), 1e-6, mm)
     assert torch.equal(x_out, x_ref), "x + round(y * gamma) must be bit-equal"
     assert_matches(h, h_ref, "h")
@@ -112,7 +112,8 @@ def test_modulated_ln(mm, ada):
     h_out = torch.full((B, l + 2, C), POISON, dtype=mm, device=DEV)[:, 1:1 + l]  # a strided view
     h = K.modulated_ln(x, s, b, 1e-6, mm, h_out=h_out, ada_dtype=ada)
     assert h.data_ptr() == h_out.data_ptr()
-    assert_matches(h, M.modulated_layer_norm.__wrapped__(x, _as_ref(s, ada), _as_ref(b, ada), 1e-6, mm), "h")
+    ref = M.modulated_layer_norm.__wrapped__(x, x.shape[-1], _as_ref(s, ada), _as_ref(b, ada), 1e-6, mm)
+    assert_matches(h, ref, "h")
 
 
 @pytest.mark.parametrize("mm,ada", DTYPE_PAIRS)
@@ -123,7 +124,7 @@ def test_gated_residual_then_next_ln(mm, ada):
     x, y = _activations(gen, B, l, C, mm)
     g2, s1, b1 = _ada_rows(gen, B, C, ada)
     x_ref = M.gated_residual.__wrapped__(x, y, _as_ref(g2, ada))
-    h_ref = M.modulated_layer_norm.__wrapped__(x_ref, _as_ref(s1, ada), _as_ref(b1, ada), 1e-6, mm)
+    h_ref = M.modulated_layer_norm.__wrapped__(x_ref, x_ref.shape[-1], _as_ref(s1, ada), _as_ref(b1, ada), 1e-6, mm)
     x_out, h = K.gated_residual_modulated_ln(x.clone(), y, g2, s1, b1, 1e-6, mm, gamma_dtype=ada, ada_dtype=ada)
     assert torch.equal(x_out, x_ref)
     assert_matches(h, h_ref, "h")
@@ -143,7 +144,8 @@ def test_gated_residual_into_head_ln_of_another_ada_dtype():
     x_out, h = K.gated_residual_modulated_ln(x, y, g2, s, b, 1e-6, F16, gamma_dtype=F32, ada_dtype=F16)
     x_ref = M.gated_residual.__wrapped__(x, y, g2.unsqueeze(1))
     assert torch.equal(x_out, x_ref)
-    assert_matches(h, M.modulated_layer_norm.__wrapped__(x_ref, _as_ref(s, F16), _as_ref(b, F16), 1e-6, F16), "h")
+    ref = M.modulated_layer_norm.__wrapped__(x_ref, x_ref.shape[-1], _as_ref(s, F16), _as_ref(b, F16), 1e-6, F16)
+    assert_matches(h, ref, "h")
 
 
 def test_ln_takes_ada_in_its_own_dtype():
@@ -153,7 +155,7 @@ def test_ln_takes_ada_in_its_own_dtype():
     x, y = _activations(gen, B, l, C, BF16)
     g, s, b = (_as_ref(t, BF16) for t in _ada_rows(gen, B, C, BF16))
     x_out, h = K.residual_modulated_ln(x, y, g, s, b, 1e-6, BF16)
-    x_ref, h_ref = M.residual_modulated_layer_norm.__wrapped__(x, y, g, s, b, 1e-6, BF16)
+    x_ref, h_ref = M.residual_modulated_layer_norm.__wrapped__(x, y, g, x.shape[-1], s, b, 1e-6, BF16)
     assert torch.equal(x_out, x_ref)
     assert_matches(h, h_ref, "h")
 

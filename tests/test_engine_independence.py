@@ -11,9 +11,9 @@ def test_fusion_is_a_per_call_choice(fx256):
     """A reference call after a fused one runs the reference function (no switch is left on)."""
     x, s, b = torch.randn(2, 3, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
     f = var_mod.modulated_layer_norm
-    ref = f.__wrapped__(x, s, b, 1e-6, torch.float32)
-    assert torch.equal(f(x, s, b, 1e-6, torch.float32, fused=True), ref)  # CPU: fused falls back
-    assert torch.equal(f(x, s, b, 1e-6, torch.float32), ref)
+    ref = f.__wrapped__(x, 8, s, b, 1e-6, torch.float32)
+    assert torch.equal(f(x, 8, s, b, 1e-6, torch.float32, fused=True), ref)  # CPU: fused falls back
+    assert torch.equal(f(x, 8, s, b, 1e-6, torch.float32), ref)
     assert not hasattr(var_mod, "_Fusion") and not hasattr(var_mod, "enable_fusion")
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -73,22 +72,22 @@ def _check_transition(f_hat, h, phi_w, phi_b, pn_next, next_tokens) -> int:
 def scale_transition_reference(f_hat_BChw: torch.Tensor, h_BlC: torch.Tensor, phi_w: torch.Tensor,
                                phi_b: torch.Tensor, ratio: float, pn_next: int
                                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Out-of-place reference: (f_hat + phi(upsample(h)), area(f_hat_new) as (B, pn_next^2, Cv) or None).
+    """Out-of-place reference: (f_hat + phi(upsample(h)), area(f_hat_new) as (B, pn_next^2, Cv) or None),
+    from raw phi weights, with the model's own transition functions (var_rt.models.vqvae).
 
     Computes in f_hat's dtype (float32; pass float64 tensors for a tighter reference).
     """
+    from var_rt.models.traceable import area_downsample
+    from var_rt.models.vqvae import phi_blend, upsample_codes  # the one definition of the transition
+
     B, l, Cv = h_BlC.shape
     P = f_hat_BChw.shape[-1]
     pn = _grid_side(l)
-    u = h_BlC.to(f_hat_BChw.dtype).transpose(1, 2).reshape(B, Cv, pn, pn)
-    if pn != P:
-        u = F.interpolate(u, size=(P, P), mode="bicubic", align_corners=False)
-    w, b = phi_w.to(u.dtype), phi_b.to(u.dtype)
-    f_new = f_hat_BChw + (u * (1 - ratio) + F.conv2d(u, w, b, padding=1) * ratio)
+    u = upsample_codes(h_BlC.to(f_hat_BChw.dtype).transpose(1, 2).reshape(B, Cv, pn, pn), P)
+    f_new = f_hat_BChw + phi_blend(u, phi_w.to(u.dtype), phi_b.to(u.dtype), ratio)
     if pn_next == 0:
         return f_new, None
-    nxt = F.interpolate(f_new, size=(pn_next, pn_next), mode="area").flatten(2).transpose(1, 2)
-    return f_new, nxt
+    return f_new, area_downsample(f_new, pn_next).flatten(2).transpose(1, 2)
 
 
 def _scale_transition_torch(f_hat, h, phi_w, phi_b, ratio, pn_next, next_tokens):

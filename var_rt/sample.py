@@ -180,7 +180,7 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
         """PNG i; one that does not decode loses its shard's marker, so that running again redoes it."""
         try:
             return load_image(out_dir / job.name(i))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, VarRtError) as e:  # load_image reports a bad file as an InputError
             marker_path(out_dir, i // job.shard_size).unlink(missing_ok=True)
             raise VarRtError(f"{job.name(i)} cannot be read ({e}): its shard is marked not done; run the same "
                              f"command again to regenerate it") from None

@@ -307,6 +307,23 @@ class Decoder(nn.Module):
         return {"upsample": any(ups), "fused_norm": any(norms)}
 
 
+# ---- the scale transition: one definition (graphs.TransitionGraph, the quantiser, and the reference of
+# the fused CUDA kernel in var_rt.ops all compute it with these functions) ------------------------------
+def upsample_codes(h_BChw: torch.Tensor, size: int) -> torch.Tensor:
+    """A scale's code vectors bicubically upsampled to the last grid (unchanged when already that size)."""
+    if h_BChw.shape[-1] == size:
+        return h_BChw
+    return F.interpolate(h_BChw, size=(size, size), mode="bicubic")
+
+
+def phi_blend(h_BChw: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ratio: float, conv=None) -> torch.Tensor:
+    """phi(h) = (1 - r) h + r conv3x3(h): the conv in the weight's dtype, ``* r`` rounded there, the blend in
+    h's dtype (the official ``h.mul(1 - r) + conv(h).mul_(r)`` under autocast; see var_rt.precision)."""
+    x = h_BChw.to(weight.dtype)
+    y = (conv(x, weight, bias) if conv is not None else F.conv2d(x, weight, bias, padding=1)) * ratio
+    return h_BChw * (1 - ratio) + y.to(h_BChw.dtype)
+
+
 class Phi(Conv2d):
     """phi(h) = (1 - r) h + r conv3x3(h): the residual refinement applied to each scale's codes."""
 
@@ -315,11 +332,7 @@ class Phi(Conv2d):
         self.ratio = abs(ratio)
 
     def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        """h float32; the conv in the weight's dtype, ``* r`` rounded there, the blend in float32 (the
-        official ``h.mul(1 - r) + conv(h).mul_(r)`` under autocast; see var_rt.precision)."""
-        w = self.weight
-        y = self._conv_forward(h_BChw.to(w.dtype), w, self.bias) * self.ratio
-        return h_BChw * (1 - self.ratio) + y.to(h_BChw.dtype)
+        return phi_blend(h_BChw, self.weight, self.bias, self.ratio, conv=self._conv_forward)
 
 
 class _PhiShared(nn.Module):
@@ -374,10 +387,7 @@ class VectorQuantizer(nn.Module):
 
     def scale_residual(self, si: int, h_BChw: torch.Tensor) -> torch.Tensor:
         """Scale si's contribution to f_hat: bicubic upsample to the last grid (except the last scale), then phi."""
-        last = self.patch_nums[-1]
-        if si != len(self.patch_nums) - 1:
-            h_BChw = F.interpolate(h_BChw, size=(last, last), mode="bicubic")
-        return self.phi(si)(h_BChw)
+        return self.phi(si)(upsample_codes(h_BChw, self.patch_nums[-1]))
 
     def lookup(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         """Token ids (B, pn*pn) -> codebook vectors (B, Cvae, pn, pn)."""
