@@ -308,3 +308,23 @@ def test_fused_step_gives_the_reference_tokens(name, dtype):
             h = emb[tokens].view(B, cfg.patch_nums[si], cfg.patch_nums[si], -1).permute(0, 3, 1, 2)
             nxt = F.interpolate(h, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
             x = var.scale_input(si + 1, nxt)
+
+
+def test_engine_with_block_kernels_gives_the_reference_tokens(fx256):
+    """A whole generation through TorchEngine(block_kernels=True) draws the reference engine's tokens."""
+    from var_rt.engines.torch_engine import TorchEngine
+    from var_rt.runtime import SamplingParams, ScaleLoop
+
+    params = SamplingParams(cfg=1.5, top_k=50, top_p=0.9)
+    labels, seeds = fx256.cases["labels"][:1], torch.arange(1)  # one image: the interpreter is slow
+    out = []
+    for kernels in (False, True):
+        engine = TorchEngine(fx256.var, fx256.vae, block_kernels=kernels)
+        assert engine.block_kernels == kernels
+        loop = ScaleLoop(engine, fx256.cfg, len(labels), fx256.vae.quantize.embedding.weight)
+        loop.set_request(labels, seeds, params)
+        loop.run(params)
+        out.append(loop.output())
+    ref, fused = out
+    assert all(torch.equal(a, b) for a, b in zip(ref.tokens, fused.tokens))
+    assert (ref.images - fused.images).abs().max() < 1e-4

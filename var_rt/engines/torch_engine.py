@@ -16,6 +16,7 @@ try:
 except ImportError:  # pragma: no cover - ops.py is part of the package
     ops = None
 from var_rt.engines.base import RunSession
+from var_rt.kernels import block as block_kernel_ops
 from var_rt.graphs import DecodeGraph, all_graphs, guide, resolved_spec
 from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
@@ -72,7 +73,7 @@ class TorchEngine:
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
-                 fast_decoder: bool = False):
+                 fast_decoder: bool = False, block_kernels: bool = False):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -84,6 +85,8 @@ class TorchEngine:
         self.use_ops = (use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
                         and self.act_dtype == torch.float32)
         self.fused = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
+        # Opt-in until timed on a GPU: each step through var_rt.kernels.block (8 launches per block, ~12 now).
+        self.block_kernels = block_kernels and block_kernel_ops.available(var.head.weight)
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
         self._decode = None
@@ -127,7 +130,11 @@ class TorchEngine:
         b, e = self._ranges[si]
         kv = KVCache(inputs["cache_k"], inputs["cache_v"]).provider(b, e)
         cond = Condition(inputs["ada_blocks"], inputs["ada_head"], None)
-        logits = self.var.step(inputs["x"], cond, kv, fused=self.fused)
+        if self.block_kernels:
+            logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"],
+                                                 inputs["cache_v"], b)
+        else:
+            logits = self.var.step(inputs["x"], cond, kv, fused=self.fused)
         outputs["logits"].copy_(guide(logits, inputs["cfg_t"]))
 
     def _transition_fused(self, si: int, inputs, outputs) -> None:
