@@ -33,8 +33,8 @@ from var_rt.models import var as M  # noqa: E402
 from var_rt.engines.torch_engine import KVCache  # noqa: E402
 
 if not K.available(torch.zeros(1, device=DEV)):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (conftest imports var_rt, which imports "
-                "triton): run with TRITON_INTERPRET=1 in the environment to test the kernels on CPU",
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first): "
+                "run with TRITON_INTERPRET=1 in the environment to test the kernels on CPU",
                 allow_module_level=True)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -46,11 +46,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is optional: callers use the PyTorch reference without it
-    triton = None
+from var_rt.kernels import INTERPRETED, runs_on, tl, triton
 
 _TL_DTYPES = {}
 if triton is not None:
@@ -59,12 +55,7 @@ if triton is not None:
 MAX_WIDTH = 1 << 14  # one row per program held in registers; VAR's widest is 1920 (d30), 2304 (d36)
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """Whether these kernels can run on ``tensor``: Triton importable and the tensor on CUDA, or
-    ``TRITON_INTERPRET=1`` set before triton was first imported and the tensor on CPU."""
-    if triton is None or _INTERPRETED is None:
-        return False
-    return (tensor.is_cuda and not _INTERPRETED) or (tensor.device.type == "cpu" and _INTERPRETED)
+available = runs_on  # Triton importable and a CUDA tensor, or the interpreter and a CPU tensor
 
 
 if triton is not None:
@@ -180,21 +171,7 @@ if triton is not None:
                  mask=mm[:, None] & nm[None, :])
 
 
-def _interpret_mode() -> Optional[bool]:
-    """True if the kernels run under Triton's CPU interpreter, False if they compile, None if neither.
-
-    Triton decides at decoration time: its own library (``tl.sum``...) when triton is first imported,
-    these kernels when this module is. With TRITON_INTERPRET set in between (var_rt.runtime imports
-    triton through var_rt.kernels.sampler) the two disagree and no kernel can run.
-    """
-    if triton is None:
-        return None
-    from triton.runtime.interpreter import InterpretedFunction
-    kinds = {isinstance(f, InterpretedFunction) for f in (tl.sum, _modulated_ln_kernel)}
-    return kinds.pop() if len(kinds) == 1 else None
-
-
-_INTERPRETED = _interpret_mode()
+_INTERPRETED = INTERPRETED  # the interpreter handles bfloat16 differently (see _cast and UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,20 +19,14 @@ how the tests check it.
 """
 from __future__ import annotations
 
-import os
 
 import torch
-import triton
-import triton.language as tl
+from var_rt.kernels import runs_on, tl, triton
 
-# Read once at import, like triton itself does when it decorates the kernel below: a constant for
-# torch.compile too. Under the interpreter the kernel runs on CPU tensors.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+if triton is None:  # callers import this module only when they can use it (see models/vqvae.py)
+    raise ImportError("var_rt.kernels.groupnorm needs triton (pip install triton)")
 
-
-def supports(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on ``x``: a CUDA tensor, or any tensor under the interpreter."""
-    return x.is_cuda or INTERPRET
+supports = runs_on  # a CUDA tensor with compiled Triton, or a CPU tensor under the interpreter
 
 
 @triton.jit

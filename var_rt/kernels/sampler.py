@@ -22,38 +22,20 @@ Each bisection is 32 reductions over the row held in registers; no sort, no scra
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from var_rt import sampling
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is optional: callers use the PyTorch reference without it
-    triton = None
+from var_rt.kernels import runs_on, tl, triton
 
 MAX_VOCAB = 1 << 16  # one block per row; far above VAR's 4096
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """Whether sample_fused can run on this tensor: Triton importable and the tensor on CUDA, or
-    ``TRITON_INTERPRET=1`` (set before triton was imported) and the tensor on CPU."""
-    if triton is None:
-        return False
-    if tensor.is_cuda:
-        return not _INTERPRETED
-    return tensor.device.type == "cpu" and _INTERPRETED
+available = runs_on  # Triton importable and a CUDA tensor, or the interpreter and a CPU tensor
 
 
 if triton is not None:
-    _knobs = getattr(triton, "knobs", None)
-    # Triton decides at decoration time whether @triton.jit compiles or interprets.
-    _INTERPRETED = bool(_knobs.runtime.interpret) if _knobs is not None else \
-        os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
     @triton.jit
     def _order_key(x):
         """int32 whose signed order is the float32 order of x; -0.0 and +0.0 share key 0."""
