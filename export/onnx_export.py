@@ -28,21 +28,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from var_rt.graphs import all_graphs
+from var_rt.graphs import all_graphs, io_dtype
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
 
 WEIGHTS_FILE = "weights.bin"
 EXTERNAL_MIN_BYTES = 1024   # smaller tensors (shape constants, biases of tiny models) stay inline
 ALIGN = 64                  # offsets aligned for memory mapping
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-
-
-def io_dtype(kind: str, act_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of an io_spec entry ("act" is the model's activation dtype)."""
-    return act_dtype if kind == "act" else DTYPES[kind]
-
-
 def sample_inputs(module, B: int, act_dtype: torch.dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Random inputs with the shapes of ``module.io_spec(B)``: integers in the graph's own valid range
     (``module.int_range``, from the model's config), images in [0, 1], guidance [1 + t, t]."""

@@ -27,6 +27,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from var_rt import precision
 from var_rt.models.traceable import area_downsample, with_fp16_convs_traced_in_fp32
 from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
@@ -210,12 +211,16 @@ def guide(logits_2BlV: torch.Tensor, cfg_t: torch.Tensor) -> torch.Tensor:
     return cfg_t[0] * logits[:B] - cfg_t[1] * logits[B:]
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-           "bool": torch.bool}
+_DTYPES = {**precision.DTYPES, "int64": torch.int64, "bool": torch.bool}  # io_spec dtype names
+
+
+def io_dtype(kind: str, act_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an io_spec entry ("act" is the model's compute dtype)."""
+    return act_dtype if kind == "act" else _DTYPES[kind]
 
 
 def resolved_spec(module: nn.Module, B: int, act_dtype: torch.dtype):
     """``module.io_spec(B)`` with dtype names resolved ("act" = the compute dtype): (inputs, outputs)."""
     ins, outs = module.io_spec(B)
-    conv = lambda d: {n: (shape, act_dtype if k == "act" else _DTYPES[k]) for n, (shape, k) in d.items()}  # noqa: E731
+    conv = lambda d: {n: (shape, io_dtype(k, act_dtype)) for n, (shape, k) in d.items()}  # noqa: E731
     return conv(ins), conv(outs)

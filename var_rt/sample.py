@@ -307,7 +307,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
                _crash_at: Optional[int] = None, _crash_flag: Optional[str] = None) -> Optional[Path]:
     """Generate the job's missing shards into output_dir, then the .npz (npz='' -> output_dir/samples.npz,
     None -> none). Returns the .npz path. Ray must be initialised by the caller for num_workers > 1."""
-    from var_rt import sampling
+    from var_rt import sampling, validation
     from var_rt.pipeline import resolve_config
     mc = resolve_config(pipeline_kwargs.get("model"), pipeline_kwargs.get("config"))
     n_cls = mc.var.num_classes
@@ -328,7 +328,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if not 0 <= seed < 2 ** 63 - len(classes) * per_class:
         raise ConfigError(f"--seed {seed} is out of range")
-    sampling.validate_sampling(top_k, top_p, mc.vae.vocab_size)
+    validation.filters(top_k, top_p)
     sampling.guidance_schedule(cfg, cfg_schedule, mc.num_scales)
     for key in ("config", "var_ckpt", "vae_ckpt", "engine_dir"):
         p = pipeline_kwargs.get(key)

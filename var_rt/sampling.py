@@ -124,11 +124,6 @@ def guidance_schedule(cfg: float, schedule: Union[str, Sequence[float]], num_sca
     return list(schedule)
 
 
-def validate_sampling(top_k: int, top_p: float, vocab: int) -> None:
-    """The checks live in var_rt.validation (one validation for every entry point)."""
-    validation.filters(top_k, top_p)
-
-
 COUNTER_STRIDE = 1 << 20  # counters per position when a filter is on: any bound above the vocabulary
 
 

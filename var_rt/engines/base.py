@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, ru
 
 import torch
 
+from var_rt import ops
 from var_rt.errors import InputError
 
 
@@ -88,8 +89,9 @@ def loop_key(graph: str, name: str, K: int) -> Optional[str]:
     return None
 
 
-LOOP_GRAPHS = lambda K: ["condition"] + [f"{k}_{si}" for si in range(K) for k in ("step", "transition")] \
-    + ["decode"]  # noqa: E731
+def loop_graphs(K: int) -> List[str]:
+    """The graphs one generation runs, in order."""
+    return ["condition"] + [f"{k}_{si}" for si in range(K) for k in ("step", "transition")] + ["decode"]
 
 
 class Session:
@@ -107,7 +109,7 @@ class Session:
         self.engine, self.B, self.K = engine, B, K
         self.bufs: Dict[str, torch.Tensor] = {}
         self.io: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = {}
-        for graph in LOOP_GRAPHS(K):
+        for graph in loop_graphs(K):
             ins, outs = spec(graph)
             self.io[graph] = (self._wire(graph, ins, engine.device), self._wire(graph, outs, engine.device))
 
@@ -218,7 +220,6 @@ class ConcatKV:
     def append(self, si: int) -> None:
         if si + 1 >= len(self.ranges):
             return
-        from var_rt import ops
         (nk, nv), (pk, pv) = self.past(si + 1), self.past(si)
         ops.kv_append(nk, pk, self.present[si][0])
         ops.kv_append(nv, pv, self.present[si][1])
@@ -262,3 +263,17 @@ class ExportedSession(Session):
 
     def after_step(self, si):
         self.kv.append(si)
+
+
+class ExportedEngine:
+    """What the exported engines share: ``run`` binds one graph to caller-owned tensors and executes it;
+    ``session`` serves the batch size the export was opened for. Subclasses provide ``batch``,
+    ``bind(graph, inputs, outputs) -> handle`` and ``execute(graph, handle)``."""
+
+    def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
+        self.execute(graph, self.bind(graph, inputs, outputs))
+
+    def session(self, B: int) -> ExportedSession:
+        if B != self.batch:
+            raise InputError(f"this {self.name} engine runs the batch-{self.batch} graphs; open one for batch {B}")
+        return ExportedSession(self)

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from var_rt.engines.base import ExportedSession, check_io, concrete_device
+from var_rt.engines.base import ExportedEngine, check_io, concrete_device
 from var_rt.errors import BackendUnavailableError, InputError
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -30,7 +30,7 @@ def _import_ort():
                                       "(CPU) or onnxruntime-gpu (CUDA), or pip install 'var-rt[onnx]'") from None
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(ExportedEngine):
     """Engine protocol over ONNX Runtime sessions (see var_rt/engines/base.py)."""
 
     capturable = False  # ORT runs on its own stream and synchronises it after every run
@@ -137,15 +137,6 @@ class OnnxRuntimeEngine:
     # ---- engine protocol --------------------------------------------------------------------
     def graph_names(self) -> List[str]:
         return list(self._graph_names)
-
-    def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
-        """One graph on caller-owned tensors (bound for this call)."""
-        self.execute(graph, self.bind(graph, inputs, outputs))
-
-    def session(self, B: int) -> ExportedSession:
-        if B != self.batch:
-            raise InputError(f"this engine runs the batch-{self.batch} graphs; open one for batch {B}")
-        return ExportedSession(self)
 
     def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]):
         """An IO binding of the graph's inputs and outputs to these tensors (checked here, once)."""

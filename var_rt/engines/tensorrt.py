@@ -15,11 +15,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from var_rt.engines.base import ExportedSession, check_io, concrete_device
+from var_rt.engines.base import ExportedEngine, check_io, concrete_device
 from var_rt.errors import BackendUnavailableError, EngineMismatchError, InputError
 
 
-class TensorRTEngine:
+class TensorRTEngine(ExportedEngine):
     """Engine protocol over TensorRT 10 / TensorRT-RTX engines (see var_rt/engines/base.py)."""
 
     name = "tensorrt"
@@ -106,15 +106,6 @@ class TensorRTEngine:
 
     def graph_names(self) -> List[str]:
         return list(self._graphs)
-
-    def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
-        """One graph on caller-owned tensors (addresses set for this call)."""
-        self.execute(graph, self.bind(graph, inputs, outputs))
-
-    def session(self, B: int) -> ExportedSession:
-        if B != self.batch:
-            raise InputError(f"these engines were opened for batch {self.batch}; open them for batch {B}")
-        return ExportedSession(self)
 
     def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
         """Set the context's tensor addresses to these tensors (checked here); they stay until rebound."""
