@@ -91,7 +91,7 @@ def test_fp16_follows_fp32(case, other, request):
             config=fx.config_path, var_ckpt=fx.var_ckpt, vae_ckpt=fx.vae_ckpt, device="cpu", dtype=dtype,
             progress=False, **kw)
         labels = fx.cases["labels"].tolist()
-        onnx16 = exported(case, "fp16") if case == "var_tiny_256" else None  # the 512 px FP16 export is slow
+        onnx16 = exported(case, "fp16")
     ref = _greedy(load("float32"), labels)
     runs = {"torch": _greedy(load("float16"), labels)}
     if onnx16 is not None:
