@@ -3,7 +3,8 @@
 //
 //  scale_transition: one VAR scale transition, fused into one launch:
 //      u      = bicubic_upsample(h viewed as (B, Cv, pn, pn)) to P x P (align_corners=False, A=-0.75)
-//      f_hat += (1 - r) u + r (conv3x3(u, W, b, padding=1))
+//      f_hat += (1 - r) u + r (conv3x3(u, W, b, padding=1)), the conv's operands (u, W, b) rounded to
+//               W's dtype (the compute dtype), everything else float32
 //      next   = area_downsample(f_hat, pn_next) as (B, pn_next^2, Cv)
 //  kv_write / kv_append: byte-level strided copies with 16-byte vectors where alignment allows.
 #pragma once
@@ -90,13 +91,22 @@ constexpr int kMaxChannels = 64;     // largest Cv
 struct TransitionParams {
   float* f_hat;        // (B, Cv, P, P) float32, updated in place
   const void* h;       // (B, pn*pn, Cv), h_dtype
-  const float* phi_w;  // (Cv, Cv, 3, 3) float32
-  const float* phi_b;  // (Cv,) float32
+  const void* phi_w;   // (Cv, Cv, 3, 3), w_dtype: the conv's operand dtype (the compute dtype)
+  const void* phi_b;   // (Cv,), w_dtype
   void* next;          // (B, pn_next^2, Cv), next_dtype; unused when pn_next == 0
   float ratio;
   int B, Cv, P, pn, pn_next;
-  DType h_dtype, next_dtype;
+  DType h_dtype, next_dtype, w_dtype;
 };
+
+// x rounded to t and back (the conv's operands are in the compute dtype; products and sums in float32).
+__device__ __forceinline__ float round_to(float x, DType t) {
+  switch (t) {
+    case DType::kFloat16: return __half2float(__float2half_rn(x));
+    case DType::kBFloat16: return __bfloat162float(__float2bfloat16_rn(x));
+    default: return x;
+  }
+}
 
 // PyTorch's cubic convolution weights (A = -0.75) for the 4 taps around a source position.
 __device__ __forceinline__ void cubic_weights(float t, float w[4]) {
@@ -144,17 +154,14 @@ scale_transition_kernel(const TransitionParams p) {
   float* s_t = s_h + kTransitionChunk * pn * pn;      // CHUNK x pn x P
   float* s_out = s_u;                                 // G x P x P, after the conv
 
-  // Weights with phi folded in: r * W, plus (1 - r) on the centre tap of the diagonal, so the
-  // blend (1-r) u + r conv(u) is one convolution. Zero for channels past Cv.
-  const float r = p.ratio;
+  // Weights r * W (W in the compute dtype, the product in float32); zero for channels past Cv. The
+  // blend's (1 - r) u is added from the float32 u (the precision policy: only the conv's operands are
+  // in the compute dtype), so it is not folded into the centre tap.
+  const float r = p.ratio, one_minus_r = 1.f - p.ratio;
+  const DType wt = p.w_dtype;
   for (int i = tid; i < Cv * 9 * G; i += blockDim.x) {
     const int g = i % G, tap = (i / G) % 9, ci = i / (9 * G), co = co0 + g;
-    float w = 0.f;
-    if (co < Cv) {
-      w = r * p.phi_w[(co * Cv + ci) * 9 + tap];
-      if (tap == 4 && ci == co) w += 1.f - r;
-    }
-    s_w[i] = w;
+    s_w[i] = co < Cv ? r * load_as_float(p.phi_w, (co * Cv + ci) * 9 + tap, wt) : 0.f;
   }
   // Bicubic taps exactly as ATen: scale = in / out in float, src = scale * (dst + 0.5) - 0.5
   // (not clamped for cubic), taps floor(src) - 1 .. + 2 clamped to the input.
@@ -243,10 +250,14 @@ scale_transition_kernel(const TransitionParams p) {
           const float* up = u + (pix / P) * Q + pix % P;  // top-left of the 3x3 window (halo coords)
 #pragma unroll
           for (int tap = 0; tap < 9; ++tap) {
-            const float v = up[(tap / 3) * Q + tap % 3];
+            const float v = round_to(up[(tap / 3) * Q + tap % 3], wt);  // the conv's input operand
 #pragma unroll
             for (int g = 0; g < G; ++g) acc[k][g] = fmaf(w[tap][g], v, acc[k][g]);
           }
+          // (1 - r) u of this input channel, unrounded, into its own output channel.
+#pragma unroll
+          for (int g = 0; g < G; ++g)
+            if (ci0 + c == co0 + g) acc[k][g] = fmaf(one_minus_r, up[Q + 1], acc[k][g]);
         }
       }
     }
@@ -258,7 +269,7 @@ scale_transition_kernel(const TransitionParams p) {
   for (int g = 0; g < G; ++g) {
     const int co = co0 + g;
     if (co >= Cv) break;
-    const float rb = r * p.phi_b[co];
+    const float rb = r * load_as_float(p.phi_b, co, wt);
     float* f = p.f_hat + (static_cast<int64_t>(b) * Cv + co) * PP;
 #pragma unroll
     for (int k = 0; k < PPT; ++k) {

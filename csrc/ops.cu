@@ -62,11 +62,11 @@ void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Ten
               "var_rt.scale_transition: h must be a contiguous (B, pn*pn, Cv) tensor");
   const int64_t pn = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(h.size(1)))));
   TORCH_CHECK(pn * pn == h.size(1) && pn >= 1 && pn <= P, "var_rt.scale_transition: h.size(1) must be pn*pn with pn <= P");
-  TORCH_CHECK(phi_w.scalar_type() == at::kFloat && phi_w.is_contiguous() && phi_w.dim() == 4 && phi_w.size(0) == Cv &&
-                  phi_w.size(1) == Cv && phi_w.size(2) == 3 && phi_w.size(3) == 3,
-              "var_rt.scale_transition: phi_w must be a contiguous float32 (Cv, Cv, 3, 3) tensor");
-  TORCH_CHECK(phi_b.scalar_type() == at::kFloat && phi_b.is_contiguous() && phi_b.numel() == Cv,
-              "var_rt.scale_transition: phi_b must be a contiguous float32 (Cv,) tensor");
+  TORCH_CHECK(phi_w.is_contiguous() && phi_w.dim() == 4 && phi_w.size(0) == Cv && phi_w.size(1) == Cv &&
+                  phi_w.size(2) == 3 && phi_w.size(3) == 3,
+              "var_rt.scale_transition: phi_w must be a contiguous (Cv, Cv, 3, 3) tensor");
+  TORCH_CHECK(phi_b.scalar_type() == phi_w.scalar_type() && phi_b.is_contiguous() && phi_b.numel() == Cv,
+              "var_rt.scale_transition: phi_b must be a contiguous (Cv,) tensor of phi_w's dtype");
   TORCH_CHECK(pn_next >= 0 && pn_next <= P, "var_rt.scale_transition: pn_next must be in [0, P]");
   check_cuda(h, f_hat, "h");
   check_cuda(phi_w, f_hat, "phi_w");
@@ -84,8 +84,8 @@ void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Ten
   TransitionParams p;
   p.f_hat = f_hat.data_ptr<float>();
   p.h = h.data_ptr();
-  p.phi_w = phi_w.data_ptr<float>();
-  p.phi_b = phi_b.data_ptr<float>();
+  p.phi_w = phi_w.data_ptr();
+  p.phi_b = phi_b.data_ptr();
   p.next = pn_next > 0 ? next_tokens.data_ptr() : nullptr;
   p.ratio = static_cast<float>(ratio);
   p.B = static_cast<int>(B);
@@ -95,6 +95,7 @@ void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Ten
   p.pn_next = static_cast<int>(pn_next);
   p.h_dtype = to_dtype(h, "h");
   p.next_dtype = next_dtype;
+  p.w_dtype = to_dtype(phi_w, "phi_w");
   C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

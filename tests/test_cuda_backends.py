@@ -95,3 +95,26 @@ def test_fp16_teacher_forced_logits_d16():
     print(f"clear-margin positions {clear}/{sum(r[..., 0].numel() for r in ref)}, argmax agree {agree}")
     assert clear > 0.3 * sum(r[..., 0].numel() for r in ref)
     assert agree == clear
+
+
+@pytest.mark.parametrize("name", ["var_tiny_256", "var_tiny_512_saln"])
+def test_fused_transition_fp16_keeps_greedy_tokens(name):
+    """FP16 `cudagraph` with the CUDA extension's fused transition (the default on CUDA) draws the same
+    greedy tokens as with the PyTorch transition over whole generations of the fixtures."""
+    from var_rt import ops
+    if not ops.extension_loaded():
+        pytest.skip("CUDA extension not built (csrc/build.sh)")
+    fx = get_fixture(name)
+    c = fx.cases
+    out = {}
+    for use_ops in (False, True):
+        pipe = VARPipeline(fx.cfg, VAR(fx.cfg), VQVAE(fx.cfg.vae), torch.device("cuda"), torch.float16,
+                           backend="cudagraph", progress=False, engine_options={"use_ops": use_ops})
+        pipe.var.load_state_dict(fx.var.state_dict())
+        pipe.vae.load_state_dict(fx.vae.state_dict())
+        assert pipe.engine.use_ops == use_ops
+        res = pipe.generate(class_labels=c["labels"].tolist(), seed=0, cfg=float(c["greedy_cfg"]), top_k=1, top_p=0.0)
+        out[use_ops] = res
+    bad, total = token_mismatch(out[True].tokens, out[False].tokens)
+    assert bad == 0, f"{bad}/{total} tokens differ"
+    assert (out[True].images - out[False].images).abs().max() < 1e-2

@@ -297,3 +297,61 @@ def test_kv_append_cuda(dtype, b, l):
     dst = _poison(torch.empty(3, 4, 2, b + l, 64, device="cuda", dtype=dtype))
     ops.kv_append(dst, past, present)
     assert torch.equal(dst, torch.cat((past, present), dim=3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compute-dtype policy of the fused transition (FP16/BF16 phi weights)
+# ---------------------------------------------------------------------------------------------
+
+def _policy_quantizer(P: int, dtype: torch.dtype, Cv: int = 32, seed: int = 0) -> VectorQuantizer:
+    from var_rt import precision
+    return precision.apply(make_quantizer(P, Cv=Cv, seed=seed), dtype)
+
+
+def test_transition_params_keep_the_compute_dtype():
+    """phi's weights reach the op in the compute dtype: the op rounds the conv's input to it."""
+    q = _policy_quantizer(16, torch.float16)
+    w, b, r = ops.transition_params(q, 3)
+    assert w.dtype == b.dtype == torch.float16 and 0 < r < 1
+
+
+@pytest.mark.parametrize("si", [2, 9])
+def test_transition_reference_rounds_conv_operands_to_the_weight_dtype(si):
+    """With FP16 weights the reference's conv input is the FP16-rounded upsample (a float64 conv of the
+    same operands agrees to 1e-12); FP32 rounding of the input would be a different function."""
+    q = _policy_quantizer(16, torch.float16, seed=si)
+    f_hat, h = random_inputs(q, si, 2, seed=si)
+    w, b, r = ops.transition_params(q, si)
+    got_f, _ = ops.scale_transition_reference(f_hat.double(), h.double(), w, b, r, next_side(q, si))
+    from var_rt.models.vqvae import upsample_codes
+    B, l, Cv = h.shape
+    pn = q.patch_nums[si]
+    u = upsample_codes(h.double().transpose(1, 2).reshape(B, Cv, pn, pn), 16)
+    conv = F.conv2d(u.half().double(), w.double(), b.double(), padding=1)
+    want = f_hat.double() + u * (1 - r) + conv * r
+    torch.testing.assert_close(got_f, want, rtol=1e-12, atol=1e-12)
+    unrounded = f_hat.double() + u * (1 - r) + F.conv2d(u, w.double(), b.double(), padding=1) * r
+    assert (got_f - unrounded).abs().max() > 1e-6  # the rounding is really there
+
+
+@needs_kernels
+@pytest.mark.parametrize("P,si", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_transition_cuda_compute_dtype_policy(P, si, dtype):
+    """FP16/BF16 weights: the kernel matches the float64 reference of the same operands closely, and the
+    PyTorch transition of the precision policy (FP16 conv output) within the compute dtype's tolerance."""
+    q = _policy_quantizer(P, dtype, seed=si).cuda()
+    pn_next = next_side(q, si)
+    w, b, r = ops.transition_params(q, si)
+    for trial in range(2):
+        f_hat, h = random_inputs(q, si, 3, device="cuda", seed=100 * si + trial)
+        ref_f, ref_n = ops.scale_transition_reference(f_hat.double(), h.double(), w, b, r, pn_next)
+        pol_f, pol_n = reference_transition(q, si, f_hat, h)
+        nxt = _poison(torch.empty(3, pn_next ** 2, 32, device="cuda", dtype=dtype)) if pn_next else None
+        ops.scale_transition(f_hat, h, w, b, r, pn_next, nxt)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(f_hat.double(), ref_f, rtol=2e-5, atol=2e-5)
+        tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+        torch.testing.assert_close(f_hat, pol_f, rtol=tol, atol=tol)
+        if pn_next:
+            torch.testing.assert_close(nxt.float(), pol_n, rtol=tol, atol=tol)

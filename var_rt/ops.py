@@ -75,7 +75,9 @@ def scale_transition_reference(f_hat_BChw: torch.Tensor, h_BlC: torch.Tensor, ph
     """Out-of-place reference: (f_hat + phi(upsample(h)), area(f_hat_new) as (B, pn_next^2, Cv) or None),
     from raw phi weights, with the model's own transition functions (var_rt.models.vqvae).
 
-    Computes in f_hat's dtype (float32; pass float64 tensors for a tighter reference).
+    The conv's operands (upsampled h, phi_w, phi_b) are values of phi_w's dtype (the compute dtype of the
+    precision policy); everything is computed in f_hat's dtype (float32; pass float64 tensors for a
+    tighter reference), as the CUDA kernel accumulates in float32.
     """
     from var_rt.models.traceable import area_downsample
     from var_rt.models.vqvae import phi_blend, upsample_codes  # the one definition of the transition
@@ -84,7 +86,7 @@ def scale_transition_reference(f_hat_BChw: torch.Tensor, h_BlC: torch.Tensor, ph
     P = f_hat_BChw.shape[-1]
     pn = _grid_side(l)
     u = upsample_codes(h_BlC.to(f_hat_BChw.dtype).transpose(1, 2).reshape(B, Cv, pn, pn), P)
-    f_new = f_hat_BChw + phi_blend(u, phi_w.to(u.dtype), phi_b.to(u.dtype), ratio)
+    f_new = f_hat_BChw + phi_blend(u, phi_w.to(u.dtype), phi_b.to(u.dtype), ratio, operands=phi_w.dtype)
     if pn_next == 0:
         return f_new, None
     return f_new, area_downsample(f_new, pn_next).flatten(2).transpose(1, 2)
@@ -208,7 +210,9 @@ def scale_transition(f_hat: torch.Tensor, h: torch.Tensor, phi_w: torch.Tensor, 
         f_hat: (B, Cv, P, P) float32, contiguous; updated in place.
         h: (B, pn*pn, Cv) code vectors of this scale (float32, float16 or bfloat16), contiguous; pn <= P.
             pn == P (the last scale) skips the upsample.
-        phi_w: (Cv, Cv, 3, 3) float32 phi conv weight; phi_b: (Cv,) float32 bias (see ``transition_params``).
+        phi_w: (Cv, Cv, 3, 3) phi conv weight; phi_b: (Cv,) bias, both in the compute dtype (float32,
+            float16 or bfloat16; see ``transition_params``): the conv's operands are rounded to it, its
+            products and sums, the blend and f_hat are float32 (var_rt.precision).
         ratio: phi's r in ``(1 - r) u + r conv(u)``.
         pn_next: next scale's grid side; 0 for the last scale.
         next_tokens: (B, pn_next^2, Cv), written in its own dtype (token-major, channel-last).
@@ -245,7 +249,8 @@ def kv_append(dst: torch.Tensor, past: torch.Tensor, present: torch.Tensor) -> N
 
 
 def transition_params(vae_quantizer: nn.Module, si: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """(phi_w, phi_b, ratio) of scale ``si`` for ``scale_transition``: float32, contiguous, on the model's device.
+    """(phi_w, phi_b, ratio) of scale ``si`` for ``scale_transition``: in phi's own dtype (the compute dtype),
+    contiguous, on the model's device.
 
     A quantiser without phi (``nn.Identity``, |quant_resi| ~ 0) gives zero weights and ratio 0,
     which the op computes as the identity.
@@ -253,8 +258,8 @@ def transition_params(vae_quantizer: nn.Module, si: int) -> Tuple[torch.Tensor, 
     phi = vae_quantizer.phi(si)
     emb = vae_quantizer.embedding.weight
     if isinstance(phi, nn.Conv2d):
-        w = phi.weight.detach().to(torch.float32).contiguous()
-        b = phi.bias.detach().to(torch.float32).contiguous()
+        w = phi.weight.detach().contiguous()
+        b = phi.bias.detach().contiguous()
         return w, b, float(getattr(phi, "ratio"))
     if isinstance(phi, nn.Identity):
         Cv = emb.shape[1]

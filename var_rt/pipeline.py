@@ -134,7 +134,9 @@ class VARPipeline:
     def engine(self):
         if self._engine is None:
             from var_rt.engines.torch_engine import TorchEngine
-            self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile)
+            # engine_options: TorchEngine's keyword options here (e.g. use_ops=False), the exported engine's below.
+            self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile,
+                                       **self.engine_options)
         return self._engine
 
     @property

@@ -18,8 +18,10 @@ the official code computes under ``torch.autocast("cuda", torch.float16)``:
 | VQVAE decoder convolutions | compute | conv is an FP16 autocast op |
 | VQVAE GroupNorm statistics | FP32 | ``group_norm`` is on autocast's FP32 list |
 
-The fused CUDA scale transition (var_rt.ops) computes phi's convolution in FP32, which is the
-policy of FP32 runs only; under a lower compute dtype the PyTorch transition runs instead.
+The fused CUDA scale transition (var_rt.ops) follows the policy in every compute dtype: the upsampled
+codes (FP32) are rounded to the compute dtype as the conv's input, phi's weights are in it, products and
+sums are FP32 (as tensor cores accumulate), the blend and ``f_hat`` are FP32. The one difference from the
+PyTorch transition: it does not round the conv's output (and its ``* r``) to the compute dtype.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ graph (``CudaGraphLoop``) when the session's steps only enqueue work on the curr
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+import math
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +55,72 @@ class LoopOutput:
     sampled: List[torch.Tensor]    # per scale (B, pn*pn), as sampled (before edit tokens were put back)
 
 
+class RequestBuffer:
+    """A request's per-image inputs in one packed byte buffer: filled on the host, sent in one copy.
+
+    Fields (each a typed view, 64-byte aligned): ``labels`` (B,) int64, ``seeds`` (B,) int64, ``keys``
+    (B, K) int64 token-draw keys of every scale (``sampling.request_keys``, derived on the host), ``cfg_t``
+    (K, 2) float32 ``[1 + t, t]`` per scale, then the edit tokens ``edit_idx`` (B, L) int64 and
+    ``edit_keep`` (B, L) bool, sent only with an edit. ``host`` views live in page-locked memory on a
+    GPU; ``dev`` views on the loop's device are what the graphs and the sampler read (the session binds
+    ``labels`` and ``cfg_t`` rows as its input buffers). On the CPU both are the same memory.
+    """
+
+    def __init__(self, B: int, K: int, L: int, device: torch.device):
+        fields = [("labels", (B,), torch.int64), ("seeds", (B,), torch.int64), ("keys", (B, K), torch.int64),
+                  ("cfg_t", (K, 2), torch.float32), ("edit_idx", (B, L), torch.int64), ("edit_keep", (B, L), torch.bool)]
+        layout, off = {}, 0
+        for name, shape, dtype in fields:
+            n = math.prod(shape) * dtype.itemsize
+            layout[name] = (off, n, shape, dtype)
+            off += -(-n // 64) * 64
+        self.base_bytes = layout["edit_idx"][0]  # what a request without edit tokens sends
+        self.device = torch.device(device)
+        gpu = self.device.type == "cuda"
+        self._host = torch.zeros(off, dtype=torch.uint8, pin_memory=gpu)
+        self._dev = torch.zeros(off, dtype=torch.uint8, device=self.device) if gpu else self._host
+        view = lambda buf, o, n, shape, dt: buf[o:o + n].view(dt).view(shape)  # noqa: E731
+        self.host = {k: view(self._host, *v) for k, v in layout.items()}
+        self.dev = {k: view(self._dev, *v) for k, v in layout.items()}
+        self._sent = torch.cuda.Event() if gpu else None
+
+    def fill(self, labels: torch.Tensor, seeds: torch.Tensor, cfg_t: Sequence[float],
+             edit: Optional[EditSpec], scale_ranges) -> None:
+        """Write a request into the host buffer (waits for the previous copy out of it to finish)."""
+        if self._sent is not None:
+            self._sent.synchronize()
+        h = self.host
+        h["labels"].copy_(labels)
+        h["seeds"].copy_(seeds)
+        h["keys"].copy_(sampling.request_keys(h["seeds"], h["keys"].shape[1]))
+        h["cfg_t"].copy_(torch.tensor([[1.0 + t, t] for t in cfg_t], dtype=torch.float64))  # each rounded once
+        if edit is not None:
+            for si, (b, e) in enumerate(scale_ranges):
+                h["edit_idx"][:, b:e].copy_(edit.idx[si].expand(h["edit_idx"].shape[0], e - b))
+                h["edit_keep"][:, b:e].copy_(edit.keep[si].expand(h["edit_keep"].shape[0], e - b))
+
+    def send(self, edit: bool) -> None:
+        """One host -> device copy of the request (on the current stream), the edit tokens only if used."""
+        if self._dev is self._host:
+            return
+        n = self._host.numel() if edit else self.base_bytes
+        self._dev[:n].copy_(self._host[:n], non_blocking=True)
+        self._sent.record()
+
+
 class ScaleLoop:
     """One generation at batch size B: an engine session (graph buffers, bound once), the sampling
     buffers, and the loop over scales."""
 
     def __init__(self, engine, cfg: ModelConfig, B: int, codebook_VC: torch.Tensor):
         self.engine, self.cfg, self.B = engine, cfg, B
-        self.session = engine.session(B)
-        b, K, dev = self.session.bufs, cfg.num_scales, engine.device
+        K, dev, ranges = cfg.num_scales, engine.device, cfg.scale_ranges()
+        # The request's inputs in one packed buffer; the session reads labels and guidance from it.
+        self.request = RequestBuffer(B, K, cfg.num_tokens, dev)
+        r = self.request.dev
+        self.session = engine.session(B, preset={"labels": r["labels"],
+                                                 **{f"cfg_t_{si}": r["cfg_t"][si] for si in range(K)}})
+        b = self.session.bufs
         self.codebook = codebook_VC.to(dev, torch.float32)
         z = lambda *s, dtype: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
         self.labels, self.image = b["labels"], b["image"]
@@ -69,30 +128,24 @@ class ScaleLoop:
         self.logits = [b[f"logits_{si}"] for si in range(K)]    # (B, l, V) guided, float32
         self.h = [b[f"h_{si}"] for si in range(K)]              # (B, l, Cv) code vectors, float32
         self.f_hat = [b["f_hat_0"], b["f_hat_1"]]
-        self.seeds = z(B, dtype=torch.int64)
-        self.keys = z(B, K, dtype=torch.int64)  # token-draw keys of every scale, derived once per request
+        self.seeds = r["seeds"]
+        self.keys = r["keys"]  # token-draw keys of every scale, derived once per request
         # Tokens of all scales in one (B, L) buffer each, so a result comes back in one copy.
         self.tokens_BL = z(B, cfg.num_tokens, dtype=torch.int64)
         self.sampled_BL = z(B, cfg.num_tokens, dtype=torch.int64)
-        self.tokens = [self.tokens_BL[:, b_:e] for b_, e in cfg.scale_ranges()]
-        self.sampled = [self.sampled_BL[:, b_:e] for b_, e in cfg.scale_ranges()]
-        self.edit_idx = [z(B, pn * pn, dtype=torch.int64) for pn in cfg.patch_nums]
-        self.edit_keep = [z(B, pn * pn, dtype=torch.bool) for pn in cfg.patch_nums]
+        self.tokens = [self.tokens_BL[:, b_:e] for b_, e in ranges]
+        self.sampled = [self.sampled_BL[:, b_:e] for b_, e in ranges]
+        self.edit_idx = [r["edit_idx"][:, b_:e] for b_, e in ranges]
+        self.edit_keep = [r["edit_keep"][:, b_:e] for b_, e in ranges]
 
     # ---- inputs ------------------------------------------------------------------------
     def set_request(self, labels: torch.Tensor, seeds: torch.Tensor, params: SamplingParams,
                     edit: Optional[EditSpec] = None) -> None:
-        """Copy a request into the loop's buffers (host -> device copies, before the loop runs)."""
-        self.labels.copy_(labels)
-        self.seeds.copy_(seeds)
-        self.keys.copy_(sampling.request_keys(self.seeds, self.cfg.num_scales))
-        for buf, t in zip(self.cfg_t, sampling.guidance_schedule(params.cfg, params.cfg_schedule,
-                                                                 self.cfg.num_scales)):
-            buf.copy_(torch.tensor([1.0 + t, t], dtype=torch.float64))  # each rounded once to float32
-        if edit is not None:
-            for si in range(self.cfg.num_scales):
-                self.edit_idx[si].copy_(edit.idx[si].expand_as(self.edit_idx[si]))
-                self.edit_keep[si].copy_(edit.keep[si].expand_as(self.edit_keep[si]))
+        """Put a request into the loop's buffers: built on the host (keys and guidance values included),
+        then one host -> device copy on the current stream; no kernel runs before the loop does."""
+        cfg_t = sampling.guidance_schedule(params.cfg, params.cfg_schedule, self.cfg.num_scales)
+        self.request.fill(labels, seeds, cfg_t, edit, self.cfg.scale_ranges())
+        self.request.send(edit is not None)
 
     # ---- the loop ----------------------------------------------------------------------
     @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale

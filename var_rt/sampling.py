@@ -78,16 +78,21 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def stream_keys(seeds_B: torch.Tensor, scale: int, stream: int) -> torch.Tensor:
-    """(B,) int64 keys in [0, 2^32) for one image seed, scale and purpose."""
+def stream_keys(seeds_B: torch.Tensor, scale, stream: int) -> torch.Tensor:
+    """(B,) int64 keys in [0, 2^32) for one image seed, scale and purpose (``scale`` may be a tensor that
+    broadcasts against the seeds)."""
     lo, hi = seeds_B & _M32, (seeds_B >> 32) & _M32
     k = _fmix32(lo ^ _fmix32((hi + 0x9E3779B9) & _M32))
     return _fmix32((k + scale * 0x632BE5AB + stream * 0x7FEB352D) & _M32)
 
 
 def request_keys(seeds_B: torch.Tensor, num_scales: int) -> torch.Tensor:
-    """(B, K) int64 token-draw keys of every scale, derived once per request (column k: scale k)."""
-    return torch.stack([stream_keys(seeds_B, k, STREAM_TOKENS) for k in range(num_scales)], dim=1)
+    """(B, K) int64 token-draw keys of every scale, derived once per request (column k: scale k).
+
+    All scales in one broadcast pass (a few dozen ops whatever K), cheap enough for the host, where the
+    scale loop derives them (var_rt.runtime.RequestBuffer)."""
+    scales = torch.arange(num_scales, dtype=torch.int64, device=seeds_B.device).view(1, -1)
+    return stream_keys(seeds_B.view(-1, 1), scales, STREAM_TOKENS)
 
 
 # The largest float32 below 1. The midpoint of the top bin, 1 - 2^-25, rounds to 1.0 in float32, which

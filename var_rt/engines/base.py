@@ -36,7 +36,7 @@ class Engine(Protocol):
 
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None: ...
 
-    def session(self, B: int) -> "Session": ...
+    def session(self, B: int, preset: Optional[Dict[str, torch.Tensor]] = None) -> "Session": ...
 
 
 def concrete_device(device) -> torch.device:
@@ -105,9 +105,11 @@ class Session:
 
     capturable = False  # True when every step only enqueues work on the current CUDA stream
 
-    def __init__(self, engine, B: int, K: int, spec: Callable[[str], Tuple[Spec, Spec]]):
+    def __init__(self, engine, B: int, K: int, spec: Callable[[str], Tuple[Spec, Spec]],
+                 preset: Optional[Dict[str, torch.Tensor]] = None):
         self.engine, self.B, self.K = engine, B, K
-        self.bufs: Dict[str, torch.Tensor] = {}
+        # Buffers the caller owns (the request's inputs, in one packed buffer); checked against the spec.
+        self.bufs: Dict[str, torch.Tensor] = dict(preset or {})
         self.io: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = {}
         for graph in loop_graphs(K):
             ins, outs = spec(graph)
@@ -242,10 +244,10 @@ class ExportedSession(Session):
     ``engine.execute(graph, handle)``, with the exported graphs' KV layout (``ConcatKV``).
     Capturable when the engine says so (``engine.capturable``: it only enqueues on the current stream)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, preset: Optional[Dict[str, torch.Tensor]] = None):
         spec = manifest_spec(engine.manifest, engine.batch)
         K = sum(1 for g in engine.graph_names() if g.startswith("step_"))
-        super().__init__(engine, engine.batch, K, spec)
+        super().__init__(engine, engine.batch, K, spec, preset)
         self.capturable = bool(getattr(engine, "capturable", False))
         self.kv = ConcatKV.from_spec(spec, K, engine.act_dtype, engine.device)
         self._handles: Dict[str, object] = {}
@@ -273,7 +275,7 @@ class ExportedEngine:
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
         self.execute(graph, self.bind(graph, inputs, outputs))
 
-    def session(self, B: int) -> ExportedSession:
+    def session(self, B: int, preset: Optional[Dict[str, torch.Tensor]] = None) -> ExportedSession:
         if B != self.batch:
             raise InputError(f"this {self.name} engine runs the batch-{self.batch} graphs; open one for batch {B}")
-        return ExportedSession(self)
+        return ExportedSession(self, preset)

@@ -6,6 +6,7 @@ is built (var_rt.ops), and the same arithmetic in PyTorch otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Dict, List
 
@@ -54,9 +55,10 @@ class TorchSession(RunSession):
     ``cache_k``/``cache_v`` and write this scale's keys/values into it). Only enqueues work on the
     current stream: capturable on CUDA."""
 
-    def __init__(self, engine: "TorchEngine", B: int):
+    def __init__(self, engine: "TorchEngine", B: int, preset=None):
         cfg = engine.cfg
-        super().__init__(engine, B, cfg.num_scales, lambda g: resolved_spec(engine.graphs[g], B, engine.act_dtype))
+        super().__init__(engine, B, cfg.num_scales, lambda g: resolved_spec(engine.graphs[g], B, engine.act_dtype),
+                         preset)
         self.capturable = engine.device.type == "cuda"
         v = cfg.var
         self.kv = KVCache.allocate(v.depth, 2 * B, v.num_heads, cfg.num_tokens, cfg.head_dim, engine.act_dtype,
@@ -73,7 +75,7 @@ class TorchEngine:
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
-                 fast_decoder: bool = False, block_kernels: bool = False):
+                 fast_decoder: bool = False, block_kernels: bool = False, conv_autotune: bool = True):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -81,14 +83,16 @@ class TorchEngine:
         self.cfg = var.cfg
         self._ranges = self.cfg.scale_ranges()
         self._scratch: Dict[tuple, torch.Tensor] = {}  # next-scale tokens of the fused transition, per shape
-        # The fused CUDA transition computes phi's conv in float32: the FP32 policy only (var_rt.precision).
-        self.use_ops = (use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
-                        and self.act_dtype == torch.float32)
+        # The fused CUDA transition (one launch per scale; any compute dtype, var_rt.precision).
+        self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
         self.fused = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
         # Opt-in until timed on a GPU: each step through var_rt.kernels.block (8 launches per block, ~12 now).
         self.block_kernels = block_kernels and block_kernel_ops.available(var.head.weight)
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
+        # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
+        # heuristics, for this engine's decoder calls only (the process-wide flag is left as it is).
+        self.conv_autotune = bool(conv_autotune and self.device.type == "cuda")
         self._decode = None
         if compile and self.device.type == "cuda":
             # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
@@ -108,23 +112,40 @@ class TorchEngine:
     def graph_names(self) -> List[str]:
         return list(self.graphs)
 
-    def session(self, B: int) -> TorchSession:
-        return TorchSession(self, B)
+    def session(self, B: int, preset=None) -> TorchSession:
+        return TorchSession(self, B, preset)
 
     @torch.no_grad()
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
         kind, _, si = graph.partition("_")
         if kind == "step":
             self._step(int(si), inputs, outputs)
-        elif graph == "decode" and self._decode is not None:
-            outputs["image"].copy_(self._decode(inputs["f_hat"].contiguous(memory_format=torch.channels_last)))
+        elif graph == "decode":
+            with self._conv_flags():
+                if self._decode is not None:
+                    outputs["image"].copy_(self._decode(inputs["f_hat"].contiguous(memory_format=torch.channels_last)))
+                else:
+                    self._run_module(graph, inputs, outputs)
         elif kind == "transition" and self.use_ops:
             self._transition_fused(int(si), inputs, outputs)
         else:
-            result = self.graphs[graph](*(inputs[n] for n in self.graphs[graph].input_names))
-            result = result if isinstance(result, tuple) else (result,)
-            for name, value in zip(self.graphs[graph].output_names, result):
-                outputs[name].copy_(value)
+            self._run_module(graph, inputs, outputs)
+
+    def _run_module(self, graph: str, inputs, outputs) -> None:
+        result = self.graphs[graph](*(inputs[n] for n in self.graphs[graph].input_names))
+        result = result if isinstance(result, tuple) else (result,)
+        for name, value in zip(self.graphs[graph].output_names, result):
+            outputs[name].copy_(value)
+
+    @contextlib.contextmanager
+    def _conv_flags(self):
+        """cudnn.benchmark on for this call when ``conv_autotune`` (restored after; nothing else changed)."""
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = before or self.conv_autotune
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
 
     def _step(self, si: int, inputs, outputs) -> None:
         b, e = self._ranges[si]
@@ -148,5 +169,5 @@ class TorchEngine:
         if nxt is None:  # allocated once per shape, not per call
             nxt = self._scratch[shape] = torch.empty(shape, dtype=self.act_dtype, device=f_hat.device)
         ops.scale_transition(f_hat, inputs["h"], w, b, ratio, 0 if last else pns[si + 1], nxt)
-        if not last:
-            outputs["x"].copy_(self.var.scale_input(si + 1, nxt.float()))
+        if not last:  # nxt holds the area-downsampled f_hat rounded to the compute dtype, word_embed's input
+            outputs["x"].copy_(self.var.scale_input(si + 1, nxt))

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call of a GPU round (see benchmarks/NOTES.md): build the CUDA extension, then the named steps.
+#   bash benchmarks/device/gpu_round.sh tests profile bench      # results under $OUT (default out/gpu)
+# Steps: tests (GPU tests of the fused paths), profile (benchmarks.profile, every lever A/B in one process),
+# bench (benchmarks.bench, d16 and d30 at batch 1 and 64 with the official-style baseline), suite (all tests).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv >"$OUT/gpu.txt"
+t0=$(date +%s)
+if ! PYTHON=$PY bash csrc/build.sh >"$OUT/build.log" 2>&1; then tail -30 "$OUT/build.log"; exit 1; fi
+echo "extension built in $(( $(date +%s) - t0 )) s"
+VARIANTS=${VARIANTS:-"default no-ops:use_ops=0 no-autotune:conv_autotune=0 block-kernels:block_kernels=1"}
+for step in "$@"; do
+  t=$(date +%s)
+  case "$step" in
+    tests)
+      $PY -m pytest -q -x tests/test_ops.py tests/test_cuda_backends.py tests/test_fused_sampler.py \
+        tests/test_sampling.py -k "not slow" 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    suite)
+      $PY -m pytest -q tests/ 2>&1 | tail -40 | tee "$OUT/suite.log" ;;
+    profile)
+      args=(); for v in $VARIANTS; do args+=(--variant "$v"); done
+      $PY -m benchmarks.profile --model ${MODEL:-d16} --batch-sizes ${BATCHES:-1 64} "${args[@]}" \
+        --out "$OUT/profile-${MODEL:-d16}.json" 2>&1 | grep -v Warning | cut -c1-400 ;;
+    bench)
+      $PY -m benchmarks.bench --model d16 d30 --batch-sizes 1 64 --backends cudagraph --baselines official \
+        --dtype float16 --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench" \
+        --time-budget-s ${BENCH_BUDGET:-400} 2>&1 | tail -15 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  echo "step $step: $(( $(date +%s) - t )) s"
+done
