@@ -235,3 +235,34 @@ def test_out_of_memory_is_reported_and_pipeline_recovers(monkeypatch):
     with pytest.raises(GpuMemoryError, match="out of GPU memory at batch size 2"):
         pipe.generate(class_labels=[1, 2], top_k=1)
     assert pipe.generate(class_labels=[1, 2], top_k=1).images.shape[0] == 2
+
+
+def test_request_buffer_packs_one_request(fx256):
+    """The loop's request inputs are views of one packed buffer (one host -> device copy on a GPU): labels
+    and guidance rows are the session's own input buffers, keys equal request_keys, edit tokens in place."""
+    from var_rt.engines.torch_engine import TorchEngine
+    from var_rt.runtime import EditSpec, SamplingParams, ScaleLoop
+
+    cfg = fx256.cfg
+    B, K = 3, cfg.num_scales
+    loop = ScaleLoop(TorchEngine(fx256.var, fx256.vae), cfg, B, fx256.vae.quantize.embedding.weight)
+    req = loop.request
+    seeds = torch.tensor([5, 2 ** 33 + 1, 7])
+    idx = [torch.randint(0, cfg.vae.vocab_size, (B, pn * pn)) for pn in cfg.patch_nums]
+    keep = [torch.rand(1, pn * pn) < 0.5 for pn in cfg.patch_nums]
+    params = SamplingParams(cfg=2.5, cfg_schedule="linear")
+    loop.set_request(torch.tensor([1, 0, 3]), seeds, params, EditSpec(idx, keep))
+
+    base = req._dev.data_ptr()
+    for name, t in req.dev.items():  # every field inside the one buffer
+        assert base <= t.data_ptr() < base + req._dev.numel(), name
+    assert loop.session.bufs["labels"].data_ptr() == req.dev["labels"].data_ptr()
+    for si in range(K):
+        assert loop.session.bufs[f"cfg_t_{si}"].data_ptr() == req.dev["cfg_t"][si].data_ptr()
+    assert loop.labels.tolist() == [1, 0, 3]
+    assert torch.equal(loop.keys, torch.stack([sampling.stream_keys(seeds, k, sampling.STREAM_TOKENS)
+                                               for k in range(K)], dim=1))
+    t = sampling.guidance_schedule(2.5, "linear", K)
+    assert torch.equal(loop.cfg_t[K - 1], torch.tensor([1 + t[-1], t[-1]], dtype=torch.float64).float())
+    for si in range(K):
+        assert torch.equal(loop.edit_idx[si], idx[si]) and torch.equal(loop.edit_keep[si], keep[si].expand(B, -1))
