@@ -266,3 +266,10 @@ def test_request_buffer_packs_one_request(fx256):
     assert torch.equal(loop.cfg_t[K - 1], torch.tensor([1 + t[-1], t[-1]], dtype=torch.float64).float())
     for si in range(K):
         assert torch.equal(loop.edit_idx[si], idx[si]) and torch.equal(loop.edit_keep[si], keep[si].expand(B, -1))
+
+
+def test_request_keys_numpy_equal_torch():
+    """The host derives keys with numpy (var_rt.runtime.RequestBuffer): the same values as on torch."""
+    import numpy as np
+    seeds = torch.tensor([0, 1, 3, 2 ** 40 + 5, 2 ** 62 + 12345])
+    assert np.array_equal(sampling.request_keys(seeds.numpy(), 10), sampling.request_keys(seeds, 10).numpy())

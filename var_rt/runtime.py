@@ -92,7 +92,7 @@ class RequestBuffer:
         h = self.host
         h["labels"].copy_(labels)
         h["seeds"].copy_(seeds)
-        h["keys"].copy_(sampling.request_keys(h["seeds"], h["keys"].shape[1]))
+        h["keys"].numpy()[:] = sampling.request_keys(h["seeds"].numpy(), h["keys"].shape[1])
         h["cfg_t"].copy_(torch.tensor([[1.0 + t, t] for t in cfg_t], dtype=torch.float64))  # each rounded once
         if edit is not None:
             for si, (b, e) in enumerate(scale_ranges):

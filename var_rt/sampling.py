@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from var_rt import validation
@@ -89,10 +90,16 @@ def stream_keys(seeds_B: torch.Tensor, scale, stream: int) -> torch.Tensor:
 def request_keys(seeds_B: torch.Tensor, num_scales: int) -> torch.Tensor:
     """(B, K) int64 token-draw keys of every scale, derived once per request (column k: scale k).
 
-    All scales in one broadcast pass (a few dozen ops whatever K), cheap enough for the host, where the
-    scale loop derives them (var_rt.runtime.RequestBuffer)."""
-    scales = torch.arange(num_scales, dtype=torch.int64, device=seeds_B.device).view(1, -1)
-    return stream_keys(seeds_B.view(-1, 1), scales, STREAM_TOKENS)
+    All scales in one broadcast pass (a few dozen integer ops whatever B and K). ``seeds_B`` may be a
+    torch tensor or a numpy int64 array (the same arithmetic: the scale loop derives the keys on the host
+    with numpy, microseconds per request; var_rt.runtime.RequestBuffer).
+    """
+    if isinstance(seeds_B, np.ndarray):
+        scales = np.arange(num_scales, dtype=np.int64).reshape(1, -1)
+    else:
+        scales = torch.arange(num_scales, dtype=torch.int64, device=seeds_B.device).view(1, -1)
+    with np.errstate(over="ignore"):  # products wrap in int64 like torch's; only the low 32 bits are kept
+        return stream_keys(seeds_B.reshape(-1, 1), scales, STREAM_TOKENS)
 
 
 # The largest float32 below 1. The midpoint of the top bin, 1 - 2^-25, rounds to 1.0 in float32, which
