@@ -12,7 +12,8 @@ size, on the ``cudagraph`` backend after warm-up:
   ``set_request_ms``: host time of ``ScaleLoop.set_request`` alone.
 - ``kernels_per_generation``, ``gpu_us_per_generation``: from torch.profiler (CUDA activity) around
   ``--replays`` replays of the captured loop (it sees the kernels inside a graph replay), per replay;
-  ``families``: launches and GPU microseconds per kernel family (``FAMILIES``); ``top``: the largest kernels.
+  ``families``: launches and GPU microseconds per kernel family (``FAMILIES``); ``top``: the largest kernels;
+  with ``--attribute``, ``top_launched_by``: the host ops that launch each of them (one uncaptured run).
 - ``tokens_vs_first``: the fraction of tokens equal to the first variant's at the same batch size and
   seeds, and ``image_max_err_vs_first`` (a lever that changes numbers says so here).
 
@@ -91,6 +92,22 @@ def kernel_table(fn, reps: int) -> Dict[str, object]:
     }
 
 
+def launched_by(fn) -> Dict[str, Dict[str, int]]:
+    """Run ``fn`` once uncaptured under torch.profiler (CPU + CUDA): for each kernel name, the host ops that
+    launched it and how often (what a captured replay cannot say: it has no host ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: Dict[str, Dict[str, int]] = {}
+    for e in prof.events():
+        for k in getattr(e, "kernels", []) or []:
+            d = out.setdefault(k.name[:120], {})
+            d[e.name] = d.get(e.name, 0) + 1
+    return out
+
+
 def event_ms(fn, iters: int) -> List[float]:
     out = []
     for _ in range(iters):
@@ -132,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--attribute", action="store_true",
+                   help="also run the loop once uncaptured to name the host op behind each top kernel")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -194,6 +213,9 @@ def main(argv=None) -> int:
                 c["host_overhead_ms"] = round(c["generate_ms"] - c["replay_ms"], 3)
                 c["img_per_s"] = round(B / c["generate_ms"] * 1e3, 2)
                 c.update(kernel_table(lambda: runner.run(params), args.replays))
+                if args.attribute:
+                    by = launched_by(lambda: loop.run(params))
+                    c["top_launched_by"] = {n: by.get(n, {}) for n, _, _ in c["top"]}
                 toks = torch.cat([t.flatten() for t in res.tokens])
                 if B not in first:
                     first[B] = (toks, res.images)

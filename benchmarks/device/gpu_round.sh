@@ -24,7 +24,7 @@ for step in "$@"; do
       $PY -m pytest -q tests/ 2>&1 | tail -40 | tee "$OUT/suite.log" ;;
     profile)
       args=(); for v in $VARIANTS; do args+=(--variant "$v"); done
-      $PY -m benchmarks.profile --model ${MODEL:-d16} --batch-sizes ${BATCHES:-1 64} "${args[@]}" \
+      $PY -m benchmarks.profile --model ${MODEL:-d16} --batch-sizes ${BATCHES:-1 64} "${args[@]}" ${PROFILE_ARGS:-} \
         --out "$OUT/profile-${MODEL:-d16}.json" 2>&1 | grep -v Warning | cut -c1-400 ;;
     bench)
       $PY -m benchmarks.bench --model d16 d30 --batch-sizes 1 64 --backends cudagraph --baselines official \
