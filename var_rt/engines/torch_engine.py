@@ -75,7 +75,8 @@ class TorchEngine:
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
-                 fast_decoder: bool = False, block_kernels: bool = False, conv_autotune: bool = True):
+                 fast_decoder: bool = False, block_kernels: bool = False, conv_autotune: bool = True,
+                 block_gelu: str = "triton"):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -87,7 +88,8 @@ class TorchEngine:
         self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
         self.fused = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
         # Opt-in until timed on a GPU: each step through var_rt.kernels.block (8 launches per block, ~12 now).
-        self.block_kernels = block_kernels and block_kernel_ops.available(var.head.weight)
+        self.block_kernels = bool(block_kernels) and block_kernel_ops.available(var.head.weight)
+        self.block_gelu = block_gelu  # fc1 + GELU of the block kernels: "triton" or "cublaslt" (A/B on a GPU)
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
         # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
@@ -153,7 +155,7 @@ class TorchEngine:
         cond = Condition(inputs["ada_blocks"], inputs["ada_head"], None)
         if self.block_kernels:
             logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"],
-                                                 inputs["cache_v"], b)
+                                                 inputs["cache_v"], b, self.block_gelu)
         else:
             logits = self.var.step(inputs["x"], cond, kv, fused=self.fused)
         outputs["logits"].copy_(guide(logits, inputs["cfg_t"]))

@@ -448,8 +448,19 @@ def _ada(ada_B6C: torch.Tensor, k: int) -> torch.Tensor:
     return ada_B6C[:, k]
 
 
+def fc1_gelu(h: torch.Tensor, fc1, gelu: str) -> torch.Tensor:
+    """The FFN's fc1 with its tanh-GELU in one launch: ``gelu="triton"`` (``linear_gelu``, fc1's output
+    rounded before the GELU, as the reference) or ``"cublaslt"`` (cuBLASLt's bias+GELU epilogue through
+    ``torch._addmm_activation``: the GELU reads the float32 accumulator, one rounding instead of two)."""
+    if gelu == "triton":
+        return linear_gelu(h, fc1.weight, fc1.bias)
+    C = h.shape[-1]
+    out = torch._addmm_activation(fc1.bias, h.reshape(-1, C), fc1.weight.t(), use_gelu=True)
+    return out.view(*h.shape[:-1], -1)
+
+
 def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, cache_k: torch.Tensor,
-                cache_v: torch.Tensor, begin: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                cache_v: torch.Tensor, begin: int, gelu: str = "triton") -> Tuple[torch.Tensor, torch.Tensor]:
     """From the modulated LN ``h`` of x to (x after the attention residual, the FFN's output y)."""
     attn, ffn = block.attn, block.ffn
     B, l, C = x.shape
@@ -463,7 +474,7 @@ def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, 
     ada_dt = block.ada_dtype
     x, h2 = residual_modulated_ln(x, a, _ada(ada_B6C, 0), _ada(ada_B6C, 3), _ada(ada_B6C, 5), block.eps,
                                   w.dtype, ada_dtype=ada_dt)                # residual + LN
-    f = linear_gelu(h2, ffn.fc1.weight, ffn.fc1.bias)                       # fc1 + GELU
+    f = fc1_gelu(h2, ffn.fc1, gelu)                                         # fc1 + GELU
     return x, F.linear(f, ffn.fc2.weight, ffn.fc2.bias)                    # fc2
 
 
@@ -491,7 +502,7 @@ def fused_block_forward(block, x_BlC: torch.Tensor, ada_B6C: torch.Tensor, cache
 
 
 def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: torch.Tensor,
-               begin: int) -> torch.Tensor:
+               begin: int, gelu: str = "triton") -> torch.Tensor:
     """``VAR.step(x, cond, KVCache(cache_k, cache_v).provider(begin, begin + l))`` with the kernels.
 
     Each block's FFN residual is folded into the next block's first modulated LayerNorm, the last
@@ -515,7 +526,7 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
                      ada_dtype=first.ada_dtype)
     x = x_BlC
     for i, blk in enumerate(blocks):
-        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin)
+        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin, gelu)
         if i + 1 < len(blocks):
             nxt = blocks[i + 1]
             scale, shift = _ada(ada[i + 1], 2), _ada(ada[i + 1], 4)
