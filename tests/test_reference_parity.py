@@ -48,3 +48,19 @@ def test_greedy_generation(fx):
     bad, total = token_mismatch(out.tokens, c["greedy_tokens"])
     assert bad <= total * 0.003, f"{bad}/{total} greedy tokens differ"
     assert (out.images - c["greedy_image"]).abs().max() < ATOL
+
+
+def test_qkv_bias_follows_the_parameters():
+    """SelfAttention keeps cat(q_bias, 0, v_bias) between calls; a changed bias (in place, loaded, cast or
+    moved) gives the new concatenation, never the old one."""
+    from var_rt.models.var import SelfAttention
+    a = SelfAttention(8, 2, True)
+    want = lambda: torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))  # noqa: E731
+    assert torch.equal(a.qkv_bias(), want())
+    with torch.no_grad():
+        a.q_bias.add_(1.0)
+    assert torch.equal(a.qkv_bias(), want())
+    a.load_state_dict({**a.state_dict(), "v_bias": torch.full((8,), 3.0)})
+    assert torch.equal(a.qkv_bias(), want())
+    a.half()
+    assert a.qkv_bias().dtype == torch.float16 and torch.equal(a.qkv_bias(), want())

@@ -40,7 +40,6 @@ stream and allocate nothing when the output buffers are passed.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -429,20 +428,6 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu:
 # A block and a step with the kernels (the hook to wire and time on a GPU)
 # ----------------------------------------------------------------------------------------------
 
-_QKV_BIAS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _qkv_bias(attn) -> torch.Tensor:
-    """``cat(q_bias, 0, v_bias)``, kept per module (and rebuilt when a bias changes), so the step does not
-    spend a launch on it as ``SelfAttention.qkv`` does."""
-    key = (attn.q_bias.data_ptr(), attn.q_bias._version, attn.v_bias.data_ptr(), attn.v_bias._version,
-           attn.q_bias.dtype)
-    hit = _QKV_BIAS.get(attn)
-    if hit is None or hit[0] != key:
-        hit = _QKV_BIAS[attn] = (key, torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias)))
-    return hit[1]
-
-
 def _ada(ada_B6C: torch.Tensor, k: int) -> torch.Tensor:
     """Row k of (B, 6, C): gamma1, gamma2, scale1, scale2, shift1, shift2 (a view, no copy)."""
     return ada_B6C[:, k]
@@ -465,7 +450,7 @@ def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, 
     attn, ffn = block.attn, block.ffn
     B, l, C = x.shape
     w = attn.mat_qkv.weight
-    qkv = F.linear(h, w, _qkv_bias(attn))                                   # GEMM (bias in its epilogue)
+    qkv = F.linear(h, w, attn.qkv_bias())                                   # GEMM (bias in its epilogue)
     q = qk_norm_kv_write(qkv, attn.scale_mul_1H11 if attn.l2_norm else None, attn.heads,
                          cache_k, cache_v, begin)                            # q/k norm + K/V write
     end = begin + l

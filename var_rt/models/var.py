@@ -112,10 +112,26 @@ class SelfAttention(nn.Module):
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(C, C)
 
+    def qkv_bias(self) -> torch.Tensor:
+        """``cat(q_bias, 0, v_bias)``: kept between calls (rebuilt when a bias changes), so an inference step
+        does not spend a launch on it; built afresh while tracing (export, compile) so graphs hold the op."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        key = (self.q_bias.data_ptr(), self.q_bias._version, self.v_bias.data_ptr(), self.v_bias._version,
+               self.zero_k_bias.data_ptr(), self.q_bias.dtype)
+        cached = self.__dict__.get("_qkv_bias")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_qkv_bias"] = (key, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).detach())
+        return cached[1]
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: new tensors, so the cached bias goes
+        self.__dict__.pop("_qkv_bias", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def qkv(self, x_BlC: torch.Tensor, fused: bool = False):
         B, l, C = x_BlC.shape
         w = self.mat_qkv.weight
-        qkv = F.linear(x_BlC.to(w.dtype), w, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        qkv = F.linear(x_BlC.to(w.dtype), w, self.qkv_bias())
         if self.l2_norm:  # cosine attention, softmax scale 1
             return split_heads_l2(qkv, self.scale_mul_1H11, self.heads, fused=fused)
         return qkv.view(B, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, c)
