@@ -37,6 +37,8 @@ from typing import Dict, List
 
 import torch
 
+from var_rt.sampling import DEFAULTS
+
 # Kernel families, first match wins (names as CUDA reports them).
 FAMILIES = [
     ("attention", r"sdpa|fmha|flash|attention"),
@@ -146,9 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--replays", type=int, default=3, help="profiled replays per case")
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--cfg", type=float, default=DEFAULTS.cfg)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    p.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
     p.add_argument("--attribute", action="store_true",
                    help="also run the loop once uncaptured to name the host op behind each top kernel")
     p.add_argument("--out", required=True)

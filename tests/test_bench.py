@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import bench, floors
-from tests.conftest import fixtures_dir
+from conftest import fixtures_dir
 
 
 @pytest.fixture(scope="module")
