@@ -1,13 +1,10 @@
-"""Time the VQVAE decoder (``decode_fhat``): reference against the fast paths, eager and compiled.
+"""Time the VQVAE decoder (``decode_fhat``) alone, eager and compiled.
 
 Builds the d16 VQVAE (random weights; the decoder's cost does not depend on them), FP16, channels-last,
 and for each batch size and variant measures the decode of a 16 x 16 f_hat into a 256 px image:
 
-- ``ref``: the reference decoder, eager.            ``ref-compile``: the same under torch.compile.
-- ``fast``: ``Decoder.set_fast(True)`` (nearest-2x + conv3x3 as four 2x2 convs, fused Triton
-  GroupNorm + SiLU), eager.                          ``fast-compile``: the same under torch.compile.
-- ``fast-upsample-compile``: only the upsample rewrite, GroupNorm + SiLU left to Inductor's fusion.
-- ``fast-upsample`` / ``fast-norm``: one lever each, eager (not in the default list).
+- ``ref``: the reference decoder, eager.            ``ref-compile``: the same under torch.compile
+  (what a compiled ``TorchEngine`` decodes with).
 
 Per case: the median of ``--iters`` calls timed one by one with CUDA events after ``--warmup`` calls
 (``eager_ms``), the median of as many replays of a CUDA graph captured around one call (``graph_ms``,
@@ -16,7 +13,7 @@ compiled variants), peak memory, and the largest error against the FP32 referenc
 NCHW) on the first images of the batch. cuDNN autotuning (``cudnn.benchmark``) is on unless
 ``--no-cudnn-benchmark``. Prints a table and writes JSON to ``--out`` (rewritten after every case).
 
-    python -m benchmarks.decoder_bench --out /tmp/decoder_bench.json      # GPU, under 4 minutes (6 compiles)
+    python -m benchmarks.decoder_bench --out /tmp/decoder_bench.json      # GPU, under 2 minutes (2 compiles)
     python -m benchmarks.decoder_bench --dry-run                          # CPU logic check, seconds
 """
 from __future__ import annotations
@@ -36,16 +33,8 @@ import torch
 from var_rt.config import get_preset
 from var_rt.models.vqvae import VQVAE
 
-VARIANTS = {  # name: (set_fast kwargs or None for the reference, compiled)
-    "ref": (None, False),
-    "ref-compile": (None, True),
-    "fast": ({}, False),
-    "fast-compile": ({}, True),
-    "fast-upsample-compile": ({"fused_norm": False}, True),
-    "fast-upsample": ({"fused_norm": False}, False),
-    "fast-norm": ({"upsample": False}, False),
-}
-DEFAULT_VARIANTS = "ref,ref-compile,fast,fast-compile,fast-upsample-compile"
+VARIANTS = {"ref": False, "ref-compile": True}  # name: compiled
+DEFAULT_VARIANTS = "ref,ref-compile"
 ERR_IMAGES = 4  # images of each batch checked against the FP32 decoder
 
 
@@ -79,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.latent = 16
     if a.dry_run:
         a.batch_sizes, a.iters, a.warmup, a.dtype, a.latent = [1], 2, 1, "float32", 4
-        a.variants = [v for v in a.variants if not VARIANTS[v][1]] or ["ref"]
+        a.variants = [v for v in a.variants if not VARIANTS[v]] or ["ref"]
     elif not torch.cuda.is_available():
         p.error("no CUDA device: this benchmark times GPU kernels (use --dry-run for a CPU logic check)")
     return a
@@ -87,8 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def random_vqvae(model: str, seed: int) -> VQVAE:
     """The preset's VQVAE with random weights (the VQVAE half of var_rt.pipeline.init_random_weights,
-    without building the transformer); GroupNorm affines random too, so the fused norm's affine is
-    exercised."""
+    without building the transformer); GroupNorm affines random too."""
     vae = VQVAE(get_preset(model).vae).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -104,14 +92,11 @@ def random_vqvae(model: str, seed: int) -> VQVAE:
 
 def make_variant(base: VQVAE, name: str, device, dtype, channels_last: bool) -> Callable:
     """decode_fhat of a copy of ``base`` in the variant's configuration."""
-    fast, compiled = VARIANTS[name]
     vae = copy.deepcopy(base).to(device, dtype)
     if channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    if fast is not None:
-        vae.decoder.set_fast(True, **fast)
     fn = vae.decode_fhat
-    return torch.compile(fn, dynamic=False) if compiled else fn
+    return torch.compile(fn, dynamic=False) if VARIANTS[name] else fn
 
 
 def sync(device) -> None:

@@ -1,4 +1,4 @@
-"""No process-wide switches: what one engine chooses (compilation, decoder layout, fast paths) stays its own."""
+"""No process-wide switches: what one engine chooses (compilation, decoder layout) stays its own."""
 import pytest
 import torch
 
@@ -22,8 +22,12 @@ def test_compiled_engine_leaves_the_shared_modules_alone(fx256):
     pipe = VARPipeline.load(config=fx256.config_path, var_ckpt=fx256.var_ckpt, vae_ckpt=fx256.vae_ckpt,
                             device="cuda", dtype="float32", progress=False)
     before = [p.is_contiguous() for p in pipe.vae.decoder.parameters()]
-    fast = TorchEngine(pipe.var, pipe.vae, compile=True, fast_decoder=True)
+    compiled = TorchEngine(pipe.var, pipe.vae, compile=True)
     ref = TorchEngine(pipe.var, pipe.vae)
-    assert fast.fused and not ref.fused
+    assert compiled.fused and not ref.fused
     assert [p.is_contiguous() for p in pipe.vae.decoder.parameters()] == before  # still the default layout
-    assert not any(m.fast_paths["upsample"] for m in [pipe.vae.decoder] if hasattr(m, "fast_paths"))
+    # the compiled engine decodes with its own channels-last copy of the decoder, not the shared modules
+    own = compiled._decode._orig_mod.vae
+    assert own is not pipe.vae and own.decoder is not pipe.vae.decoder and pipe.vae.decoder is ref.vae.decoder
+    assert own.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

@@ -75,8 +75,7 @@ class TorchEngine:
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
-                 fast_decoder: bool = False, block_kernels: bool = False, conv_autotune: bool = True,
-                 block_gelu: str = "triton"):
+                 block_kernels: bool = False, conv_autotune: bool = True, block_gelu: str = "triton"):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -100,15 +99,13 @@ class TorchEngine:
             # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
             # GroupNorm/SiLU passes are fused (the decoder dominates at large batch). Compiled at the
             # first call (tens of seconds), outside any CUDA-graph capture (CudaGraphLoop warms up first).
-            # The engine's own copy of the decoder: its memory format and fast paths are this engine's
+            # The engine's own copy of the decoder: its memory format is this engine's
             # business, not the shared VQVAE's (a reference engine on the same modules stays the reference).
             own = copy.copy(vae)
             own._modules = dict(vae._modules)  # its own module table: the assignments below stay here
             dec = DecodeGraph(own)
             dec.vae.decoder = copy.deepcopy(vae.decoder).to(memory_format=torch.channels_last)
             dec.vae.post_quant_conv = copy.deepcopy(vae.post_quant_conv).to(memory_format=torch.channels_last)
-            if fast_decoder:  # same function, fewer FLOPs and passes (models/vqvae.py); opt-in until timed on a GPU
-                dec.vae.decoder.set_fast(True)
             self._decode = torch.compile(dec, dynamic=False)
 
     def graph_names(self) -> List[str]:

@@ -17,51 +17,21 @@ from var_rt.config import VQVAEConfig
 from var_rt.models.traceable import Conv2d, area_downsample
 
 
-_gn_kernel = None  # var_rt.kernels.groupnorm once imported (triton is optional): see _load_gn_kernel
-
-
-def _load_gn_kernel():
-    """The fused GroupNorm module, imported on first use (None without triton)."""
-    global _gn_kernel
-    if _gn_kernel is None:
-        try:
-            from var_rt.kernels import groupnorm
-        except ImportError:
-            return None
-        _gn_kernel = groupnorm
-    return _gn_kernel
-
-
 class _GroupNorm32(nn.GroupNorm):
     """GroupNorm with float32 statistics for half-precision activations (no-op for float32/float64 models).
 
     FP16 exports need it: a strongly typed TensorRT network computes a norm in its input's type.
     Autocast runs group_norm in float32 too: the result is rounded to the activation dtype once.
-
-    ``fused`` (set per instance by ``Decoder.set_fast``) switches in the Triton GroupNorm(+SiLU) of
-    ``var_rt.kernels.groupnorm``; it runs only where triton can run it (CUDA tensors; CPU tensors
-    under TRITON_INTERPRET=1), this PyTorch reference elsewhere.
     """
 
-    fused = False
-
-    def _fused(self, x: torch.Tensor, silu: bool):
-        if not self.fused or not _gn_kernel.supports(x):
-            return None
-        return _gn_kernel.group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._fused(x, silu=False)
-        if y is not None:
-            return y
         if x.dtype not in (torch.float16, torch.bfloat16):  # float32/float64 models: their own precision
             return super().forward(x)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
     def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(norm(x))``: the pair in front of every convolution of the res blocks and the output."""
-        y = self._fused(x, silu=True)
-        return F.silu(self(x)) if y is None else y
+        return F.silu(self(x))
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -131,73 +101,14 @@ class _Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as upstream
 
 
-# Nearest 2x upsampling then a 3x3 convolution (padding 1), per output phase: output row 2i+dy reads
-# upsampled rows 2i+dy-1, 2i+dy, 2i+dy+1, i.e. input rows i-1, i, i (dy = 0) or i, i, i+1 (dy = 1).
-# Taps that land on the same input row add up: row r of _PHASE_TAPS[dy] says which of the 3 kernel
-# rows feed row r of a 2x2 kernel over input rows (i-1, i) (dy = 0) or (i, i+1) (dy = 1). Columns alike.
-_PHASE_TAPS = ((( 1, 0, 0), (0, 1, 1)),
-               (( 1, 1, 0), (0, 0, 1)))
-
-
-def upsample_conv_weights(w_OI33: torch.Tensor, b_O: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 3x3 conv after a nearest 2x upsample as four 2x2 convs at the input resolution, stacked.
-
-    Returns (weight (4*O, I, 2, 2), bias (4*O,)); output channel p*O + o is phase p = 2*dy + dx.
-    Summed in float32 (float64 for float64 weights), returned in the weights' dtype.
-    """
-    acc = torch.float64 if w_OI33.dtype == torch.float64 else torch.float32
-    taps = torch.tensor(_PHASE_TAPS, dtype=acc, device=w_OI33.device)  # (dy, 2, 3)
-    w = torch.einsum("yka,oiab,xlb->yxoikl", taps, w_OI33.to(acc), taps)  # (dy, dx, O, I, 2, 2)
-    return w.flatten(0, 2).to(w_OI33.dtype), b_O.repeat(4)
-
-
-def upsample_conv(x_BCHW: torch.Tensor, w_PI22: torch.Tensor, b_P: torch.Tensor) -> torch.Tensor:
-    """``conv3x3(interpolate(x, 2x, nearest))`` from the weights of ``upsample_conv_weights``.
-
-    One 2x2 convolution with 4*O outputs over the zero-padded input gives every phase on an
-    (H+1) x (W+1) grid; phase (dy, dx) is its window starting at (dy, dx). The phases are written
-    interleaved into an output with the input's memory format (channels-last stays channels-last).
-    """
-    B, _, H, W = x_BCHW.shape
-    O = w_PI22.shape[0] // 4
-    y = F.conv2d(x_BCHW, w_PI22, b_P, padding=1).unflatten(1, (2, 2, O))  # (B, dy, dx, O, H+1, W+1)
-    fmt = torch.channels_last if x_BCHW.is_contiguous(memory_format=torch.channels_last) and \
-        not x_BCHW.is_contiguous() else torch.contiguous_format
-    out = torch.empty(B, O, 2 * H, 2 * W, dtype=y.dtype, device=y.device, memory_format=fmt)
-    out6 = out.view(B, O, H, 2, W, 2)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            out6[:, :, :, dy, :, dx] = y[:, dy, dx, :, dy:dy + H, dx:dx + W]
-    return out
-
-
 class _Upsample(nn.Module):
-    """Nearest 2x + conv3x3. ``set_fast(True)``: the same function as four 2x2 convs at the input
-    resolution (``upsample_conv``), 9 -> 4 multiply-adds per output value."""
+    """Nearest 2x + conv3x3."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = _conv3x3(ch, ch)
-        # Derived from conv's weights by set_fast; not in the state_dict. Recomputed after load_state_dict.
-        self.register_buffer("fast_weight", None, persistent=False)
-        self.register_buffer("fast_bias", None, persistent=False)
-        self.register_load_state_dict_post_hook(_Upsample._after_load)
-
-    @torch.no_grad()
-    def set_fast(self, enabled: bool) -> None:
-        if enabled:
-            self.fast_weight, self.fast_bias = upsample_conv_weights(self.conv.weight, self.conv.bias)
-        else:
-            self.fast_weight = self.fast_bias = None
-
-    @staticmethod
-    def _after_load(module: "_Upsample", _incompatible_keys) -> None:
-        if module.fast_weight is not None:  # new conv weights: derive the fast ones again
-            module.set_fast(True)
 
     def forward(self, x):
-        if self.fast_weight is not None:
-            return upsample_conv(x, self.fast_weight, self.fast_bias)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -275,36 +186,6 @@ class Decoder(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(self.norm_out.forward_silu(h))
-
-    def set_fast(self, enabled: bool = True, *, upsample: bool = True, fused_norm: bool = True) -> "Decoder":
-        """Switch the decoder's fast paths on (or all off with ``enabled=False``); the same function.
-
-        Args:
-            enabled: False restores the reference path exactly (both levers off).
-            upsample: nearest 2x + conv3x3 as four 2x2 convs at the low resolution (2.25x fewer
-                FLOPs in those convs). Its weights are derived from the current conv weights here:
-                call this after the weights are final (load_state_dict refreshes them; dtype and
-                device moves carry them along).
-            fused_norm: GroupNorm + SiLU as one Triton kernel (float32 statistics) on CUDA tensors.
-                Without triton installed this lever stays off.
-
-        Per instance, not process-wide: a reference and a fast decoder can run side by side.
-        Returns self.
-        """
-        fused = enabled and fused_norm and _load_gn_kernel() is not None
-        for m in self.modules():
-            if isinstance(m, _Upsample):
-                m.set_fast(enabled and upsample)
-            elif isinstance(m, _GroupNorm32):
-                m.fused = fused
-        return self
-
-    @property
-    def fast_paths(self) -> dict:
-        """Which levers are on: ``{"upsample": bool, "fused_norm": bool}``."""
-        ups = [m.fast_weight is not None for m in self.modules() if isinstance(m, _Upsample)]
-        norms = [m.fused for m in self.modules() if isinstance(m, _GroupNorm32)]
-        return {"upsample": any(ups), "fused_norm": any(norms)}
 
 
 # ---- the scale transition: one definition (graphs.TransitionGraph, the quantiser, and the reference of
