@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from export.manifest import write_manifest
@@ -32,7 +33,8 @@ from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
 from var_rt.manifest import MANIFEST, check_engine_files, listed_files, read_manifest
 
 MARKER = ".var-rt-export"  # written first into a new export directory: --force may replace it even unfinished
-EXPORT_ENTRIES = {MARKER, MANIFEST, MANIFEST + ".tmp", "onnx", "engines"}  # all an export writes at its top
+CODEBOOK = "codebook.npy"  # the VQVAE codebook (V, C) float32: the sampler's lookup, so exports run alone
+EXPORT_ENTRIES = {MARKER, MANIFEST, MANIFEST + ".tmp", "onnx", "engines", CODEBOOK}  # all an export writes at its top
 MAX_BATCH = 256  # 2B rows of KV cache per profile; beyond this the step no longer fits an H100 at d30
 PRECISIONS = {False: "fp32", True: "fp16"}
 
@@ -262,13 +264,14 @@ def _export(opts: BuildOptions, var, vae, cfg, t0: float, say) -> dict:
     say(f"exporting {cfg.name} ({opts.precision}, batch {list(opts.batch_sizes)}) to {opts.out_dir}/onnx")
     files = export_all(var, vae, opts.out_dir / "onnx", list(opts.batch_sizes), opts.opset, say)
     w_bytes, g_bytes = onnx_sizes(opts.out_dir / "onnx")
+    np.save(opts.out_dir / CODEBOOK, vae.quantize.embedding.weight.detach().float().cpu().numpy())
     manifest = {
         "model": cfg.to_dict(), "weights_hash": weights_hash(var, vae), "precision": opts.precision,
         "batch_sizes": list(opts.batch_sizes), "opset": opts.opset, "torch_version": torch.__version__,
         "onnx": {"weights_file": "onnx/weights.bin", "weights_bytes": w_bytes, "graph_bytes": g_bytes,
                  "files": {f"onnx/{k}": v for k, v in files.items()},
                  "seconds": round(time.perf_counter() - t0, 1)},
-        "tensorrt": None,
+        "tensorrt": None, "codebook_file": CODEBOOK,
     }
     if not opts.onnx_only:  # preflight_tensorrt found TensorRT before the export
         manifest["tensorrt"] = _build_engines(opts, files, cfg.scale_ranges(), list(opts.batch_sizes), say)

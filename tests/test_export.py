@@ -281,7 +281,7 @@ def test_damaged_weights_are_refused(fx256, tmp_path, capsys):
     src = exported(fx256.name, "fp32")
     m = json.loads((src / "manifest.json").read_text())
     assert m["digests"]["onnx/weights.bin"]["bytes"] == (src / "onnx" / "weights.bin").stat().st_size
-    assert set(m["digests"]) == set(m["onnx"]["files"]) | {"onnx/weights.bin"}
+    assert set(m["digests"]) == set(m["onnx"]["files"]) | {"onnx/weights.bin", "codebook.npy"}
     assert build_mod.main(["--verify", "--out-dir", str(src)]) == 0
     from var_rt.manifest import check_engine_files
     for how, why in (("flip", "does not match its recorded SHA-256"), ("cut", "weights.bin is .* bytes, the manifest")):

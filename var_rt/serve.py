@@ -340,7 +340,9 @@ def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
     var_ckpt = pipeline_kwargs.get("var_ckpt")
     vae_ckpt = pipeline_kwargs.get("vae_ckpt") or cfg.vae_checkpoint
     if var_ckpt is None or vae_ckpt is None:
-        VARPipeline.load(**pipeline_kwargs)  # raises its "no checkpoint given" ConfigError before building
+        # raises its "no checkpoint given" ConfigError before building; an export run alone is checked whole
+        VARPipeline.load(**pipeline_kwargs)
+        return
     with torch.device("meta"):
         var, vae = VAR(cfg), VQVAE(cfg.vae)
     with warnings.catch_warnings():
