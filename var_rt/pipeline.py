@@ -125,7 +125,7 @@ class VARPipeline:
         # None for an export run alone (load without checkpoints): its weights and codebook are the export's.
         self.var = precision.apply(var.to(home), dtype).eval() if var is not None else None
         self.vae = precision.apply(vae.to(home), dtype).eval() if vae is not None else None
-        self.codebook = codebook if codebook is not None else self.vae.quantize.embedding.weight
+        self._codebook = codebook  # an export's (run alone); else the VQVAE's, read when a loop is made
         self._lock = threading.Lock()
         # Inductor fusion pays where launches dominate and compile time is amortised: the CUDA-graph backend.
         self.compile = (backend == "cudagraph") if compile is None else compile
@@ -141,6 +141,11 @@ class VARPipeline:
             from var_rt.engines.torch_engine import TorchEngine
             self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile)
         return self._engine
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(V, C): the VQVAE's codebook, or the export's when it runs without checkpoints."""
+        return self._codebook if self._codebook is not None else self.vae.quantize.embedding.weight
 
     @property
     def precision(self) -> str:
