@@ -5,14 +5,17 @@
 
 Layout of ``--out-dir``: ``onnx/`` (``*.onnx`` + one shared ``weights.bin``), ``engines/`` (TensorRT),
 ``manifest.json`` (written last, with the size and SHA-256 of every file; see export/manifest.py).
-Errors print one ``error: ...`` line, exit 2; output locations are checked before any model work, and a
-failed export leaves no directory behind.
+Errors print one ``error: ...`` line, exit 2 (Ctrl-C: ``interrupted``, exit 130); output locations and
+TensorRT are checked before any model work, and a failed export leaves no directory behind. ``--force``
+replaces only a previous export: a directory holding nothing but what an export writes, with a var-rt
+manifest or the marker file (``.var-rt-export``) an export writes first; it never deletes anything else.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
+import json
 import os
 import shutil
 import sys
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from export.manifest import write_manifest
@@ -28,6 +32,9 @@ from export.onnx_export import export_all, onnx_sizes
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
 from var_rt.manifest import MANIFEST, check_engine_files, listed_files, read_manifest
 
+MARKER = ".var-rt-export"  # written first into a new export directory: --force may replace it even unfinished
+CODEBOOK = "codebook.npy"  # the VQVAE codebook (V, C) float32: the sampler's lookup, so exports run alone
+EXPORT_ENTRIES = {MARKER, MANIFEST, MANIFEST + ".tmp", "onnx", "engines", CODEBOOK}  # all an export writes at its top
 MAX_BATCH = 256  # 2B rows of KV cache per profile; beyond this the step no longer fits an H100 at d30
 PRECISIONS = {False: "fp32", True: "fp16"}
 
@@ -125,10 +132,8 @@ def validate(a: argparse.Namespace) -> BuildOptions:
             raise ConfigError(f"{flag}: {out} has no finished export ({MANIFEST}); export it first")
     elif out.exists() and not out.is_dir():
         raise ConfigError(f"--out-dir {str(out)!r} is a file: choose a directory")
-    elif out.exists() and any(out.iterdir()) and not a.force:
-        what = "an export" if (out / MANIFEST).is_file() else "files"
-        raise ConfigError(f"{out} already holds {what} (possibly stale): pass --force to replace it "
-                          f"or choose another --out-dir")
+    elif out.exists() and any(out.iterdir()):
+        check_replaceable(out, a.force)
     if not a.verify:
         check_writable(out if a.engines_only else out.parent, "--out-dir", out)
     if a.timing_cache and not a.verify:
@@ -141,6 +146,45 @@ def validate(a: argparse.Namespace) -> BuildOptions:
                         trt_flavor=a.trt_flavor, optimization_level=a.optimization_level,
                         workspace_gb=a.workspace_gb, compute_capabilities=tuple(a.compute_capability),
                         force=a.force, progress=not a.no_progress)
+
+
+def is_var_rt_export(out: Path) -> bool:
+    """``out`` holds the marker an export writes first, or a manifest.json that var-rt wrote (a JSON object
+    with its format_version and onnx sections; manifest.json is a common name, e.g. of web apps)."""
+    if (out / MARKER).is_file():
+        return True
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "format_version" in m and isinstance(m.get("onnx"), dict)
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """ConfigError unless ``out`` (an existing, non-empty folder) is a previous export and --force was given.
+
+    --force deletes the folder's contents, so it must be only an export's: a user's folder (--out-dir ~) or
+    an export with other files put into it is refused, whatever the flags.
+    """
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES)
+    if foreign or not is_var_rt_export(out):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"--out-dir {str(out)!r} already holds files that are not a var-rt export"
+                          + (f" ({shown})" if shown else "") + ": choose a new or empty folder (--force replaces "
+                          f"only a previous export, never other files)")
+    if not force:
+        raise ConfigError(f"--out-dir {str(out)!r} already holds an export (possibly stale): pass --force to "
+                          f"replace it or choose another --out-dir")
+
+
+def clear_export(out: Path) -> None:
+    """Remove a previous export's entries (check_replaceable allowed it); the folder itself stays."""
+    for name in EXPORT_ENTRIES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def check_writable(where: Path, flag: str, target: Path) -> None:
@@ -168,12 +212,16 @@ def peak_host_gib() -> float:
 
 
 def preflight_tensorrt(opts: BuildOptions) -> None:
-    """Raise ConfigError before exporting when the TensorRT build could not target the GPU asked for."""
+    """Before any model work: BackendUnavailableError without TensorRT, ConfigError when its build could not
+    target the GPU asked for."""
     from export.trt_build import compute_capability, import_trt, rtx_targets
     try:
         _, flavor = import_trt(opts.trt_flavor)
-    except BackendUnavailableError:
-        return  # reported after the export, which is still useful without TensorRT
+    except BackendUnavailableError as e:  # found now, not after minutes of export
+        if opts.engines_only:
+            raise
+        raise BackendUnavailableError(f"{e}; or pass --onnx-only to export only the ONNX graphs (the "
+                                      f"onnxruntime backend runs them)") from None
     if flavor == "tensorrt-rtx":
         rtx_targets(list(opts.compute_capabilities), compute_capability())
     elif opts.compute_capabilities:
@@ -190,17 +238,18 @@ def build(opts: BuildOptions) -> dict:
         return verify_export(opts.out_dir, say)
     if opts.engines_only:
         return build_engines_only(opts, say)
+    if not opts.onnx_only:
+        preflight_tensorrt(opts)  # no TensorRT, or a target it cannot build for: fail now, not after the export
     t0 = time.perf_counter()
     pipe = VARPipeline.load(model=opts.model, config=opts.config, var_ckpt=opts.var_ckpt, vae_ckpt=opts.vae_ckpt,
                             random_weights=opts.random_weights, device=opts.device,
                             dtype="float16" if opts.fp16 else "float32", progress=False)
     var, vae, cfg = pipe.var, pipe.vae, pipe.cfg
-    if not opts.onnx_only:
-        preflight_tensorrt(opts)  # a target TensorRT cannot build for fails now, not after the export
     if opts.out_dir.exists():
-        shutil.rmtree(opts.out_dir)  # validate() allowed it (--force or empty)
-    opts.out_dir.mkdir(parents=True)
+        clear_export(opts.out_dir)  # validate() allowed it: empty, or a previous export with --force
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        (opts.out_dir / MARKER).write_text("written by python -m export.build: --force may replace this folder\n")
         return _export(opts, var, vae, cfg, t0, say)
     except BaseException:
         if not (opts.out_dir / MANIFEST).is_file():  # nothing half-written: an unfinished export goes
@@ -215,29 +264,23 @@ def _export(opts: BuildOptions, var, vae, cfg, t0: float, say) -> dict:
     say(f"exporting {cfg.name} ({opts.precision}, batch {list(opts.batch_sizes)}) to {opts.out_dir}/onnx")
     files = export_all(var, vae, opts.out_dir / "onnx", list(opts.batch_sizes), opts.opset, say)
     w_bytes, g_bytes = onnx_sizes(opts.out_dir / "onnx")
+    np.save(opts.out_dir / CODEBOOK, vae.quantize.embedding.weight.detach().float().cpu().numpy())
     manifest = {
         "model": cfg.to_dict(), "weights_hash": weights_hash(var, vae), "precision": opts.precision,
         "batch_sizes": list(opts.batch_sizes), "opset": opts.opset, "torch_version": torch.__version__,
         "onnx": {"weights_file": "onnx/weights.bin", "weights_bytes": w_bytes, "graph_bytes": g_bytes,
                  "files": {f"onnx/{k}": v for k, v in files.items()},
                  "seconds": round(time.perf_counter() - t0, 1)},
-        "tensorrt": None,
+        "tensorrt": None, "codebook_file": CODEBOOK,
     }
-    trt_error = None
-    if not opts.onnx_only:
-        try:
-            manifest["tensorrt"] = _build_engines(opts, files, cfg.scale_ranges(), list(opts.batch_sizes), say)
-        except BackendUnavailableError as e:
-            trt_error = e  # the ONNX export is still useful: write its manifest, then report
+    if not opts.onnx_only:  # preflight_tensorrt found TensorRT before the export
+        manifest["tensorrt"] = _build_engines(opts, files, cfg.scale_ranges(), list(opts.batch_sizes), say)
     manifest["seconds"] = round(time.perf_counter() - t0, 1)
     manifest["peak_host_gib"] = peak_host_gib()
     write_manifest(opts.out_dir, manifest)
     engines = sum(e["bytes"] for e in (manifest["tensorrt"] or {}).get("engines", {}).values())
     say(f"done in {manifest['seconds']} s: weights.bin {w_bytes / 2**20:.1f} MiB, graphs {g_bytes / 2**20:.1f} MiB"
         + (f", engines {engines / 2**20:.1f} MiB" if engines else "") + f", peak host memory {manifest['peak_host_gib']} GiB")
-    if trt_error is not None:
-        raise BackendUnavailableError(f"{trt_error} (the ONNX graphs were written to {opts.out_dir}/onnx; "
-                                      f"run again without --onnx-only once TensorRT is installed)")
     return manifest
 
 
@@ -301,6 +344,9 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # TensorRT parse/build failures
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # build() has removed an unfinished export
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -289,3 +289,15 @@ def test_error_missing_engine_dir(tmp_path):
     msg = _bad(tmp_path, *fixture_args(fx), "--device", "cpu", "--backend", "onnxruntime",
                "--engine-dir", tmp_path / "no-export")
     assert "does not exist" in msg and "manifest.json" in msg
+
+
+def test_download_without_its_extra_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    """The README's install line has no [download] extra: `download` says how to install huggingface_hub with
+    a command that works from a checkout (var-rt is not on PyPI), in one line, writing nothing."""
+    from var_rt.cli import main
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when it is not installed
+    assert main(["download", "--model", "d16", "--dir", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: downloading needs huggingface_hub") and err.count("\n") == 1, err
+    assert "python -m pip install 'huggingface_hub" in err and "-e '.[download]'" in err
+    assert not (tmp_path / "ck").exists()

@@ -161,20 +161,81 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "b").exists()  # an unfinished export is not left behind
 
 
-def test_no_tensorrt_still_writes_onnx(tmp_path, capsys, monkeypatch):
+def test_no_tensorrt_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    """Without TensorRT (and without --onnx-only) the build stops before loading the model: one error line
+    that says how to install it or to pass --onnx-only, nothing written."""
     import export.trt_build as trt_build
+    from var_rt.pipeline import VARPipeline
 
     def missing(flavor="auto"):
         raise BackendUnavailableError(f"no TensorRT package found: {trt_build.INSTALL_HINT}")
 
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before TensorRT was checked")
+
     monkeypatch.setattr(trt_build, "import_trt", missing)
-    fx = get_fixture("var_tiny_512_saln")
-    # Reuse the export machinery cheaply: the 512 fixture at batch 1.
-    assert build_mod.main(build_args(fx.name, tmp_path / "x")) == 2
+    monkeypatch.setattr(VARPipeline, "load", no_load)
+    assert build_mod.main(build_args("var_tiny_512_saln", tmp_path / "x")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no TensorRT package found") and "pip install" in err
-    m = load_manifest(tmp_path / "x", fx.cfg, None, "fp32", 1)
-    assert m["tensorrt"] is None and (tmp_path / "x" / "onnx" / "step_9.b1.onnx").is_file()
+    assert err.startswith("error: no TensorRT package found") and err.count("\n") == 1, err
+    assert "pip install" in err and "--onnx-only" in err
+    assert not (tmp_path / "x").exists()
+
+
+def _fake_export(d: Path, manifest: bool = True) -> Path:
+    """A folder shaped like a previous export (a finished one's manifest, or an unfinished one's marker)."""
+    (d / "onnx").mkdir(parents=True)
+    (d / "onnx" / "weights.bin").write_bytes(b"w" * 16)
+    if manifest:
+        (d / "manifest.json").write_text(json.dumps({"format_version": 2, "onnx": {"files": {}}}))
+    else:
+        (d / build_mod.MARKER).write_text("unfinished")
+    return d
+
+
+def test_force_replaces_only_a_previous_export(tmp_path, capsys):
+    """--force never deletes a user's files (think --out-dir ~ --force): a folder with other files, or a
+    manifest.json that var-rt did not write, is refused with or without it; a previous export (finished, or
+    unfinished with its marker) is replaced with --force only."""
+    user = tmp_path / "home"
+    user.mkdir()
+    (user / "important.txt").write_text("keep me")
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "manifest.json").write_text(json.dumps({"name": "my app", "icons": []}))
+    mixed = _fake_export(tmp_path / "mixed")
+    (mixed / "notes.txt").write_text("mine")
+    for d in (user, web, mixed):
+        before = sorted(p.name for p in d.rglob("*"))
+        for force in (["--force"], []):
+            assert build_mod.main(build_args("var_tiny_256", d, "--onnx-only", *force)) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: --out-dir '{d}' already holds files that are not a var-rt export"), err
+            assert err.count("\n") == 1 and "--force replaces only a previous export" in err
+            assert d != user or "(important.txt)" in err
+        assert sorted(p.name for p in d.rglob("*")) == before, "--force deleted a user's files"
+    for d in (_fake_export(tmp_path / "done"), _fake_export(tmp_path / "partial", manifest=False)):
+        a = build_mod.parser().parse_args(build_args("var_tiny_256", d, "--onnx-only"))
+        with pytest.raises(ConfigError, match="already holds an export .*pass --force"):
+            build_mod.validate(a)
+        a.force = True
+        assert build_mod.validate(a).force
+        build_mod.clear_export(d)
+        assert d.is_dir() and not any(d.iterdir())
+
+
+def test_ctrl_c_during_export_is_one_line_and_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while exporting: `interrupted`, exit 130, no traceback, the unfinished export removed."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "export_all", interrupted)
+    try:
+        rc = build_mod.main(build_args("var_tiny_256", tmp_path / "x", "--onnx-only"))
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped export.build's main (a traceback for the user)")
+    assert rc == 130 and capsys.readouterr().err == "interrupted\n"
+    assert not (tmp_path / "x").exists()
 
 
 def test_stale_manifest(fx256, tmp_path):
@@ -220,7 +281,7 @@ def test_damaged_weights_are_refused(fx256, tmp_path, capsys):
     src = exported(fx256.name, "fp32")
     m = json.loads((src / "manifest.json").read_text())
     assert m["digests"]["onnx/weights.bin"]["bytes"] == (src / "onnx" / "weights.bin").stat().st_size
-    assert set(m["digests"]) == set(m["onnx"]["files"]) | {"onnx/weights.bin"}
+    assert set(m["digests"]) == set(m["onnx"]["files"]) | {"onnx/weights.bin", "codebook.npy"}
     assert build_mod.main(["--verify", "--out-dir", str(src)]) == 0
     from var_rt.manifest import check_engine_files
     for how, why in (("flip", "does not match its recorded SHA-256"), ("cut", "weights.bin is .* bytes, the manifest")):

@@ -71,6 +71,31 @@ def test_cli_onnxruntime_backend(tmp_path):
     assert len(list((tmp_path / "o").glob("*.png"))) == 3  # 3 images on batch-2 engines: padded last chunk
 
 
+def test_export_runs_alone_without_checkpoints(tmp_path, capsys):
+    """The export holds the weights (and, since issue 25, the codebook): `--backend onnxruntime --engine-dir`
+    needs no checkpoint; the manifest still checks config and precision. Without an export, the missing
+    checkpoint's hint names real commands (no `download --model var_tiny_256`)."""
+    from var_rt.cli import main
+    fx = get_fixture("var_tiny_256")
+    d = exported("var_tiny_256", "fp32")
+    pipe = VARPipeline.load(config=fx.config_path, device="cpu", dtype="float32", backend="onnxruntime",
+                            engine_dir=d, progress=False)
+    assert pipe.var is None and pipe.vae is None
+    _check_greedy(pipe, fx)
+    with pytest.raises(EngineMismatchError, match="precision"):
+        VARPipeline.load(config=fx.config_path, device="cpu", dtype="float16", backend="onnxruntime", engine_dir=d)
+    assert main(["generate", "--config", str(fx.config_path), "--backend", "onnxruntime", "--engine-dir", str(d),
+                 "--class-labels", "3", "--device", "cpu", "--dtype", "float32", "--output-dir",
+                 str(tmp_path / "o"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
+    capsys.readouterr()
+    assert main(["generate", "--config", str(fx.config_path), "--device", "cpu", "--output-dir",
+                 str(tmp_path / "never"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no checkpoint given (--var-ckpt)") and "var_tiny_256" not in err, err
+    assert "--engine-dir" in err and not (tmp_path / "never").exists()
+
+
 def test_generation_records_no_autograd_graph():
     """The scale loop runs under no_grad: its buffers never require grad (the codebook is a Parameter)."""
     fx = get_fixture("var_tiny_256")

@@ -213,3 +213,73 @@ def test_default_workers_count_gpus_without_starting_ray():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip()) == max(1, torch.cuda.device_count())
+
+
+def _cli_sample(out, *extra):
+    fx = get_fixture("var_tiny_256")
+    return ["sample", "--config", str(fx.config_path), "--var-ckpt", str(fx.var_ckpt), "--vae-ckpt", str(fx.vae_ckpt),
+            "--device", "cpu", "--classes", "7", "--per-class", "1", "--num-workers", "1", "--output-dir", str(out),
+            "--no-progress", *extra]
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Bad outputs must be refused before any model is loaded."""
+    def load(*a, **k):
+        raise AssertionError("a model was loaded before the outputs were checked")
+    monkeypatch.setattr(VARPipeline, "load", load)
+
+
+def _one_error(capsys, rc) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("where", ["/proc/var-rt-x.npz", "a folder"])
+def test_npz_target_is_checked_before_any_work(tmp_path, capsys, no_model_work, where):
+    """`--npz` under /proc or naming a folder: one error line before the model is loaded, nothing written
+    (no output folder, no .tmp beside the folder)."""
+    from var_rt.cli import main
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    npz = str(folder) if where == "a folder" else where
+    err = _one_error(capsys, main(_cli_sample(tmp_path / "out", "--npz", npz)))
+    assert err.startswith(f"error: --npz {npz!r}"), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["folder"]
+
+
+def test_unreadable_job_file_is_one_error(tmp_path, capsys, no_model_work):
+    """A corrupt job.json: one error naming the file and what to do; the folder is left as it was."""
+    from var_rt.cli import main
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job.json").write_text('{"classes": [7], "per_cl')
+    err = _one_error(capsys, main(_cli_sample(out)))
+    assert "job.json is unreadable" in err and "Delete it and run the command that started the job again" in err
+    assert sorted(p.name for p in out.iterdir()) == ["job.json"]
+
+
+def test_sample_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys, no_model_work):
+    """A folder with PNGs (or an .npz) the job would replace but no job.json is refused, like `generate`
+    without --overwrite; sample's own folder (its .shards/ markers) without job.json is taken as its own."""
+    from var_rt.cli import main
+    from var_rt.sample import SampleJob, prepare_output
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000000_class7_seed0.png").write_bytes(b"the user's picture")
+    (out / "keep.tmp").write_bytes(b"the user's temporary file")
+    err = _one_error(capsys, main(_cli_sample(out)))
+    assert "000000_class7_seed0.png" in err and "holds no job.json" in err and "new or empty --output-dir" in err
+    assert (out / "000000_class7_seed0.png").read_bytes() == b"the user's picture"
+    assert sorted(p.name for p in out.iterdir()) == ["000000_class7_seed0.png", "keep.tmp"]
+    (out / "000000_class7_seed0.png").unlink()
+    (tmp_path / "mine.npz").write_bytes(b"npz")
+    err = _one_error(capsys, main(_cli_sample(out, "--npz", str(tmp_path / "mine.npz"))))
+    assert "mine.npz" in err and "another --npz" in err
+    job = SampleJob(model={}, classes=[7], per_class=1, seed=0, cfg=1.5, cfg_schedule="linear", top_k=900,
+                    top_p=0.96, more_smooth=False, shard_size=1000, batch_size=None)
+    (out / "000000_class7_seed0.png").write_bytes(b"left by sample")
+    (out / MARKER_DIR).mkdir()
+    assert prepare_output(out, job, out / "samples.npz") == [0]  # its own: the shard is redone
+    assert (out / "job.json").is_file() and (out / "keep.tmp").is_file()

@@ -285,6 +285,29 @@ def test_bad_checkpoint_is_one_error_line_before_ray_starts(tmp_path):
         assert time.monotonic() - t0 < 60
 
 
+def test_port_out_of_range_or_in_use_is_one_error_before_ray_starts(capsys, monkeypatch):
+    """`--port 99999` and a port another program listens on: one error line, exit 2, Ray never started."""
+    import var_rt.serve as serve_mod
+    from var_rt.cli import main
+
+    def no_ray():
+        raise AssertionError("Ray was started before the port was checked")
+
+    monkeypatch.setattr(serve_mod, "import_ray", no_ray)
+    fx = get_fixture("var_tiny_256")
+    args = ["serve", "--config", str(fx.config_path), "--var-ckpt", str(fx.var_ckpt), "--vae-ckpt", str(fx.vae_ckpt),
+            "--device", "cpu", "--port"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for value, needle in (("99999", "--port 99999 is out of range: use 1..65535"), ("0", "out of range"),
+                              (str(port), f"--port {port} is in use on 127.0.0.1")):
+            assert main(args + [value]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
 def test_cudagraph_buckets_cover_every_batch_size():
     from var_rt.serve import cudagraph_buckets
     assert cudagraph_buckets(1) == [1] and cudagraph_buckets(16) == [1, 2, 4, 8, 16]

@@ -16,7 +16,9 @@ def download(model: str, directory: str | Path = "checkpoints") -> List[Path]:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise VarRtError("downloading needs huggingface_hub: pip install 'var-rt[download]'") from None
+        raise VarRtError("downloading needs huggingface_hub, which the install line does not include: "
+                         "python -m pip install 'huggingface_hub>=0.20' (in a checkout: python -m pip install "
+                         "-e '.[download]'), then run this again") from None
     out = []
     for name in (f"var_{model}.pth", VAE_FILE):
         try:

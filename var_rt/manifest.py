@@ -31,7 +31,7 @@ def listed_files(m: dict) -> List[str]:
     """Every file of an export, relative to its directory: ONNX graphs, weights.bin, TensorRT engines."""
     names = list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]]
     names += [f"engines/{f}" for f in ((m.get("tensorrt") or {}).get("engines") or {})]
-    return names
+    return names + ([m["codebook_file"]] if m.get("codebook_file") else [])  # exports since issue 25
 
 
 def sha256_file(path: Path) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from var_rt import precision, sampling, validation
 from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
-from var_rt.config import ModelConfig, get_preset, load_config
+from var_rt.config import PRESETS, ModelConfig, get_preset, load_config
 from var_rt.engines.base import concrete_device
 from var_rt.errors import ConfigError, GpuMemoryError, InputError
 from var_rt.images import to_pil, to_uint8
@@ -101,9 +101,10 @@ class VARPipeline:
     threads are serialised by a lock (the models and caches are shared state).
     """
 
-    def __init__(self, cfg: ModelConfig, var: VAR, vae: VQVAE, device: torch.device, dtype: torch.dtype,
-                 backend: str = "torch", progress: bool = True, compile: Optional[bool] = None,
-                 engine_dir: Optional[Union[str, Path]] = None, engine_options: Optional[dict] = None):
+    def __init__(self, cfg: ModelConfig, var: Optional[VAR], vae: Optional[VQVAE], device: torch.device,
+                 dtype: torch.dtype, backend: str = "torch", progress: bool = True, compile: Optional[bool] = None,
+                 engine_dir: Optional[Union[str, Path]] = None, engine_options: Optional[dict] = None,
+                 codebook: Optional[torch.Tensor] = None):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if backend in EXPORTED and engine_dir is None:
@@ -118,9 +119,13 @@ class VARPipeline:
         # Exported backends hold their own weights: the PyTorch modules stay on the CPU (they give the
         # weight hash that the export's manifest is checked against, and the codebook).
         home = torch.device("cpu") if backend in EXPORTED else device
+        if var is None and backend not in EXPORTED:
+            raise ConfigError(f"backend {backend!r} runs the PyTorch modules: give the model's weights")
         # Matmul/conv operands in ``dtype``, everything else float32: the one precision policy.
-        self.var = precision.apply(var.to(home), dtype).eval()
-        self.vae = precision.apply(vae.to(home), dtype).eval()
+        # None for an export run alone (load without checkpoints): its weights and codebook are the export's.
+        self.var = precision.apply(var.to(home), dtype).eval() if var is not None else None
+        self.vae = precision.apply(vae.to(home), dtype).eval() if vae is not None else None
+        self._codebook = codebook  # an export's (run alone); else the VQVAE's, read when a loop is made
         self._lock = threading.Lock()
         # Inductor fusion pays where launches dominate and compile time is amortised: the CUDA-graph backend.
         self.compile = (backend == "cudagraph") if compile is None else compile
@@ -140,6 +145,11 @@ class VARPipeline:
         return self._engine
 
     @property
+    def codebook(self) -> torch.Tensor:
+        """(V, C): the VQVAE's codebook, or the export's when it runs without checkpoints."""
+        return self._codebook if self._codebook is not None else self.vae.quantize.embedding.weight
+
+    @property
     def precision(self) -> str:
         return "fp16" if self.dtype == torch.float16 else "fp32"
 
@@ -148,8 +158,8 @@ class VARPipeline:
         if self._manifest is None:
             from var_rt.manifest import load_manifest
             from var_rt.checkpoint import weights_hash
-            self._manifest = load_manifest(self.engine_dir, self.cfg, weights_hash(self.var, self.vae),
-                                           self.precision, None)
+            expected = weights_hash(self.var, self.vae) if self.var is not None else None  # None: run alone
+            self._manifest = load_manifest(self.engine_dir, self.cfg, expected, self.precision, None)
         return self._manifest
 
     def _engine_for(self, B: int):
@@ -182,7 +192,7 @@ class VARPipeline:
 
     def _loop(self, B: int):
         if B not in self._loops:
-            loop = ScaleLoop(self._engine_for(B), self.cfg, B, self.vae.quantize.embedding.weight)
+            loop = ScaleLoop(self._engine_for(B), self.cfg, B, self.codebook)
             # Capture is not an engine: any session whose steps only enqueue work can be replayed as one graph.
             capture = self.backend in ("cudagraph", "tensorrt") and loop.session.capturable
             runner = CudaGraphLoop(loop) if capture else loop
@@ -226,12 +236,22 @@ class VARPipeline:
         dt = resolve_dtype(dtype, dev)
         if random_weights and (var_ckpt or vae_ckpt):
             raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+        if backend in EXPORTED and engine_dir is not None and not random_weights and var_ckpt is None:
+            if vae_ckpt is not None:
+                raise ConfigError("--vae-ckpt without --var-ckpt: an export runs alone with neither (it holds the "
+                                  "weights), or give both to check the export against them")
+            # The export holds the weights: run it alone (its manifest checks config and precision).
+            return cls(cfg, None, None, dev, dt, backend=backend, progress=progress, compile=compile,
+                       engine_dir=engine_dir, engine_options=engine_options,
+                       codebook=exported_codebook(engine_dir, cfg, "fp16" if dt == torch.float16 else "fp32"))
         vae_ckpt = vae_ckpt or cfg.vae_checkpoint
         if not random_weights and (var_ckpt is None or vae_ckpt is None):
             missing = " and ".join(n for n, p in (("--var-ckpt", var_ckpt), ("--vae-ckpt", vae_ckpt)) if p is None)
-            raise ConfigError(f"no checkpoint given ({missing}): pass the official checkpoints "
-                              f"(`python -m var_rt download --model {cfg.name}` fetches them where there is "
-                              f"internet) or --random-weights to try the pipeline without them")
+            fetch = (f"`python -m var_rt download --model {cfg.name}` fetches them where there is internet"
+                     if cfg.name in PRESETS else "the checkpoints this config describes")
+            raise ConfigError(f"no checkpoint given ({missing}): pass the model's checkpoints ({fetch}), "
+                              f"--backend onnxruntime --engine-dir DIR to run an export (it holds the weights), "
+                              f"or --random-weights to try the pipeline without them")
         with torch.device("cpu"):
             var, vae = VAR(cfg), VQVAE(cfg.vae)
         if random_weights:
@@ -313,6 +333,9 @@ class VARPipeline:
         S = self.cfg.image_size
         if images_B3HW.dim() != 4 or images_B3HW.shape[1] != 3 or tuple(images_B3HW.shape[2:]) != (S, S):
             raise InputError(f"images must be (B, 3, {S}, {S}) for this model, got {tuple(images_B3HW.shape)}")
+        if self.vae is None:
+            raise ConfigError("encoding images (edit) runs the VQVAE's encoder in PyTorch: give --var-ckpt and "
+                              "--vae-ckpt with the export, or use --backend torch")
         with self._lock:
             x = images_B3HW.to(self.var.head.weight.device, self.dtype).mul(2).sub(1)
             return self.vae.encode_idx(x)
@@ -322,6 +345,24 @@ def _edit_rows(edit: EditSpec, rows: List[int]) -> EditSpec:
     """The edit tokens and masks of the given images (masks shared by all images pass through)."""
     pick = lambda t: t if t.shape[0] == 1 else t[rows]  # noqa: E731
     return EditSpec([pick(t) for t in edit.idx], [pick(t) for t in edit.keep])
+
+
+def exported_codebook(engine_dir, cfg: ModelConfig, precision: str) -> torch.Tensor:
+    """The VQVAE codebook (V, C) float32 an export holds, checked with the export's manifest and digests, for a
+    pipeline that runs the export without checkpoints."""
+    from var_rt.errors import EngineMismatchError
+    from var_rt.manifest import check_engine_files, load_manifest
+    m = load_manifest(engine_dir, cfg, None, precision, None)
+    name = m.get("codebook_file")
+    if not name:
+        raise EngineMismatchError(f"the export in {str(engine_dir)!r} predates exports that run alone (it has no "
+                                  f"codebook): pass --var-ckpt and --vae-ckpt, or export again with --force")
+    check_engine_files(Path(engine_dir), m, [name])
+    book = torch.from_numpy(np.load(Path(engine_dir) / name, allow_pickle=False))
+    if book.shape != (cfg.vae.vocab_size, cfg.vae.z_channels):
+        raise EngineMismatchError(f"{name} in {str(engine_dir)!r} is {tuple(book.shape)}, not "
+                                  f"({cfg.vae.vocab_size}, {cfg.vae.z_channels}): export again with --force")
+    return book.float()
 
 
 def resolve_config(model: Optional[str], config) -> ModelConfig:

@@ -7,7 +7,9 @@ shard is done when its marker ``.shards/{k:06d}.done`` exists and every PNG has 
 Each PNG is written to a temporary name, fsync'd and renamed; the marker is written the same way after all
 of them. A restart checks the sizes (a stat per file) and redoes the other shards whole, so files are
 never duplicated, missing or truncated. ``job.json`` records every option that changes the pixels; a
-restart with other options is refused.
+restart with other options is refused, and so is a new job in a folder without ``job.json`` (and without
+``.shards/``) whose files it would replace. The output folder and the ``.npz``'s target are checked before
+any model work.
 
 The random numbers of an image depend only on its class and seed, and the shards are cut into pipeline
 calls of fixed index ranges (``--batch-size``, default 32 images), so the output does not depend on the
@@ -28,6 +30,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -148,21 +151,71 @@ class ShardWorker:
         return len(idx)
 
 
-def prepare_output(out_dir: Path, job: SampleJob) -> List[int]:
-    """Create or check the output folder; return the shards still to do (markers of damaged shards removed)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER_DIR).mkdir(exist_ok=True)
+def check_outputs(out_dir: Path, given_out: str, npz_path: Optional[Path], given_npz: str) -> None:
+    """Before any model work or writing: --output-dir is (or can be made) a folder that can be written, and
+    the .npz's target is a file name (not a folder) in a location that can be written."""
+    from var_rt.options import _check_writable_folder
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--output-dir {given_out!r} exists and is a file: give a folder")
+    _check_writable_folder(out_dir, "--output-dir", given_out)
+    if npz_path is None:
+        return
+    if npz_path.is_dir():
+        raise ConfigError(f"--npz {given_npz!r} is a folder: give a file name, e.g. {str(npz_path / 'samples.npz')!r}")
+    _check_writable_folder(npz_path.parent, "--npz", given_npz)
+
+
+def foreign_files(out_dir: Path, job: SampleJob, npz_path: Optional[Path]) -> List[str]:
+    """Existing files that starting ``job`` afresh in ``out_dir`` would replace: PNGs with the names of its
+    images, and the .npz target. One listing of the folder, whatever the size of the job."""
+    names = []
+    if out_dir.is_dir():
+        for entry in os.scandir(out_dir):
+            m = _NAME.match(entry.name)
+            if m and int(m.group(1)) < job.num_images and job.name(int(m.group(1))) == entry.name:
+                names.append(entry.name)
+    if npz_path is not None and npz_path.exists():
+        names.append(str(npz_path))
+    return sorted(names)
+
+
+_NAME = re.compile(r"^(\d+)_class\d+_seed\d+\.png$")
+
+
+def prepare_output(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = None) -> List[int]:
+    """Create or check the output folder; return the shards still to do (markers of damaged shards removed).
+
+    A folder with job.json must hold the same job (resumed); one without it is a new job, and is refused
+    when it holds files the job would replace, unless it is sample's own (it has the .shards/ markers).
+    """
     jf = out_dir / JOB_FILE
+    new = json.loads(json.dumps(job.to_json()))
     if jf.exists():
-        old = json.loads(jf.read_text())
-        new = json.loads(json.dumps(job.to_json()))
+        try:
+            old = json.loads(jf.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ConfigError(f"{jf} is unreadable ({e.__class__.__name__}: {e}): it records which job made the "
+                              f"images in {out_dir}. Delete it and run the command that started the job again to "
+                              f"resume it, or use a new --output-dir") from None
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             raise ConfigError(f"{out_dir} holds another sampling job (different {', '.join(diff)}): resume it with "
                               f"the same options, or use a new --output-dir")
-    else:
+    elif not (out_dir / MARKER_DIR).is_dir():
+        taken = foreign_files(out_dir, job, npz_path)
+        if taken:
+            shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+            npz_too = npz_path is not None and str(npz_path) in taken
+            raise ConfigError(f"{len(taken)} file(s) this job would replace already exist ({shown}) and "
+                              f"{out_dir} holds no {JOB_FILE}, so they are not from `sample`: choose a new or "
+                              f"empty --output-dir" + (" and another --npz" if npz_too else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER_DIR).mkdir(exist_ok=True)
+    if not jf.exists():
         _atomic_write(jf, json.dumps(job.to_json(), indent=1).encode())
-    for tmp in out_dir.glob("*.tmp"):  # left by an interrupted write
+    for tmp in [*out_dir.glob("*.png.*.tmp"), *out_dir.glob(JOB_FILE + ".*.tmp")]:  # ours, left by an interrupted write
         tmp.unlink()
     todo = []
     for k in range(len(job.shards())):
@@ -200,10 +253,10 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
                         raise VarRtError(f"{job.name(i)} is {im.shape}, not {first.shape}: delete it and its "
                                          f"shard's marker in {MARKER_DIR}/ and run again to regenerate it")
                     f.write(np.ascontiguousarray(im, dtype=np.uint8).tobytes())
+        os.replace(tmp, npz_path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # no half-written .npz
         raise
-    os.replace(tmp, npz_path)
     return npz_path
 
 
@@ -338,8 +391,8 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
                     cfg=float(cfg), cfg_schedule=cfg_schedule, top_k=int(top_k), top_p=float(top_p),
                     more_smooth=bool(more_smooth), shard_size=shard_size, batch_size=batch_size)
     out_dir = Path(output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--output-dir {str(out_dir)!r} exists and is a file")
+    npz_path = None if npz is None else Path(npz) if npz else out_dir / "samples.npz"
+    check_outputs(out_dir, str(output_dir), npz_path, str(npz or npz_path))
     try:
         import ray
     except ImportError:
@@ -349,7 +402,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
     if num_workers > 1 and ray is None:
         raise BackendUnavailableError(f"--num-workers {num_workers} needs Ray: pip install 'var-rt[serve]' "
                                       f"(or use --num-workers 1, which runs in this process)")
-    todo = prepare_output(out_dir, job)
+    todo = prepare_output(out_dir, job, npz_path)
     kwargs = dict(pipeline_kwargs, progress=False)
     done = job.num_images - sum(len(job.shards()[k]) for k in todo)
     from tqdm import tqdm
@@ -366,9 +419,9 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
             if use_gpu and str(kwargs.get("device") or "auto") == "auto":
                 kwargs["device"] = "cuda"
             _run_ray(kwargs, out_dir, job, todo, bar, num_workers, use_gpu, _crash_at, _crash_flag)
-    if npz is None:
+    if npz_path is None:
         return None
-    return write_npz(out_dir, job, Path(npz) if npz else out_dir / "samples.npz")
+    return write_npz(out_dir, job, npz_path)
 
 
 # ---- command line -----------------------------------------------------------------------------------

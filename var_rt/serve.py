@@ -287,6 +287,37 @@ def check_limits(request_timeout_s: float, max_body_bytes: int) -> None:
         raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
 
 
+def check_port(host: str, port: int, check_free: bool = True) -> None:
+    """ConfigError for a port out of range or, when ``check_free``, one that cannot be bound on ``host`` (in use,
+    privileged, or a host that is not this machine's): found here in a second, not as a Ray traceback after
+    Ray has started. The socket is bound as the HTTP server binds it (SO_REUSEADDR: a port in TIME_WAIT is free)
+    and closed at once."""
+    import errno
+    import socket
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} is out of range: use 1..65535 (default 8000)")
+    if not check_free:
+        return
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host!r} cannot be resolved ({e}): give an address of this machine, e.g. "
+                          f"127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port} is in use on {host}: stop the program that listens there or "
+                                  f"choose another --port") from None
+            if e.errno == errno.EACCES:
+                raise ConfigError(f"--port {port} on {host} needs privileges this user lacks: choose a port "
+                                  f"above 1023") from None
+            raise ConfigError(f"--host {host} --port {port} cannot be listened on ({e.strerror}): give an "
+                              f"address of this machine and a free port") from None
+
+
 def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
     """Check the config and checkpoints here, before Ray starts, with the same errors VARPipeline.load gives.
 
@@ -309,7 +340,9 @@ def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
     var_ckpt = pipeline_kwargs.get("var_ckpt")
     vae_ckpt = pipeline_kwargs.get("vae_ckpt") or cfg.vae_checkpoint
     if var_ckpt is None or vae_ckpt is None:
-        VARPipeline.load(**pipeline_kwargs)  # raises its "no checkpoint given" ConfigError before building
+        # raises its "no checkpoint given" ConfigError before building; an export run alone is checked whole
+        VARPipeline.load(**pipeline_kwargs)
+        return
     with torch.device("meta"):
         var, vae = VAR(cfg), VQVAE(cfg.vae)
     with warnings.catch_warnings():
@@ -533,9 +566,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     for flag, v in (("--num-replicas", a.num_replicas), ("--max-batch-size", a.max_batch_size),
-                    ("--max-ongoing-requests", a.max_ongoing_requests), ("--port", a.port)):
+                    ("--max-ongoing-requests", a.max_ongoing_requests)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
+    check_port(a.host, a.port, check_free=a.address is None)  # with --address the proxy may run elsewhere
     if a.max_queued_requests is not None and a.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests must be >= 0, got {a.max_queued_requests}")
     check_limits(a.request_timeout_s, a.max_body_bytes)
