@@ -69,14 +69,28 @@ def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """FID between two Gaussians (their statistics already checked by check_stats, same D)."""
+def centred_factor(features) -> np.ndarray:
+    """A with ``A.T @ A`` = the features' covariance: the centred features over sqrt(N - 1), float64 (N, D)."""
+    f = np.asarray(features, dtype=np.float64)
+    return (f - f.mean(axis=0)) / np.sqrt(len(f) - 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, factor1=None) -> float:
+    """FID between two Gaussians (their statistics already checked by check_stats, same D).
+
+    ``factor1``: optionally A (N, D) with ``sigma1 = A.T @ A`` (centred_factor of the features). For N < D the
+    trace is then taken on the N x N matrix ``A sigma2 A.T``, which has the same nonzero eigenvalues as
+    ``sigma1 sigma2``: exact, and far cheaper than a D x D decomposition for small sets."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise InputError(f"statistics of different sizes cannot be compared: mu {mu1.shape} vs {mu2.shape}")
-    root1 = _sqrt_psd(sigma1)
-    inner = root1 @ sigma2 @ root1
+    if factor1 is not None:
+        a = np.asarray(factor1, np.float64)
+        inner = a @ sigma2 @ a.T
+    else:
+        root1 = _sqrt_psd(sigma1)
+        inner = root1 @ sigma2 @ root1
     eig = np.linalg.eigvalsh((inner + inner.T) / 2)
     tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
     diff = mu1 - mu2

@@ -381,10 +381,20 @@ def evaluate(p: Plan, weights: Optional[str] = None, device: str = "auto", batch
     def stats_of(side: Side) -> Tuple[np.ndarray, np.ndarray]:
         return side.stats if side.stats is not None else fid.feature_stats(feats[side.what][0])
 
+    def small_factor(side: Side) -> Optional[np.ndarray]:
+        """The covariance's factor when the side has fewer images than features (a cheaper, exact FID)."""
+        if side.stats is None and side.num_images < fid.FEATURE_DIM:
+            return fid.centred_factor(feats[side.what][0])
+        return None
+
     samples_stats = stats_of(p.samples)
     metrics: Dict[str, Optional[float]] = dict(fid=None, inception_score=None, precision=None, recall=None)
     if p.ref is not None:
-        metrics["fid"] = fid.frechet_distance(*samples_stats, *stats_of(p.ref))
+        ref_stats = stats_of(p.ref)
+        if small_factor(p.ref) is not None and small_factor(p.samples) is None:  # FID is symmetric
+            metrics["fid"] = fid.frechet_distance(*ref_stats, *samples_stats, factor1=small_factor(p.ref))
+        else:
+            metrics["fid"] = fid.frechet_distance(*samples_stats, *ref_stats, factor1=small_factor(p.samples))
     if "inception_score" not in p.not_computed:
         metrics["inception_score"] = fid.inception_score(feats["SAMPLES"][1])
     if "precision" not in p.not_computed:
