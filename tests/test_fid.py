@@ -92,6 +92,10 @@ def test_precision_recall_is_the_direct_computation():
     assert fid.precision_recall(ref, smp) == pytest.approx(want)
     assert fid.precision_recall(ref, smp, block=5) == pytest.approx(want)  # blocks change nothing
     assert fid.precision_recall(ref, ref) == (1.0, 1.0)
+    # A tie counts as inside: 6 lies exactly on the radius of 3 (its 3rd neighbour, 0, is 9 away, squared).
+    line = np.array([[0], [1], [2], [3]], np.float32)
+    far = np.array([[6], [10], [20], [30]], np.float32)
+    assert fid.precision_recall(line, far) == pytest.approx(_direct_pr(line, far, 3)) == (0.25, 1.0)
 
 
 def test_distances_in_float16_with_the_float32_fallback():
