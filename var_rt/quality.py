@@ -258,7 +258,7 @@ def resolve_weights(given: Optional[str], progress: bool = True) -> Path:
     except OSError as e:  # URLError, timeouts, refused connections, an unwritable cache
         reason = one_reason(e)
         raise ConfigError(f"the InceptionV3 weights could not be downloaded from {WEIGHTS_URL} ({reason}). Either "
-                          f"run where that address can be reached (the file, 91 MB, is kept in {cached}), or download "
+                          f"run where that address can be reached (the file, about 95 MB, is kept in {cached}), or download "
                           f"it elsewhere and pass --inception-weights FILE") from None
     return cached
 
@@ -275,8 +275,8 @@ def _inception_class():
     torchvision wheels are CUDA builds that do not import beside a CPU build of torch (and CI installs
     torch-fidelity without it). The InceptionV3 module needs torch alone, so when the package does not import,
     that module is imported on its own, under an empty stand-in for the package."""
-    if importlib.util.find_spec("torch_fidelity") is None or importlib.util.find_spec("scipy") is None:
-        raise BackendUnavailableError(f"FID needs torch-fidelity and scipy: {INSTALL_HINT}")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise BackendUnavailableError(f"the InceptionV3 features need torch-fidelity: {INSTALL_HINT}")
     name = "torch_fidelity.feature_extractor_inceptionv3"
     try:
         return importlib.import_module(name).FeatureExtractorInceptionV3
