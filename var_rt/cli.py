@@ -1,4 +1,4 @@
-"""Command line: ``python -m var_rt generate|edit|sample|serve|download``.
+"""Command line: ``python -m var_rt generate|edit|sample|serve|fid|download``.
 
 Each command parses with argparse (kebab-case flags), validates once into a frozen
 dataclass, and only then touches models or files: a bad request writes nothing.
@@ -20,6 +20,7 @@ from var_rt.edit import add_edit_parser
 from var_rt.errors import VarRtError, one_line
 from var_rt.options import (ModelOptions, Outputs, SamplingOptions, add_model_args, add_overwrite_arg,
                             add_sampling_args, load_pipeline)
+from var_rt.quality import add_fid_parser
 from var_rt.sample import add_sample_parser
 from var_rt.serve import add_serve_parser
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(sub)
     add_serve_parser(sub)
     add_sample_parser(sub)
+    add_fid_parser(sub)
 
     d = sub.add_parser("download", help="fetch official checkpoints (needs internet)")
     d.add_argument("--model", required=True, help="d16, d20, d24, d30 or d36")

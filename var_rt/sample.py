@@ -22,6 +22,9 @@ the format of the standard FID evaluator; it is written streaming, so memory sta
 
 Workers are Ray actors (one GPU each; ``--num-workers`` for CPU workers); ``--num-workers 1`` runs in this
 process and does not need Ray.
+
+``--fid-ref REF`` then compares the ``.npz`` with REF (var_rt.quality: FID, Inception Score, precision/recall) and
+writes the metrics beside it; REF and the extractor's weights are checked before sampling starts.
 """
 from __future__ import annotations
 
@@ -32,14 +35,16 @@ import json
 import os
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError, one_line
 from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule
+from var_rt.quality import add_inception_args
 from var_rt.sampling import DEFAULTS
 
 MARKER_DIR = ".shards"
@@ -450,12 +455,25 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--npz", default="", help="the .npz to write at the end (default OUTPUT_DIR/samples.npz)")
     g.add_argument("--no-npz", action="store_true", help="do not write the .npz")
     g.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--fid-ref", metavar="REF",
+                   help="when the .npz is written (also after a resume), compare it with REF (see `fid --help`: "
+                        "e.g. VIRTUAL_imagenet256_labeled.npz) and write the metrics beside it (samples.fid.json)")
+    add_inception_args(e)
     p.set_defaults(func=cmd_sample)
     return p
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
     kwargs = ModelOptions.from_args(a).pipeline_kwargs(absolute_paths=True)
+    reference = None
+    if a.fid_ref is not None:  # checked, and the extractor's weights found, before hours of sampling
+        if a.no_npz:
+            raise ConfigError("--fid-ref evaluates the .npz that sample writes at the end: drop --no-npz")
+        from var_rt.quality import prepare_reference
+        reference = prepare_reference(a.fid_ref, a.inception_weights, progress=not a.no_progress)
+    elif a.inception_weights is not None:
+        raise ConfigError("--inception-weights is used with --fid-ref REF only")
     if a.address and a.num_workers != 1:
         try:
             import ray
@@ -467,4 +485,11 @@ def cmd_sample(a: argparse.Namespace) -> int:
                       top_p=a.top_p, more_smooth=a.more_smooth, batch_size=a.batch_size, shard_size=a.shard_size,
                       num_workers=a.num_workers, npz=None if a.no_npz else a.npz, progress=not a.no_progress)
     print(f"all images in {a.output_dir}" + (f"; wrote {path}" if path else ""))
+    if reference is not None:
+        from var_rt.quality import evaluate_samples_npz
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            evaluate_samples_npz(path, *reference, device=kwargs.get("device") or "auto", progress=not a.no_progress)
+        for message in dict.fromkeys(one_line(w.message) for w in held):
+            print(f"warning: {message}", file=sys.stderr)
     return 0
