@@ -209,24 +209,6 @@ def test_qk_norm_kv_write_rejects_rows_outside_the_cache():
     assert (ck == POISON).all()
 
 
-# ---- 3. fc1 + GELU ------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("gelu", [True, False])
-def test_linear_gelu(dtype, gelu):
-    gen = torch.Generator().manual_seed(8)
-    M_, Kd, N = 37, 96, 80  # not multiples of the tiles
-    x = torch.randn(2, M_ // 2 + 1, Kd, generator=gen).to(dtype).to(DEV)
-    w = (torch.randn(N, Kd, generator=gen) / Kd ** 0.5).to(dtype).to(DEV)
-    b = (torch.randn(N, generator=gen) * 0.1).to(dtype).to(DEV)
-    out = K.linear_gelu(x, w, b, gelu=gelu)
-    ref = F.linear(x, w, b)  # what precision.linear computes for an input already in the weight dtype
-    if gelu:
-        ref = F.gelu(ref, approximate="tanh")
-    bound = 4 * torch.finfo(F32).eps * Kd ** 0.5 * (x.double().abs() @ w.double().abs().T + b.double().abs())
-    assert_matches(out, ref, "linear_gelu", atol=bound if dtype == F32 else None)
-
-
 # ---- a block and a step with the kernels ------------------------------------------------------
 
 def _model(name, dtype):
@@ -315,6 +297,9 @@ def test_engine_with_block_kernels_gives_the_reference_tokens(fx256):
     from var_rt.engines.torch_engine import TorchEngine
     from var_rt.runtime import SamplingParams, ScaleLoop
 
+    from var_rt.kernels import block
+    if not block.available(fx256.var.head.weight):
+        pytest.skip("the fixture's CPU model needs the Triton interpreter (a GPU machine runs Triton on CUDA)")
     params = SamplingParams(cfg=1.5, top_k=50, top_p=0.9)
     labels, seeds = fx256.cases["labels"][:1], torch.arange(1)  # one image: the interpreter is slow
     out = []

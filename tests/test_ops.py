@@ -350,7 +350,9 @@ def test_transition_cuda_compute_dtype_policy(P, si, dtype):
         nxt = _poison(torch.empty(3, pn_next ** 2, 32, device="cuda", dtype=dtype)) if pn_next else None
         ops.scale_transition(f_hat, h, w, b, r, pn_next, nxt)
         torch.cuda.synchronize()
-        torch.testing.assert_close(f_hat.double(), ref_f, rtol=2e-5, atol=2e-5)
+        # The reference upsamples in float64, the kernel in float32: where the two land on either side of
+        # a rounding boundary of the compute dtype, one conv input differs by one ulp (|w| r ulp ~ 1e-4).
+        torch.testing.assert_close(f_hat.double(), ref_f, rtol=2e-5, atol=1e-3 if dtype == torch.bfloat16 else 2e-4)
         tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
         torch.testing.assert_close(f_hat, pol_f, rtol=tol, atol=tol)
         if pn_next:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -75,7 +75,8 @@ class TorchEngine:
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
-                 block_kernels: bool = False, conv_autotune: bool = True, block_gelu: str = "triton"):
+                 block_kernels: Optional[bool] = None, q_blhc: bool = True,
+                 attention_backend: Optional[str] = None):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -86,14 +87,16 @@ class TorchEngine:
         # The fused CUDA transition (one launch per scale; any compute dtype, var_rt.precision).
         self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
         self.fused = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
-        # Opt-in until timed on a GPU: each step through var_rt.kernels.block (8 launches per block, ~12 now).
+        # Each step through var_rt.kernels.block (9 launches per block instead of ~15): on by default with
+        # compile on CUDA (the cudagraph backend), where it measured faster (benchmarks/NOTES.md).
+        if block_kernels is None:
+            block_kernels = self.fused
         self.block_kernels = bool(block_kernels) and block_kernel_ops.available(var.head.weight)
-        self.block_gelu = block_gelu  # fc1 + GELU of the block kernels: "triton" or "cublaslt" (A/B on a GPU)
+        self.q_blhc = q_blhc  # A/B: q (and so attention's output) laid out (B, l, H, c)
+        # A/B: None = PyTorch's choice, else "flash", "efficient", "cudnn" or "math" for the steps' attention.
+        self.attention_backend = attention_backend
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
-        # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
-        # heuristics, for this engine's decoder calls only (the process-wide flag is left as it is).
-        self.conv_autotune = bool(conv_autotune and self.device.type == "cuda")
         self._decode = None
         if compile and self.device.type == "cuda":
             # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
@@ -119,12 +122,8 @@ class TorchEngine:
         kind, _, si = graph.partition("_")
         if kind == "step":
             self._step(int(si), inputs, outputs)
-        elif graph == "decode":
-            with self._conv_flags():
-                if self._decode is not None:
-                    outputs["image"].copy_(self._decode(inputs["f_hat"].contiguous(memory_format=torch.channels_last)))
-                else:
-                    self._run_module(graph, inputs, outputs)
+        elif graph == "decode" and self._decode is not None:
+            outputs["image"].copy_(self._decode(inputs["f_hat"].contiguous(memory_format=torch.channels_last)))
         elif kind == "transition" and self.use_ops:
             self._transition_fused(int(si), inputs, outputs)
         else:
@@ -136,25 +135,23 @@ class TorchEngine:
         for name, value in zip(self.graphs[graph].output_names, result):
             outputs[name].copy_(value)
 
-    @contextlib.contextmanager
-    def _conv_flags(self):
-        """cudnn.benchmark on for this call when ``conv_autotune`` (restored after; nothing else changed)."""
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = before or self.conv_autotune
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.benchmark = before
+    def _attention(self):
+        if self.attention_backend is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.attention_backend])
 
     def _step(self, si: int, inputs, outputs) -> None:
         b, e = self._ranges[si]
         kv = KVCache(inputs["cache_k"], inputs["cache_v"]).provider(b, e)
         cond = Condition(inputs["ada_blocks"], inputs["ada_head"], None)
-        if self.block_kernels:
-            logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"],
-                                                 inputs["cache_v"], b, self.block_gelu)
-        else:
-            logits = self.var.step(inputs["x"], cond, kv, fused=self.fused)
+        with self._attention():
+            if self.block_kernels:
+                logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"],
+                                                     inputs["cache_v"], b, self.q_blhc)
+            else:
+                logits = self.var.step(inputs["x"], cond, kv, fused=self.fused)
         outputs["logits"].copy_(guide(logits, inputs["cfg_t"]))
 
     def _transition_fused(self, si: int, inputs, outputs) -> None:

@@ -14,8 +14,8 @@ operation:
   normalised k and plain v written straight into the static KV cache at [begin, begin + l)
   (reference ``split_heads_l2`` then the cache copy of ``var_rt.engines.torch_engine.KVCache``); also without
   the L2 norm (plain split, ``attn_l2_norm=False``).
-* ``linear_gelu``: fc1 with its tanh-GELU in the GEMM epilogue (reference
-  ``F.gelu(linear(x, fc1), approximate="tanh")``), float32 accumulation.
+* ``fc1_gelu``: fc1 with its tanh-GELU in cuBLASLt's GEMM epilogue on CUDA (reference
+  ``F.gelu(linear(x, fc1), approximate="tanh")``).
 
 ``fused_block_forward`` and ``fused_step`` compose them into ``AdaLNSelfAttn.forward`` and
 ``VAR.step`` for inference with a static cache. Nothing calls them by default: they are the hook for
@@ -132,50 +132,6 @@ if triton is not None:
         tl.store(q_ptr + b * sq_b + hd * sq_h + t * sq_l + dj, q, mask=m)
         tl.store(k_ptr + b * sk_b + hd * sk_h + (begin + t) * sk_l + dj, k, mask=m)
         tl.store(v_ptr + b * sv_b + hd * sv_h + (begin + t) * sv_l + dj, v, mask=m)
-
-    @triton.jit
-    def _linear_gelu_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K, sx_m, sw_n, so_m,
-                            GELU: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """o = act(round(x @ w.T + b)) for one (BLOCK_M, BLOCK_N) tile, float32 accumulation."""
-        pm = tl.program_id(0)
-        pn = tl.program_id(1)
-        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        mm = rm < M
-        nm = rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            km = (k0 + rk) < K
-            a = tl.load(x_ptr + rm[:, None].to(tl.int64) * sx_m + (k0 + rk)[None, :],
-                        mask=mm[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_ptr + rn[None, :].to(tl.int64) * sw_n + (k0 + rk)[:, None],
-                        mask=nm[None, :] & km[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) of w.T
-            if UPCAST:  # the interpreter's dot multiplies bfloat16's raw bits: give it exact float32 copies
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:  # float32 weights: a float32 product, not TF32 (the FP32 policy has no TF32)
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
-        acc += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
-        # Rounded to the weight dtype first: the reference's GELU reads linear()'s rounded output.
-        h = _cast(acc, o_ptr.dtype.element_ty).to(tl.float32)
-        if GELU:
-            # 0.5 h (1 + tanh(u)) == h * sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3); the sigmoid
-            # form has no cancellation where tanh(u) ~ -1 and overflows to the right limits (0, h).
-            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-            h = h / (1.0 + tl.exp(-2.0 * u))
-        tl.store(o_ptr + rm[:, None].to(tl.int64) * so_m + rn[None, :], _cast(h, o_ptr.dtype.element_ty),
-                 mask=mm[:, None] & nm[None, :])
-
-
-_INTERPRETED = INTERPRETED  # the interpreter handles bfloat16 differently (see _cast and UPCAST)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks (metadata only: no sync, fine inside a CUDA-graph capture)
-# ----------------------------------------------------------------------------------------------
 
 def _need(ok: bool, msg: str) -> None:
     if not ok:
@@ -386,46 +342,21 @@ def qk_norm_kv_write(qkv: torch.Tensor, scale_mul: Optional[torch.Tensor], heads
 # fc1 + GELU
 # ----------------------------------------------------------------------------------------------
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = True,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.gelu(F.linear(x, weight, bias), approximate="tanh")`` as autocast runs it, in one launch.
-
-    Float32 accumulation (IEEE float32 products for float32 weights, not TF32); ``x @ w.T + b`` is
-    rounded to the weight dtype before the GELU (the reference's GELU reads ``linear``'s output), the
-    GELU in float32, the result in the weight dtype. A small tiled GEMM: for the batch-1 token counts
-    of VAR (M = 2 .. 512 rows) its epilogue saves the GELU's launch and its round trip.
-
-    Args:
-        x: (..., K) in the weight dtype, unit last stride and rows of one stride.
-        weight: (N, K), unit last stride; bias: (N,).
-        gelu: False gives the plain linear (used to test the GEMM on its own).
-        out: (..., N) in the weight dtype, or None to allocate.
-    """
-    _check_runnable(x, "linear_gelu")
-    N, K = weight.shape
-    _need(x.shape[-1] == K and x.dtype == weight.dtype,
-          f"x must be (..., {K}) in the weight dtype {weight.dtype}, got {x.dtype} {tuple(x.shape)}")
-    _dtype(weight.dtype, "weight")
-    x2 = x.reshape(-1, K)
-    _need(x2.stride(-1) == 1 and weight.stride(-1) == 1 and bias.shape == (N,) and bias.is_contiguous(),
-          "x and weight need unit last strides and bias must be a contiguous (N,) vector")
-    M = x2.shape[0]
-    if out is None:
-        out = torch.empty(x.shape[:-1] + (N,), dtype=weight.dtype, device=x.device)
-    o2 = out.view(-1, N)
-    _need(o2.stride(-1) == 1 and out.dtype == weight.dtype, "out must be (..., N) in the weight dtype, unit last stride")
-    if M:
-        bm = 16 if M <= 16 else 32 if M <= 64 else 64
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, 64))
-        _linear_gelu_kernel[grid](x2, weight, bias, o2, M, N, K, x2.stride(0), weight.stride(0), o2.stride(0),
-                                  GELU=gelu, IEEE=weight.dtype == torch.float32,
-                                  UPCAST=_INTERPRETED and weight.dtype == torch.bfloat16,
-                                  BLOCK_M=bm, BLOCK_N=64, BLOCK_K=32, num_warps=4, enable_fp_fusion=False)
-    return out
+def fc1_gelu(h: torch.Tensor, fc1) -> torch.Tensor:
+    """The FFN's fc1 with its tanh-GELU: on CUDA one launch, cuBLASLt's bias + GELU epilogue
+    (``torch._addmm_activation``; the GELU reads the float32 accumulator, so the output is rounded once
+    where the reference rounds fc1's output and then the GELU's). Elsewhere the reference arithmetic.
+    Measured on an H200 against a Triton GEMM with the same epilogue (benchmarks/NOTES.md): faster at
+    every batch size, so the Triton one was deleted."""
+    if not h.is_cuda:
+        return F.gelu(F.linear(h, fc1.weight, fc1.bias), approximate="tanh")
+    C = h.shape[-1]
+    out = torch._addmm_activation(fc1.bias, h.reshape(-1, C), fc1.weight.t(), use_gelu=True)
+    return out.view(*h.shape[:-1], -1)
 
 
 # ----------------------------------------------------------------------------------------------
-# A block and a step with the kernels (the hook to wire and time on a GPU)
+# A block and a step with the kernels
 # ----------------------------------------------------------------------------------------------
 
 def _ada(ada_B6C: torch.Tensor, k: int) -> torch.Tensor:
@@ -433,33 +364,26 @@ def _ada(ada_B6C: torch.Tensor, k: int) -> torch.Tensor:
     return ada_B6C[:, k]
 
 
-def fc1_gelu(h: torch.Tensor, fc1, gelu: str) -> torch.Tensor:
-    """The FFN's fc1 with its tanh-GELU in one launch: ``gelu="triton"`` (``linear_gelu``, fc1's output
-    rounded before the GELU, as the reference) or ``"cublaslt"`` (cuBLASLt's bias+GELU epilogue through
-    ``torch._addmm_activation``: the GELU reads the float32 accumulator, one rounding instead of two)."""
-    if gelu == "triton":
-        return linear_gelu(h, fc1.weight, fc1.bias)
-    C = h.shape[-1]
-    out = torch._addmm_activation(fc1.bias, h.reshape(-1, C), fc1.weight.t(), use_gelu=True)
-    return out.view(*h.shape[:-1], -1)
-
-
 def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, cache_k: torch.Tensor,
-                cache_v: torch.Tensor, begin: int, gelu: str = "triton") -> Tuple[torch.Tensor, torch.Tensor]:
+                cache_v: torch.Tensor, begin: int, q_blhc: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """From the modulated LN ``h`` of x to (x after the attention residual, the FFN's output y)."""
     attn, ffn = block.attn, block.ffn
     B, l, C = x.shape
     w = attn.mat_qkv.weight
     qkv = F.linear(h, w, attn.qkv_bias())                                   # GEMM (bias in its epilogue)
-    q = qk_norm_kv_write(qkv, attn.scale_mul_1H11 if attn.l2_norm else None, attn.heads,
-                         cache_k, cache_v, begin)                            # q/k norm + K/V write
+    H = attn.heads
+    # q laid out (B, l, H, c) in memory: attention then writes its output that way too, and the transpose
+    # back to (B, l, C) for proj is a view instead of a copy (``q_blhc=False``: (B, H, l, c), for A/B).
+    q_out = torch.empty((B, l, H, C // H), dtype=qkv.dtype, device=qkv.device).transpose(1, 2) if q_blhc else None
+    q = qk_norm_kv_write(qkv, attn.scale_mul_1H11 if attn.l2_norm else None, H,
+                         cache_k, cache_v, begin, q_out)                     # q/k norm + K/V write
     end = begin + l
     o = F.scaled_dot_product_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], scale=attn.softmax_scale)
     a = F.linear(o.transpose(1, 2).reshape(B, l, C), attn.proj.weight, attn.proj.bias)
     ada_dt = block.ada_dtype
     x, h2 = residual_modulated_ln(x, a, _ada(ada_B6C, 0), _ada(ada_B6C, 3), _ada(ada_B6C, 5), block.eps,
                                   w.dtype, ada_dtype=ada_dt)                # residual + LN
-    f = fc1_gelu(h2, ffn.fc1, gelu)                                         # fc1 + GELU
+    f = fc1_gelu(h2, ffn.fc1)                                               # fc1 + GELU
     return x, F.linear(f, ffn.fc2.weight, ffn.fc2.bias)                    # fc2
 
 
@@ -487,7 +411,7 @@ def fused_block_forward(block, x_BlC: torch.Tensor, ada_B6C: torch.Tensor, cache
 
 
 def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: torch.Tensor,
-               begin: int, gelu: str = "triton") -> torch.Tensor:
+               begin: int, q_blhc: bool = True) -> torch.Tensor:
     """``VAR.step(x, cond, KVCache(cache_k, cache_v).provider(begin, begin + l))`` with the kernels.
 
     Each block's FFN residual is folded into the next block's first modulated LayerNorm, the last
@@ -511,7 +435,7 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
                      ada_dtype=first.ada_dtype)
     x = x_BlC
     for i, blk in enumerate(blocks):
-        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin, gelu)
+        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin, q_blhc)
         if i + 1 < len(blocks):
             nxt = blocks[i + 1]
             scale, shift = _ada(ada[i + 1], 2), _ada(ada[i + 1], 4)
