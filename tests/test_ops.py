@@ -352,7 +352,7 @@ def test_transition_cuda_compute_dtype_policy(P, si, dtype):
         torch.cuda.synchronize()
         # The reference upsamples in float64, the kernel in float32: where the two land on either side of
         # a rounding boundary of the compute dtype, one conv input differs by one ulp (|w| r ulp ~ 1e-4).
-        torch.testing.assert_close(f_hat.double(), ref_f, rtol=2e-5, atol=1e-3 if dtype == torch.bfloat16 else 2e-4)
+        torch.testing.assert_close(f_hat.double(), ref_f, rtol=2e-5, atol=5e-3 if dtype == torch.bfloat16 else 1e-3)
         tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
         torch.testing.assert_close(f_hat, pol_f, rtol=tol, atol=tol)
         if pn_next:
