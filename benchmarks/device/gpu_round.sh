@@ -11,8 +11,10 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv >"$OUT/gpu.txt"
 t0=$(date +%s)
-if ! PYTHON=$PY bash csrc/build.sh >"$OUT/build.log" 2>&1; then tail -30 "$OUT/build.log"; exit 1; fi
-echo "extension built in $(( $(date +%s) - t0 )) s"
+if [ -n "${SKIP_BUILD:-}" ] && ls var_rt/_var_rt_ops*.so >/dev/null 2>&1; then
+  echo "extension already built"
+elif ! PYTHON=$PY bash csrc/build.sh >"$OUT/build.log" 2>&1; then tail -30 "$OUT/build.log"; exit 1
+else echo "extension built in $(( $(date +%s) - t0 )) s"; fi
 VARIANTS=${VARIANTS:-"default no-ops:use_ops=0 no-autotune:conv_autotune=0 block-kernels:block_kernels=1"}
 for step in "$@"; do
   t=$(date +%s)
@@ -25,7 +27,7 @@ for step in "$@"; do
     profile)
       args=(); for v in $VARIANTS; do args+=(--variant "$v"); done
       $PY -m benchmarks.profile --model ${MODEL:-d16} --batch-sizes ${BATCHES:-1 64} "${args[@]}" ${PROFILE_ARGS:-} \
-        --out "$OUT/profile-${MODEL:-d16}.json" 2>&1 | grep -v Warning | cut -c1-400 ;;
+        --out "$OUT/profile-${MODEL:-d16}${PROFILE_TAG:-}.json" 2>&1 | grep -v Warning | cut -c1-400 ;;
     bench)
       $PY -m benchmarks.bench --model d16 d30 --batch-sizes 1 64 --backends cudagraph --baselines official \
         --dtype float16 --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench" \
