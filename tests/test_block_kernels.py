@@ -277,10 +277,11 @@ def test_fused_step_gives_the_reference_tokens(name, dtype):
         out = K.fused_step(var, x, cond, k, v, begin)
         assert out.dtype == F32
         assert_rows_close(out, ref, dtype, f"scale {si} logits")
-        if dtype != F32:  # the same roundings: most FP16 logits are bit-equal (seen 75-100%; a missed
-            # rounding of the head's scale.add(1), within the tolerance above, leaves 39-45%)
+        if dtype != F32:  # nearly the same roundings: many FP16 logits are bit-equal. fc1's GELU reads the
+            # float32 accumulator on CUDA (cuBLASLt's epilogue: one rounding where the reference has two):
+            # seen 57.6% on the H200; a missed rounding of the head's scale.add(1) left 39-45%.
             same = (out == ref).double().mean().item()
-            assert same >= 0.6, f"scale {si}: only {same:.1%} of the logits equal the reference's"
+            assert same >= 0.5, f"scale {si}: only {same:.1%} of the logits equal the reference's"
         mix = lambda t: 2.0 * t[:B] - t[B:]  # noqa: E731 guidance 1.0, as the graphs' guide
         tokens = sampling.sample_tokens(mix(ref), seeds, si, 900, 0.95)
         assert torch.equal(sampling.sample_tokens(mix(out), seeds, si, 900, 0.95), tokens), f"scale {si}"
