@@ -36,6 +36,12 @@ def _first_sentence(text: str) -> str:
 def _load_error(e: Exception, what: str, path: Path) -> CheckpointError:
     """torch.load's failure as one message a user can act on."""
     text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower() and "GLOBAL" not in text:
+        # The weights-only unpickler stopped at a byte that is no pickle instruction it knows (e.g.
+        # "Unsupported operand 33"): random or foreign bytes, not a file that pickles Python objects.
+        return CheckpointError(
+            f"{what} checkpoint {str(path)!r} is not a PyTorch checkpoint (its bytes are not a saved state_dict): "
+            f"give the official .pth file, or download it again")
     if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower():
         # The file pickles Python objects besides tensors. Loading it anyway (weights_only=False) would run
         # code from the file, so the message names what is inside and never suggests that.
@@ -185,6 +191,15 @@ def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: st
             msg += f". {hint}"
         raise CheckpointError(msg)
     sd = {k: v for k, v in sd.items() if not _TOLERATED.match(k)}
+    # load_state_dict copies into the model's tensors, casting silently: an int64 pos_start would load
+    # truncated to whole numbers. Floating weights must come from floating tensors.
+    expected = model.state_dict()
+    kinds = [f"{k} is {str(v.dtype).replace('torch.', '')}" for k, v in sd.items()
+             if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
+    if kinds:
+        raise CheckpointError(f"{what} checkpoint {path!r} holds non-floating tensors where the model has floating "
+                              f"weights ({_fmt(kinds, str)}): the file is corrupt or was not saved from this model; "
+                              f"download it again")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{what} checkpoint {path!r} holds NaN or infinite values (in {_fmt(bad, str)}): the "

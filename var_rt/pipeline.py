@@ -246,9 +246,12 @@ class VARPipeline:
         return validation.class_ids(labels, self.cfg.var.num_classes)
 
     def plan(self, class_labels: Optional[Sequence[int]], num_images: Optional[int],
-             seed: Union[int, Sequence[int]]) -> tuple[List[int], List[int]]:
-        """Resolve labels and per-image seeds (seed + i unless a list is given); labels drawn from seeds if None."""
-        labels, seeds = validation.image_plan(class_labels, num_images, seed, self.cfg.var.num_classes)
+             seed: Union[int, Sequence[int]], cli: bool = False) -> tuple[List[int], List[int]]:
+        """Resolve labels and per-image seeds (seed + i unless a list is given); labels drawn from seeds if None.
+
+        cli: name the values by their flags (``--num-images``) in messages.
+        """
+        labels, seeds = validation.image_plan(class_labels, num_images, seed, self.cfg.var.num_classes, cli)
         if labels is None:
             labels = sampling.random_labels(torch.tensor(seeds), self.cfg.var.num_classes).tolist()
         return labels, seeds
