@@ -128,6 +128,7 @@ _IGNORED = {
 # Smallest allowed value of each integer field (1 where not listed) and of the positive float fields.
 _INT_MINIMUM = {"share_quant_resi": 0, "default_qresi_counts": 0}
 _POSITIVE_FLOATS = ("mlp_ratio", "norm_eps")
+_REQUIRED_VAR = ("depth", "embed_dim", "num_heads")
 _GROUPS = 32  # the VQVAE's GroupNorm: every channel count must be a multiple of it
 
 
@@ -192,6 +193,12 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"config file {str(path)!r} must be a JSON object with 'var' and 'vae' sections")
     vae = _take(raw["vae"], VQVAEConfig, f"{path}: vae", {"v_patch_nums": "patch_nums"}, _IGNORED["vae"])
     var = _take(raw["var"], VARConfig, f"{path}: var", None, _IGNORED["var"])
+    # The transformer's size has no default worth taking silently (the dataclass's are d16's): with
+    # --random-weights nothing else would say the config meant another model.
+    missing = [f"var.{k}" for k in _REQUIRED_VAR if k not in raw["var"]]
+    if missing:
+        raise ConfigError(f"{path}: {', '.join(missing)} missing: a config gives the transformer's size "
+                          f"({', '.join(f'var.{k}' for k in _REQUIRED_VAR)}; e.g. d16: 16, 1024, 16)")
     var_pn = raw["var"].get("patch_nums")
     if var_pn is not None and (not isinstance(var_pn, list) or tuple(var_pn) != vae.patch_nums):
         raise ConfigError(f"{path}: var.patch_nums {var_pn} differs from vae.v_patch_nums {list(vae.patch_nums)}")

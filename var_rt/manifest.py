@@ -107,10 +107,32 @@ def load_manifest(out_dir: str | Path, expected_cfg: Optional[ModelConfig], expe
                         f"these are {expected_weights_hash[:12]}): the export is stale")
     if batch is not None and batch not in m.get("batch_sizes", []):
         problems.append(f"batch size {batch} was not built (built: {m.get('batch_sizes')})")
+    problems += _unlisted_graphs(m)
     if problems:
         raise EngineMismatchError(f"export {str(out_dir)!r} does not match: " + "; ".join(problems)
                                   + ". Export again (python -m export.build ... --force) or use matching settings")
     return m
+
+
+def _unlisted_graphs(m: dict) -> List[str]:
+    """Every batch size the manifest lists must have every graph the export holds for any batch size
+    (``{graph}.b{B}.onnx``), so a hand-edited or mixed-up manifest is one error before anything runs,
+    not a KeyError in the middle of opening sessions."""
+    try:
+        files = m["onnx"]["files"]
+        sizes = list(m["batch_sizes"])
+        graphs = sorted({e["graph"] for e in files.values() if e.get("batch") is not None})
+    except (KeyError, TypeError, AttributeError):
+        return ["the manifest has no valid onnx file list or batch sizes (export again with --force)"]
+    if not graphs:
+        return ["the manifest lists no fixed-shape graphs (export again with --force)"]
+    out = []
+    for B in sizes:
+        missing = [f"onnx/{g}.b{B}.onnx" for g in graphs if f"onnx/{g}.b{B}.onnx" not in files]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            out.append(f"batch size {B} is listed but its graphs are not ({shown})")
+    return out
 
 
 def check_engine_files(out_dir: str | Path, m: dict, names: Sequence[str], content: bool = True) -> None:

@@ -105,8 +105,11 @@ def count(value, name: str) -> Optional[int]:
 
 def image_count(value, name: str) -> Optional[int]:
     """An optional number of images of one call: None, or an integer in [1, MAX_IMAGES]."""
-    return None if value is None else integer(value, name, minimum=1, maximum=MAX_IMAGES,
-                                              hint="images of one run; `sample` writes larger sets")
+    n = count(value, name)
+    if n is not None and n > MAX_IMAGES:
+        raise InputError(f"{name} must be <= {MAX_IMAGES} (the images of one run are held in memory until they "
+                         f"are written): split the run, or use `python -m var_rt sample` for larger sets, got {n}")
+    return n
 
 
 def _check_total(n: int, what: str) -> None:
