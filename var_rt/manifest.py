@@ -163,3 +163,73 @@ def check_engine_files(out_dir: str | Path, m: dict, names: Sequence[str], conte
         raise EngineMismatchError(f"export {str(out_dir)!r} is damaged: " + "; ".join(problems)
                                   + ". Copy it again or export again with --force")
 
+
+
+# ---- weights.bin against the caller's weights ------------------------------------------------------------
+# The file digests only say that the files are the ones the manifest lists; a weights.bin replaced together
+# with its digest passes them. This ties weights.bin to the weights themselves: every tensor the graphs read
+# from it must be one of the caller's tensors (as the precision policy casts them, or its transpose, which
+# the exporter makes for MatMul), or one of the few constants the exporter folded from them (the position
+# rows per scale, the q/k/v bias, the codebook's squares), which are listed in the manifest at export time
+# and may make up at most FOLDED_MAX_SHARE of weights.bin. Costs one read of weights.bin and one pass over the
+# weights (d16 FP16: about a second); var_rt.pipeline runs it once per process and export, and
+# `python -m export.build --verify` with the checkpoints.
+FOLDED_MAX_SHARE = 0.05
+
+
+def weight_regions(out_dir: str | Path, m: dict) -> Dict[Tuple[int, int], str]:
+    """{(offset, length): initializer name} of every tensor the export's ONNX graphs read from weights.bin."""
+    import onnx
+    out_dir = Path(out_dir)
+    regions: Dict[Tuple[int, int], str] = {}
+    for name in m["onnx"]["files"]:
+        model = onnx.load(str(out_dir / name), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                d = {kv.key: kv.value for kv in t.external_data}
+                regions[(int(d.get("offset", 0)), int(d["length"]))] = t.name
+    return regions
+
+
+def _tensor_digests(tensors) -> set:
+    """SHA-256 of each tensor's bytes (ONNX raw data: row-major, little-endian) and of each matrix's transpose."""
+    import torch
+    out = set()
+    for t in tensors:
+        t = t.detach().cpu()
+        for form in ([t, t.t()] if t.dim() == 2 else [t]):
+            out.add(hashlib.sha256(form.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+    return out
+
+
+def unmatched_regions(out_dir: str | Path, m: dict, tensors) -> Tuple[List[List[int]], int]:
+    """([offset, length] of each weights.bin tensor that is none of ``tensors`` (nor a transpose), bytes read)."""
+    import numpy as np
+    out_dir = Path(out_dir)
+    want = _tensor_digests(tensors)
+    data = np.memmap(out_dir / m["onnx"]["weights_file"], dtype=np.uint8, mode="r")
+    other, total = [], 0
+    for (offset, length) in sorted(weight_regions(out_dir, m)):
+        total += length
+        if offset + length > data.size or hashlib.sha256(data[offset:offset + length]).hexdigest() not in want:
+            other.append([offset, length])
+    return other, total
+
+
+def check_weights_content(out_dir: str | Path, m: dict, tensors, what: str = "these weights") -> str:
+    """EngineMismatchError unless weights.bin holds ``tensors`` (the model's state_dict values, cast by the
+    precision policy) and nothing else but the constants the exporter folded from them; returns a summary."""
+    other, total = unmatched_regions(out_dir, m, tensors)
+    listed = m["onnx"].get("folded")  # None: an export made before the list was recorded; only the share bounds
+    foreign = [] if listed is None else [r for r in other if tuple(r) not in {tuple(f) for f in listed}]
+    folded_bytes = sum(length for _, length in other)
+    if foreign or folded_bytes > FOLDED_MAX_SHARE * max(total, 1):
+        shown = ", ".join(f"{length} bytes at {offset}" for offset, length in foreign[:3])
+        raise EngineMismatchError(
+            f"export {str(out_dir)!r}: weights.bin does not hold {what}"
+            + (f" ({len(foreign)} tensor(s) are none of them: {shown})" if foreign else
+               f" (folded constants make up {folded_bytes / max(total, 1):.0%} of it)")
+            + ": the export was built from other weights or weights.bin was replaced. Export again "
+            "(python -m export.build ... --force) from the checkpoints you run")
+    return (f"{total - folded_bytes:,} bytes equal to the weights, {folded_bytes:,} bytes of constants folded from "
+            f"them")

@@ -183,8 +183,13 @@ class VARPipeline:
         if self._manifest is None:
             from var_rt.manifest import load_manifest
             from var_rt.checkpoint import weights_hash
-            self._manifest = load_manifest(self.engine_dir, self.cfg, weights_hash(self.var, self.vae),
-                                           self.precision, None)
+            m = load_manifest(self.engine_dir, self.cfg, weights_hash(self.var, self.vae), self.precision, None)
+            if self.backend == "onnxruntime":  # the graphs read weights.bin: it must hold these weights
+                from var_rt.manifest import check_engine_files, check_weights_content
+                check_engine_files(self.engine_dir, m, [m["onnx"]["weights_file"]])  # hashed once per process
+                check_weights_content(self.engine_dir, m, [t for mod in (self.var, self.vae)
+                                                           for t in mod.state_dict().values()])
+            self._manifest = m
         return self._manifest
 
     def _engine_for(self, B: int):
