@@ -30,7 +30,8 @@ import torch
 from export.manifest import write_manifest
 from export.onnx_export import export_all, onnx_sizes
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
-from var_rt.manifest import MANIFEST, check_engine_files, listed_files, read_manifest
+from var_rt.manifest import (MANIFEST, check_engine_files, check_weights_content, listed_files, load_manifest,
+                             read_manifest, unmatched_regions)
 
 MARKER = ".var-rt-export"  # written first into a new export directory: --force may replace it even unfinished
 CODEBOOK = "codebook.npy"  # the VQVAE codebook (V, C) float32: the sampler's lookup, so exports run alone
@@ -84,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
                    help="build TensorRT engines for the finished ONNX export already in --out-dir "
                         "(model and batch sizes come from its manifest)")
     o.add_argument("--verify", action="store_true",
-                   help="only check the export in --out-dir: every file's size and SHA-256 against its manifest")
+                   help="only check the export in --out-dir: every file's size and SHA-256 against its manifest; "
+                        "with --var-ckpt/--vae-ckpt (or --random-weights) also that weights.bin holds those weights")
     o.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model runs while tracing (cuda: much faster for d30/d36; same graphs)")
     o.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -235,7 +237,7 @@ def build(opts: BuildOptions) -> dict:
 
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if opts.progress else (lambda s: None)
     if opts.verify:
-        return verify_export(opts.out_dir, say)
+        return verify_export(opts.out_dir, say, opts)
     if opts.engines_only:
         return build_engines_only(opts, say)
     if not opts.onnx_only:
@@ -265,11 +267,15 @@ def _export(opts: BuildOptions, var, vae, cfg, t0: float, say) -> dict:
     files = export_all(var, vae, opts.out_dir / "onnx", list(opts.batch_sizes), opts.opset, say)
     w_bytes, g_bytes = onnx_sizes(opts.out_dir / "onnx")
     np.save(opts.out_dir / CODEBOOK, vae.quantize.embedding.weight.detach().float().cpu().numpy())
+    # The tensors of weights.bin that are not the weights themselves (constants the exporter folded from them):
+    # listed, so that --verify and loading can check that every other tensor is one of the weights.
+    folded, _ = unmatched_regions(opts.out_dir, {"onnx": {"files": {f"onnx/{k}": v for k, v in files.items()},
+                                                          "weights_file": "onnx/weights.bin"}}, model_tensors(var, vae))
     manifest = {
         "model": cfg.to_dict(), "weights_hash": weights_hash(var, vae), "precision": opts.precision,
         "batch_sizes": list(opts.batch_sizes), "opset": opts.opset, "torch_version": torch.__version__,
         "onnx": {"weights_file": "onnx/weights.bin", "weights_bytes": w_bytes, "graph_bytes": g_bytes,
-                 "files": {f"onnx/{k}": v for k, v in files.items()},
+                 "files": {f"onnx/{k}": v for k, v in files.items()}, "folded": folded,
                  "seconds": round(time.perf_counter() - t0, 1)},
         "tensorrt": None, "codebook_file": CODEBOOK,
     }
@@ -292,15 +298,43 @@ def _build_engines(opts: BuildOptions, files: dict, scale_ranges, batch_sizes, s
                          compute_capabilities=list(opts.compute_capabilities), on_progress=say)
 
 
-def verify_export(out_dir: Path, say) -> dict:
-    """--verify: every file of the export against the size and SHA-256 in its manifest."""
+def model_tensors(*modules) -> list:
+    """The tensors an export holds weights.bin copies of: every state_dict value, as the policy cast it."""
+    return [t for m in modules for t in m.state_dict().values()]
+
+
+def verify_export(out_dir: Path, say, opts: Optional[BuildOptions] = None) -> dict:
+    """--verify: every file of the export against the size and SHA-256 in its manifest; with checkpoints (or
+    --random-weights) also that weights.bin holds those weights as the export's precision casts them."""
     m = read_manifest(out_dir)
     names = listed_files(m)
     t0 = time.perf_counter()
     check_engine_files(out_dir, m, names)
     total = sum((out_dir / n).stat().st_size for n in names)
-    say(f"ok: {len(names)} files, {total / 2**20:.1f} MiB match the manifest ({time.perf_counter() - t0:.1f} s)")
+    files_ok = f"ok: {len(names)} files, {total / 2**20:.1f} MiB match the manifest ({time.perf_counter() - t0:.1f} s)"
+    if opts is None or not (opts.var_ckpt or opts.random_weights):
+        say(files_ok + "; the weights were not compared: give --var-ckpt and --vae-ckpt (or --random-weights) to "
+                       "check that weights.bin holds them")
+        return m
+    from var_rt.checkpoint import weights_hash
+    from var_rt.pipeline import VARPipeline
+    t0 = time.perf_counter()
+    cfg = opts.config if opts.config or opts.model else manifest_config(m)
+    pipe = VARPipeline.load(model=opts.model, config=cfg, var_ckpt=opts.var_ckpt, vae_ckpt=opts.vae_ckpt,
+                            random_weights=opts.random_weights, device="cpu",
+                            dtype="float16" if m.get("precision") == "fp16" else "float32", progress=False)
+    load_manifest(out_dir, pipe.cfg, weights_hash(pipe.var, pipe.vae), m.get("precision"), None)
+    summary = check_weights_content(out_dir, m, model_tensors(pipe.var, pipe.vae), "the weights of these checkpoints")
+    say(f"{files_ok}; weights.bin holds the given weights: {summary} ({time.perf_counter() - t0:.1f} s)")
     return m
+
+
+def manifest_config(m: dict):
+    """The ModelConfig an export's manifest records."""
+    from var_rt.config import ModelConfig, VARConfig, VQVAEConfig
+    md = m["model"]
+    return ModelConfig(md["name"], VARConfig(**md["var"]), VQVAEConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in md["vae"].items()}))
 
 
 def build_engines_only(opts: BuildOptions, say) -> dict:

@@ -295,6 +295,51 @@ def test_damaged_weights_are_refused(fx256, tmp_path, capsys):
     check_engine_files(tmp_path / "flip", m, ["onnx/weights.bin"], content=False)  # sizes only: not seen
 
 
+def _onnx_pipeline(fx, out):
+    from var_rt.pipeline import VARPipeline
+    return VARPipeline(fx.cfg, fx.var, fx.vae, torch.device("cpu"), torch.float32, backend="onnxruntime",
+                       engine_dir=out, progress=False)
+
+
+def test_manifest_batch_size_without_graphs_is_one_error(fx256, tmp_path):
+    """Issue 25, item 7: a manifest listing batch size 4 with no graphs for it was a KeyError
+    ('onnx/condition.b4.onnx') while opening sessions."""
+    out = tmp_path / "copy"
+    shutil.copytree(exported(fx256.name, "fp32"), out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["batch_sizes"] = [2, 4]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineMismatchError, match=r"batch size 4 is listed but its graphs are not "
+                                                  r"\(onnx/condition.b4.onnx, onnx/decode.b4.onnx"):
+        _onnx_pipeline(fx256, out).generate(class_labels=[1] * 4, batch_size=4)
+
+
+def test_weights_bin_is_tied_to_the_checkpoint(fx256, tmp_path, capsys):
+    """Issue 25, item 14: part of weights.bin replaced and its digest updated in manifest.json ran with 99 % of
+    the pixels wrong while --verify said ok. --verify with the checkpoints, and loading, compare the tensors."""
+    from export.manifest import write_manifest
+    src = exported(fx256.name, "fp32")
+    args = ["--verify", "--out-dir", str(src), "--config", str(fx256.config_path), "--var-ckpt", str(fx256.var_ckpt),
+            "--vae-ckpt", str(fx256.vae_ckpt)]
+    assert build_mod.main(args) == 0
+    assert "weights.bin holds the given weights" in capsys.readouterr().err
+    out = tmp_path / "replaced"
+    shutil.copytree(src, out)
+    w = out / "onnx" / "weights.bin"
+    data = bytearray(w.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(reversed(data[mid:mid + 4096]))
+    w.write_bytes(bytes(data))
+    write_manifest(out, json.loads((out / "manifest.json").read_text()))  # the digests updated too
+    assert build_mod.main(["--verify", "--out-dir", str(out)]) == 0  # the files match their own digests
+    capsys.readouterr()
+    assert build_mod.main([*args[:2], str(out), *args[3:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "weights.bin does not hold" in err, err
+    with pytest.raises(EngineMismatchError, match="weights.bin does not hold these weights"):
+        _onnx_pipeline(fx256, out).generate(class_labels=[1, 2])
+
+
 def test_cli_unwritable_out_dir_fails_before_model_work(tmp_path):
     """`--out-dir /proc/x` (and a path under a file): one error line, exit 2, no traceback, nothing written."""
     afile = tmp_path / "afile"

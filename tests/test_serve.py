@@ -137,6 +137,7 @@ def test_several_images_base64(server, pipe):
     (dict(seed=0), "class_label is required"),
     (dict(class_label=1, top_k=-1), "top-k must be >= 0"),
     (dict(class_label=1, top_p=1.5), "top-p must be in"),
+    (dict(class_label=1, cfg=1e308), "cfg must be in [0, 100]"),  # issue 25: was 200 with a stripe image
     (dict(class_label=1, colour="red"), "unknown field"),
     (dict(class_labels=[1, 2], format="png"), "base64"),
     (dict(class_labels=list(range(10)) * 2, format="base64"), "at most 16"),
@@ -211,6 +212,27 @@ def test_body_over_the_limit_gets_413_before_it_is_read(server):
     status, body = _raw_post(server, "/generate", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
                              [frame] * (DEFAULT_MAX_BODY_BYTES // len(chunk) + 1) + [b"0\r\n\r\n"])
     assert status == 413 and "bytes" in body["error"], body
+
+
+def test_other_paths_and_methods_answer_json_errors(server):
+    """Issue 25: 404 and 405 answered {"detail": ...} where every other refusal is {"error": ...}."""
+    for method, path, code in (("GET", "/nowhere", 404), ("GET", "/generate", 405), ("POST", "/health", 405)):
+        req = urllib.request.Request(server + path, data=b"{}" if method == "POST" else None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == code
+        body = json.loads(e.value.read())
+        assert set(body) == {"error"} and "POST /generate" in body["error"], body
+
+
+def test_short_body_is_a_client_error_at_once(server):
+    """Issue 25: a Content-Length larger than the body sent waited for the 300 s deadline (503 server busy)."""
+    from var_rt.serve import BODY_TIMEOUT_S
+    t0 = time.monotonic()
+    status, body = _raw_post(server, "/generate", {"Content-Type": "application/json", "Content-Length": "100"},
+                             [b'{"class_label": 1}'], timeout=60)
+    assert status == 408 and "Content-Length says 100 bytes" in body["error"], body
+    assert time.monotonic() - t0 < BODY_TIMEOUT_S + 10
 
 
 def _listening_sockets(root_pid: int):

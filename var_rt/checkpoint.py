@@ -36,6 +36,12 @@ def _first_sentence(text: str) -> str:
 def _load_error(e: Exception, what: str, path: Path) -> CheckpointError:
     """torch.load's failure as one message a user can act on."""
     text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower() and "GLOBAL" not in text:
+        # The weights-only unpickler stopped at a byte that is no pickle instruction it knows (e.g.
+        # "Unsupported operand 33"): random or foreign bytes, not a file that pickles Python objects.
+        return CheckpointError(
+            f"{what} checkpoint {str(path)!r} is not a PyTorch checkpoint (its bytes are not a saved state_dict): "
+            f"give the official .pth file, or download it again")
     if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower():
         # The file pickles Python objects besides tensors. Loading it anyway (weights_only=False) would run
         # code from the file, so the message names what is inside and never suggests that.
@@ -185,6 +191,15 @@ def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: st
             msg += f". {hint}"
         raise CheckpointError(msg)
     sd = {k: v for k, v in sd.items() if not _TOLERATED.match(k)}
+    # load_state_dict copies into the model's tensors, casting silently: an int64 pos_start would load
+    # truncated to whole numbers. Floating weights must come from floating tensors.
+    expected = model.state_dict()
+    kinds = [f"{k} is {str(v.dtype).replace('torch.', '')}" for k, v in sd.items()
+             if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
+    if kinds:
+        raise CheckpointError(f"{what} checkpoint {path!r} holds non-floating tensors where the model has floating "
+                              f"weights ({_fmt(kinds, str)}): the file is corrupt or was not saved from this model; "
+                              f"download it again")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{what} checkpoint {path!r} holds NaN or infinite values (in {_fmt(bad, str)}): the "
@@ -192,24 +207,105 @@ def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, path: st
     model.load_state_dict(sd, strict=False)  # every model key is present and shaped right (checked above)
 
 
-def load_var_checkpoint(model: nn.Module, path: str | Path) -> None:
-    sd = read_state_dict(path, "VAR")
+def _shape(sd: Dict[str, torch.Tensor], key: str, dim: int):
+    t = sd.get(key)
+    return t.shape[dim] if t is not None and t.dim() > dim else None
+
+
+def _held(sd: Dict[str, torch.Tensor]) -> int:
+    """Numbers a state_dict holds, without the buffers inference does not use."""
+    return sum(v.numel() for k, v in sd.items() if not _TOLERATED.match(k))
+
+
+def _var_hint(sd: Dict[str, torch.Tensor]) -> str:
     try:
-        hint = describe_var_state_dict(sd)
-    except Exception:  # description is best effort; the diff below is the real check
-        hint = ""
+        return describe_var_state_dict(sd)
+    except Exception:  # description is best effort; the checks are the real ones
+        return ""
+
+
+def read_var_checkpoint(path: str | Path, cfg) -> Dict[str, torch.Tensor]:
+    """A VAR state_dict, compared with ``cfg`` (a ModelConfig) before any module is built.
+
+    Every size the config gives is bounded by what the file holds: the fields the file determines
+    (var_fields), the token schedule (pos_1LC, lvl_embed, pos_start), the FFN width, and in the end the
+    config's parameter count (config.parameter_counts) against the numbers in the file. So a config that
+    asks for 10^12 blocks, or 10^9 channels, is one error here instead of a model built until memory runs out.
+    """
+    from var_rt.config import parameter_counts
+    sd = read_state_dict(path, "VAR")
+    hint = _var_hint(sd)
     if "class_emb.weight" not in sd:
         raise CheckpointError(f"VAR checkpoint {str(path)!r}: {hint}")
-    load_into(model, sd, "VAR", str(path), hint, _differences(var_fields, sd, model))
+    diffs = [d for d in [config_differences(var_fields(sd), cfg)] if d]
+    pns = list(cfg.patch_nums)
+    for what, have, got in (
+            (f"vae.v_patch_nums {pns} gives {{}} tokens in the config but the file holds {{}} (pos_1LC)",
+             cfg.num_tokens, _shape(sd, "pos_1LC", 1)),
+            (f"vae.v_patch_nums {pns} gives {{}} scales in the config but the file holds {{}} (lvl_embed.weight)",
+             cfg.num_scales, _shape(sd, "lvl_embed.weight", 0)),
+            (f"vae.v_patch_nums {pns} gives {{}} first-scale tokens in the config but the file holds {{}} (pos_start)",
+             cfg.patch_nums[0] ** 2, _shape(sd, "pos_start", 1)),
+            ("var.mlp_ratio gives {} hidden units in the config but the file holds {} (blocks.0.ffn.fc1.weight)",
+             round(cfg.var.embed_dim * cfg.var.mlp_ratio), _shape(sd, "blocks.0.ffn.fc1.weight", 0))):
+        if got is not None and got != have:
+            diffs.append(what.format(have, got))
+    if not diffs:
+        # The last bound, for any size the checks above do not see: the model cannot have more parameters
+        # than the file holds (old files may lack the attention temperatures: one number per head).
+        want, held = parameter_counts(cfg)[0], _held(sd)
+        if want > held + cfg.var.depth * cfg.var.num_heads:
+            diffs.append(f"the config describes {want:,} parameters, the file holds {held:,}")
+    if diffs:
+        raise CheckpointError(f"VAR checkpoint {str(path)!r} does not match the model config: {'; '.join(diffs)}"
+                              + (f". {hint}" if hint else ""))
+    return sd
 
 
-def load_vae_checkpoint(model: nn.Module, path: str | Path) -> None:
+def _phi_layout(sd: Dict[str, torch.Tensor]) -> tuple:
+    """(share_quant_resi kind, number of phi convolutions) of a VQVAE state_dict."""
+    if "quantize.quant_resi.qresi.weight" in sd:
+        return 1, 1
+    shared = _count(sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")
+    return (2, shared) if shared else (0, _count(sd, r"quantize\.quant_resi\.(\d+)\."))
+
+
+def read_vae_checkpoint(path: str | Path, cfg) -> Dict[str, torch.Tensor]:
+    """A VQVAE state_dict, compared with ``cfg`` (a VQVAEConfig) before any module is built (see
+    read_var_checkpoint)."""
+    from var_rt.config import ModelConfig, VARConfig, parameter_counts
     sd = read_state_dict(path, "VQVAE")
     if not any(k.startswith("decoder.") for k in sd):
         hint = describe_var_state_dict(sd) if "class_emb.weight" in sd else ""
         raise CheckpointError(f"VQVAE checkpoint {str(path)!r} has no decoder weights"
                               + ("; it looks like a VAR transformer checkpoint (swap --var-ckpt and --vae-ckpt?)"
                                  if hint else ""))
+    diffs = [d for d in [config_differences(vae_fields(sd), cfg)] if d]
+    if abs(cfg.quant_resi) > 1e-6:
+        kind, phis = _phi_layout(sd)
+        share = cfg.share_quant_resi
+        want = (0, cfg.default_qresi_counts or len(cfg.patch_nums)) if share == 0 else (min(share, 2), share)
+        if phis and (kind, phis) != want:
+            diffs.append(f"vae.share_quant_resi {share} (with vae.v_patch_nums, vae.default_qresi_counts) gives "
+                         f"{want[1]} phi convolutions in the config but the file holds {phis}")
+    if not diffs:
+        want, held = parameter_counts(ModelConfig("vae", VARConfig(), cfg))[1], _held(sd)
+        if want > held:
+            diffs.append(f"the config describes {want:,} parameters, the file holds {held:,}")
+    if diffs:
+        raise CheckpointError(f"VQVAE checkpoint {str(path)!r} does not match the model config: {'; '.join(diffs)}")
+    return sd
+
+
+def load_var_checkpoint(model: nn.Module, path: str | Path, sd: Dict[str, torch.Tensor] | None = None) -> None:
+    """Load a VAR checkpoint into ``model``; sd: the file as read_var_checkpoint returned it (not read again)."""
+    sd = read_var_checkpoint(path, model.cfg) if sd is None else sd
+    load_into(model, sd, "VAR", str(path), _var_hint(sd), _differences(var_fields, sd, model))
+
+
+def load_vae_checkpoint(model: nn.Module, path: str | Path, sd: Dict[str, torch.Tensor] | None = None) -> None:
+    """Load a VQVAE checkpoint into ``model``; sd: the file as read_vae_checkpoint returned it."""
+    sd = read_vae_checkpoint(path, model.cfg) if sd is None else sd
     load_into(model, sd, "VQVAE", str(path), fields=_differences(vae_fields, sd, model))
 
 

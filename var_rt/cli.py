@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence
 from var_rt import validation
 from var_rt.edit import add_edit_parser
 from var_rt.errors import VarRtError, one_line
-from var_rt.options import (ModelOptions, Outputs, SamplingOptions, add_model_args, add_overwrite_arg,
-                            add_sampling_args, load_pipeline)
+from var_rt.options import (ArgumentParser, ModelOptions, Outputs, SamplingOptions, add_model_args,
+                            add_overwrite_arg, add_sampling_args, load_pipeline)
 from var_rt.quality import add_fid_parser
 from var_rt.sample import add_sample_parser
 from var_rt.serve import add_serve_parser
@@ -38,7 +38,7 @@ def validate_generate(a: argparse.Namespace) -> GenerateRequest:
     outputs = Outputs.check(a.output_dir, a.grid, a.overwrite)
     return GenerateRequest(
         model=ModelOptions.from_args(a), sampling=SamplingOptions.from_args(a), class_labels=a.class_labels,
-        num_images=validation.count(a.num_images, "--num-images"), outputs=outputs)
+        num_images=validation.image_count(a.num_images, "--num-images"), outputs=outputs)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -46,7 +46,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     req = validate_generate(a)
     pipe = load_pipeline(req.model)
-    labels, seeds = pipe.plan(req.class_labels, req.num_images, req.sampling.seed)
+    labels, seeds = pipe.plan(req.class_labels, req.num_images, req.sampling.seed, cli=True)
+    validation.check_schedule(req.sampling.cfg_schedule, pipe.cfg.num_scales, "--cfg-schedule")
     req.outputs.refuse_existing(labels, seeds)
     t0 = time.perf_counter()
     res = pipe.generate(class_labels=labels, **dict(req.sampling.kwargs(), seed=seeds))
@@ -66,7 +67,7 @@ def cmd_download(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m var_rt", description="var-rt: fast VAR image generation")
+    p = ArgumentParser(prog="python -m var_rt", description="var-rt: fast VAR image generation")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="class-conditional image generation")

@@ -128,6 +128,7 @@ _IGNORED = {
 # Smallest allowed value of each integer field (1 where not listed) and of the positive float fields.
 _INT_MINIMUM = {"share_quant_resi": 0, "default_qresi_counts": 0}
 _POSITIVE_FLOATS = ("mlp_ratio", "norm_eps")
+_REQUIRED_VAR = ("depth", "embed_dim", "num_heads")
 _GROUPS = 32  # the VQVAE's GroupNorm: every channel count must be a multiple of it
 
 
@@ -192,6 +193,12 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"config file {str(path)!r} must be a JSON object with 'var' and 'vae' sections")
     vae = _take(raw["vae"], VQVAEConfig, f"{path}: vae", {"v_patch_nums": "patch_nums"}, _IGNORED["vae"])
     var = _take(raw["var"], VARConfig, f"{path}: var", None, _IGNORED["var"])
+    # The transformer's size has no default worth taking silently (the dataclass's are d16's): with
+    # --random-weights nothing else would say the config meant another model.
+    missing = [f"var.{k}" for k in _REQUIRED_VAR if k not in raw["var"]]
+    if missing:
+        raise ConfigError(f"{path}: {', '.join(missing)} missing: a config gives the transformer's size "
+                          f"({', '.join(f'var.{k}' for k in _REQUIRED_VAR)}; e.g. d16: 16, 1024, 16)")
     var_pn = raw["var"].get("patch_nums")
     if var_pn is not None and (not isinstance(var_pn, list) or tuple(var_pn) != vae.patch_nums):
         raise ConfigError(f"{path}: var.patch_nums {var_pn} differs from vae.v_patch_nums {list(vae.patch_nums)}")
@@ -222,3 +229,47 @@ def validate_config(cfg: ModelConfig, where: str = "") -> None:
     if odd:
         raise ConfigError(f"{where}vae.ch {q.ch} with vae.ch_mult {list(q.ch_mult)} gives {odd[0]} channels: the "
                           f"VQVAE's group norms need multiples of {_GROUPS}")
+
+
+def parameter_counts(cfg: ModelConfig) -> Tuple[int, int]:
+    """(VAR, VQVAE) parameter counts of a config, computed from its sizes without building anything.
+
+    Used to bound a config's sizes before any module is built (a ``depth`` of 10^12 would otherwise build
+    blocks until memory runs out): against what a checkpoint holds, or against the machine's memory with
+    random weights. Exact for the modules in var_rt/models (tests/test_config_checkpoint.py checks it).
+    """
+    v, q = cfg.var, cfg.vae
+    C, V, Cv = v.embed_dim, q.vocab_size, q.z_channels
+    linear = lambda i, o: i * o + o  # noqa: E731
+    hidden = round(C * v.mlp_ratio)
+    block = (3 * C * C + 2 * C + (v.num_heads if v.attn_l2_norm else 0) + linear(C, C)
+             + linear(C, hidden) + linear(hidden, C) + (6 * C if v.shared_aln else linear(C, 6 * C)))
+    var = (v.depth * block + linear(Cv, C) + (v.num_classes + 1) * C + cfg.patch_nums[0] ** 2 * C
+           + cfg.num_tokens * C + cfg.num_scales * C + (linear(C, 6 * C) if v.shared_aln else 0)
+           + linear(C, 2 * C) + linear(C, V))
+
+    conv = lambda i, o, k=3: i * o * k * k + o  # noqa: E731
+    norm = lambda c: 2 * c  # noqa: E731
+    res = lambda i, o: norm(i) + conv(i, o) + norm(o) + conv(o, o) + (conv(i, o, 1) if i != o else 0)  # noqa: E731
+    attn = lambda c: norm(c) + conv(c, 3 * c, 1) + conv(c, c, 1)  # noqa: E731
+    mid = lambda c: 2 * res(c, c) + attn(c)  # noqa: E731
+    mult, n, last = q.ch_mult, q.num_res_blocks, len(q.ch_mult) - 1
+    enc, cin = conv(3, q.ch), q.ch
+    for lvl, m in enumerate(mult):
+        if n:
+            enc += res(cin, q.ch * m) + (n - 1) * res(q.ch * m, q.ch * m)
+            cin = q.ch * m
+        enc += n * attn(cin) if lvl == last else conv(cin, cin)
+    enc += mid(cin) + norm(cin) + conv(cin, Cv)
+    cin = q.ch * mult[-1]
+    dec = conv(Cv, cin) + mid(cin)
+    for lvl in reversed(range(len(mult))):
+        out = q.ch * mult[lvl]
+        dec += res(cin, out) + n * res(out, out)
+        cin = out
+        dec += (n + 1) * attn(cin) if lvl == last else 0
+        dec += conv(cin, cin) if lvl != 0 else 0
+    dec += norm(cin) + conv(cin, 3)
+    phis = {0: q.default_qresi_counts or cfg.num_scales, 1: 1}.get(q.share_quant_resi, q.share_quant_resi)
+    quant = V * Cv + (phis * conv(Cv, Cv) if abs(q.quant_resi) > 1e-6 else 0)
+    return var, enc + dec + quant + 2 * conv(Cv, Cv)

@@ -374,7 +374,7 @@ def edit(pipe, image: ImageLike, region=None, *, mode: Optional[str] = None, kee
         img, keep_grid = prepare(pipe, image, region, mode, resize, canvas_place)
         keep_scales = scale_keep_masks(keep_grid, pns)
     label = edit_label(pipe, class_label)
-    validation.count(num_images, "num-images")
+    validation.image_count(num_images, "num-images")
     pipe.check_labels([label])
     src = [t[:1].cpu() for t in pipe.encode_tokens(img)]
     spec = EditSpec(idx=[t.to(pipe.device) for t in src], keep=[k.to(pipe.device) for k in keep_scales])
@@ -440,7 +440,7 @@ def validate_edit(a: argparse.Namespace) -> EditRequest:
     return EditRequest(
         model=ModelOptions.from_args(a), sampling=SamplingOptions.from_args(a),
         image=Path(a.image), mask=Path(a.mask) if a.mask else None, box=box, mode=a.mode, canvas_place=place,
-        class_label=a.class_label, num_images=validation.count(a.num_images, "--num-images"), resize=a.resize,
+        class_label=a.class_label, num_images=validation.image_count(a.num_images, "--num-images"), resize=a.resize,
         outputs=outputs)
 
 
@@ -452,7 +452,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
     mask = load_image(req.mask, "L", "--mask") if req.mask is not None else None
     pipe = load_pipeline(req.model)
     region = req.box if req.box is not None else mask
-    labels, seeds = pipe.plan([edit_label(pipe, req.class_label)], req.num_images, req.sampling.seed)
+    labels, seeds = pipe.plan([edit_label(pipe, req.class_label)], req.num_images, req.sampling.seed, cli=True)
     req.outputs.refuse_existing(labels, seeds)
     # edit() checks image, region and class before any model work, and nothing is written unless it succeeds
     t0 = time.perf_counter()

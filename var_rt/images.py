@@ -122,7 +122,7 @@ def load_image(path: str | Path, mode: str = "RGB", what: str = "image") -> np.n
             with Image.open(path) as im:
                 pixels = im.size[0] * im.size[1]
                 if pixels <= MAX_INPUT_PIXELS:
-                    return np.asarray(im.convert(mode))
+                    return _to_8bit(im, mode)
                 size = f"{im.size[0]}x{im.size[1]} px"
         except Image.DecompressionBombError as e:
             found = re.search(r"\((\d+) pixels\)", str(e))
@@ -133,6 +133,20 @@ def load_image(path: str | Path, mode: str = "RGB", what: str = "image") -> np.n
     raise InputError(f"{what} {str(path)!r} is {size}: the limit is {MAX_INPUT_PIXELS:,} pixels "
                      f"({MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}); shrink it first (the model works at "
                      f"256 or 512 px)")
+
+
+def _to_8bit(im, mode: str) -> np.ndarray:
+    """``im.convert(mode)`` as uint8, with 16-bit grayscale scaled to 8 bits.
+
+    PIL opens 16-bit grayscale PNGs (and TIFFs) as mode ``I;16`` (``I;16B``, ...) or ``I`` (32-bit integers
+    holding 0..65535), and its ``convert`` clips those values to 255 instead of scaling them: a 0..65535
+    gradient would become 0, 255, 255, ... Here they are scaled (65535 -> 255, rounded) before converting.
+    """
+    from PIL import Image
+    if im.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I
+        v = np.asarray(im).astype(np.float64).clip(0, 65535)
+        im = Image.fromarray(np.rint(v * (255 / 65535)).astype(np.uint8), "L")
+    return np.asarray(im.convert(mode))
 
 
 def result_names(labels: Sequence[int], seeds: Sequence[int], start: int = 0) -> List[str]:

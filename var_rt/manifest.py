@@ -107,10 +107,32 @@ def load_manifest(out_dir: str | Path, expected_cfg: Optional[ModelConfig], expe
                         f"these are {expected_weights_hash[:12]}): the export is stale")
     if batch is not None and batch not in m.get("batch_sizes", []):
         problems.append(f"batch size {batch} was not built (built: {m.get('batch_sizes')})")
+    problems += _unlisted_graphs(m)
     if problems:
         raise EngineMismatchError(f"export {str(out_dir)!r} does not match: " + "; ".join(problems)
                                   + ". Export again (python -m export.build ... --force) or use matching settings")
     return m
+
+
+def _unlisted_graphs(m: dict) -> List[str]:
+    """Every batch size the manifest lists must have every graph the export holds for any batch size
+    (``{graph}.b{B}.onnx``), so a hand-edited or mixed-up manifest is one error before anything runs,
+    not a KeyError in the middle of opening sessions."""
+    try:
+        files = m["onnx"]["files"]
+        sizes = list(m["batch_sizes"])
+        graphs = sorted({e["graph"] for e in files.values() if e.get("batch") is not None})
+    except (KeyError, TypeError, AttributeError):
+        return ["the manifest has no valid onnx file list or batch sizes (export again with --force)"]
+    if not graphs:
+        return ["the manifest lists no fixed-shape graphs (export again with --force)"]
+    out = []
+    for B in sizes:
+        missing = [f"onnx/{g}.b{B}.onnx" for g in graphs if f"onnx/{g}.b{B}.onnx" not in files]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            out.append(f"batch size {B} is listed but its graphs are not ({shown})")
+    return out
 
 
 def check_engine_files(out_dir: str | Path, m: dict, names: Sequence[str], content: bool = True) -> None:
@@ -141,3 +163,73 @@ def check_engine_files(out_dir: str | Path, m: dict, names: Sequence[str], conte
         raise EngineMismatchError(f"export {str(out_dir)!r} is damaged: " + "; ".join(problems)
                                   + ". Copy it again or export again with --force")
 
+
+
+# ---- weights.bin against the caller's weights ------------------------------------------------------------
+# The file digests only say that the files are the ones the manifest lists; a weights.bin replaced together
+# with its digest passes them. This ties weights.bin to the weights themselves: every tensor the graphs read
+# from it must be one of the caller's tensors (as the precision policy casts them, or its transpose, which
+# the exporter makes for MatMul), or one of the few constants the exporter folded from them (the position
+# rows per scale, the q/k/v bias, the codebook's squares), which the manifest lists at export time (those
+# are checked by the file digest only). Costs parsing the graphs (without their data), one read of weights.bin
+# and one hash of each weight (the 256 px fixture: 1.4 s, mostly importing onnx; not measured on d16/d30,
+# where hashing ~1 GB / 4 GB should add about 0.7 / 2.7 s); var_rt.pipeline runs it once per pipeline on loading an onnxruntime export, and
+# `python -m export.build --verify` with the checkpoints.
+
+
+def weight_regions(out_dir: str | Path, m: dict) -> Dict[Tuple[int, int], str]:
+    """{(offset, length): initializer name} of every tensor the export's ONNX graphs read from weights.bin."""
+    import onnx
+    out_dir = Path(out_dir)
+    regions: Dict[Tuple[int, int], str] = {}
+    for name in m["onnx"]["files"]:
+        model = onnx.load(str(out_dir / name), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                d = {kv.key: kv.value for kv in t.external_data}
+                regions[(int(d.get("offset", 0)), int(d["length"]))] = t.name
+    return regions
+
+
+def _tensor_digests(tensors) -> set:
+    """SHA-256 of each tensor's bytes (ONNX raw data: row-major, little-endian) and of each matrix's transpose."""
+    import torch
+    out = set()
+    for t in tensors:
+        t = t.detach().cpu()
+        for form in ([t, t.t()] if t.dim() == 2 else [t]):
+            out.add(hashlib.sha256(form.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+    return out
+
+
+def unmatched_regions(out_dir: str | Path, m: dict, tensors) -> Tuple[List[List[int]], int]:
+    """([offset, length] of each weights.bin tensor that is none of ``tensors`` (nor a transpose), bytes read)."""
+    import numpy as np
+    out_dir = Path(out_dir)
+    want = _tensor_digests(tensors)
+    data = np.memmap(out_dir / m["onnx"]["weights_file"], dtype=np.uint8, mode="r")
+    other, total = [], 0
+    for (offset, length) in sorted(weight_regions(out_dir, m)):
+        total += length
+        if offset + length > data.size or hashlib.sha256(data[offset:offset + length]).hexdigest() not in want:
+            other.append([offset, length])
+    return other, total
+
+
+def check_weights_content(out_dir: str | Path, m: dict, tensors, what: str = "these weights") -> str:
+    """EngineMismatchError unless weights.bin holds ``tensors`` (the model's state_dict values, cast by the
+    precision policy) and nothing else but the constants the exporter folded from them; returns a summary.
+    An export made before the manifest listed its folded constants is not checked (the summary says so)."""
+    listed = m["onnx"].get("folded")
+    if listed is None:
+        return "not compared (an export from before var-rt listed its folded constants: export again to check it)"
+    other, total = unmatched_regions(out_dir, m, tensors)
+    foreign = [r for r in other if tuple(r) not in {tuple(f) for f in listed}]
+    if foreign:
+        shown = ", ".join(f"{length} bytes at {offset}" for offset, length in foreign[:3])
+        raise EngineMismatchError(
+            f"export {str(out_dir)!r}: weights.bin does not hold {what} ({len(foreign)} tensor(s) are none of "
+            f"them: {shown}): the export was built from other weights or weights.bin was replaced. Export again "
+            f"(python -m export.build ... --force) from the checkpoints you run")
+    folded = sum(length for _, length in other)
+    return f"{total - folded:,} bytes equal to the weights, {folded:,} bytes of constants folded from them"

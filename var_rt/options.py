@@ -20,6 +20,15 @@ from var_rt.errors import ConfigError, VarRtError
 from var_rt.sampling import DEFAULTS
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a usage error as one ``error:`` line (exit status 2), like every other bad input, instead
+    of the whole usage text; ``--help`` still shows it. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        from var_rt.errors import one_line
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     src = g.add_mutually_exclusive_group(required=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -11,8 +12,8 @@ import numpy as np
 import torch
 
 from var_rt import precision, sampling, validation
-from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
-from var_rt.config import PRESETS, ModelConfig, get_preset, load_config
+from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint, read_vae_checkpoint, read_var_checkpoint
+from var_rt.config import PRESETS, ModelConfig, get_preset, load_config, parameter_counts
 from var_rt.engines.base import concrete_device
 from var_rt.errors import ConfigError, GpuMemoryError, InputError
 from var_rt.images import to_pil, to_uint8
@@ -69,6 +70,42 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this machine can still give a process: MemAvailable from /proc/meminfo (Linux: free
+    memory plus caches it can drop), else free physical pages (os.sysconf); None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_fits_memory(cfg: ModelConfig) -> None:
+    """ConfigError when the weights of ``cfg`` (built in float32 on the CPU) would not fit the memory available
+    now: with random weights no checkpoint bounds the sizes, so a config asking for 10^12 blocks or 10^9
+    channels is refused here, before anything is built. An estimate from the parameter count alone (the
+    weights, not the activations of generation); where the available memory is unknown, nothing is refused."""
+    var_n, vae_n = parameter_counts(cfg)
+    need, have = 4 * (var_n + vae_n), available_memory()
+    if have is not None and need > have:
+        v, q = cfg.var, cfg.vae
+        raise ConfigError(
+            f"the model of {cfg.name} has {var_n + vae_n:,} parameters ({_gib(need)} in float32), more than the "
+            f"{_gib(have)} of memory available: check the sizes in the config (var.depth {v.depth}, var.embed_dim "
+            f"{v.embed_dim}, vae.v_patch_nums ending in {cfg.patch_nums[-1]}, vae.ch {q.ch}, vae.vocab_size "
+            f"{q.vocab_size})")
 
 
 def init_random_weights(var: VAR, vae: VQVAE, seed: int = 0) -> None:
@@ -159,7 +196,13 @@ class VARPipeline:
             from var_rt.manifest import load_manifest
             from var_rt.checkpoint import weights_hash
             expected = weights_hash(self.var, self.vae) if self.var is not None else None  # None: run alone
-            self._manifest = load_manifest(self.engine_dir, self.cfg, expected, self.precision, None)
+            m = load_manifest(self.engine_dir, self.cfg, expected, self.precision, None)
+            if self.backend == "onnxruntime" and self.var is not None:  # the graphs read weights.bin: it must
+                from var_rt.manifest import check_engine_files, check_weights_content  # hold these weights
+                check_engine_files(self.engine_dir, m, [m["onnx"]["weights_file"]])  # hashed once per process
+                check_weights_content(self.engine_dir, m, [t for mod in (self.var, self.vae)
+                                                           for t in mod.state_dict().values()])
+            self._manifest = m
         return self._manifest
 
     def _engine_for(self, B: int):
@@ -252,13 +295,26 @@ class VARPipeline:
             raise ConfigError(f"no checkpoint given ({missing}): pass the model's checkpoints ({fetch}), "
                               f"--backend onnxruntime --engine-dir DIR to run an export (it holds the weights), "
                               f"or --random-weights to try the pipeline without them")
-        with torch.device("cpu"):
-            var, vae = VAR(cfg), VQVAE(cfg.vae)
+        # Sizes are bounded before any module is built: by the checkpoints (read_*_checkpoint compares them
+        # with the config), or with random weights by the memory the weights would take.
+        if random_weights:
+            check_fits_memory(cfg)
+        else:
+            var_sd, vae_sd = read_var_checkpoint(var_ckpt, cfg), read_vae_checkpoint(vae_ckpt, cfg.vae)
+        try:
+            with torch.device("cpu"):
+                var, vae = VAR(cfg), VQVAE(cfg.vae)
+        except (MemoryError, RuntimeError) as e:  # e.g. RuntimeError: DefaultCPUAllocator: not enough memory
+            if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
+                raise
+            raise ConfigError(f"not enough memory for the model of {cfg.name} ({_gib(4 * sum(parameter_counts(cfg)))} "
+                              f"in float32): check the sizes in the config, or free memory") from None
         if random_weights:
             init_random_weights(var, vae, weight_seed)
         else:
-            load_var_checkpoint(var, var_ckpt)
-            load_vae_checkpoint(vae, vae_ckpt)
+            load_var_checkpoint(var, var_ckpt, var_sd)
+            load_vae_checkpoint(vae, vae_ckpt, vae_sd)
+            del var_sd, vae_sd
         return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile, engine_dir=engine_dir,
                    engine_options=engine_options)
 
@@ -268,9 +324,12 @@ class VARPipeline:
         return validation.class_ids(labels, self.cfg.var.num_classes)
 
     def plan(self, class_labels: Optional[Sequence[int]], num_images: Optional[int],
-             seed: Union[int, Sequence[int]]) -> tuple[List[int], List[int]]:
-        """Resolve labels and per-image seeds (seed + i unless a list is given); labels drawn from seeds if None."""
-        labels, seeds = validation.image_plan(class_labels, num_images, seed, self.cfg.var.num_classes)
+             seed: Union[int, Sequence[int]], cli: bool = False) -> tuple[List[int], List[int]]:
+        """Resolve labels and per-image seeds (seed + i unless a list is given); labels drawn from seeds if None.
+
+        cli: name the values by their flags (``--num-images``) in messages.
+        """
+        labels, seeds = validation.image_plan(class_labels, num_images, seed, self.cfg.var.num_classes, cli)
         if labels is None:
             labels = sampling.random_labels(torch.tensor(seeds), self.cfg.var.num_classes).tolist()
         return labels, seeds
@@ -317,6 +376,12 @@ class VARPipeline:
                     torch.cuda.empty_cache()
                     raise GpuMemoryError(f"out of GPU memory at batch size {len(rows)} on {self.device}: use a "
                                          f"smaller --batch-size (the pipeline is still usable)") from None
+                except (MemoryError, RuntimeError) as e:  # the CPU allocator: RuntimeError "DefaultCPUAllocator"
+                    if isinstance(e, RuntimeError) and "DefaultCPUAllocator" not in str(e):
+                        raise
+                    self._loops.clear()
+                    raise GpuMemoryError(f"out of memory at batch size {len(rows)} on {self.device}: use a smaller "
+                                         f"--batch-size (the pipeline is still usable)") from None
                 images.append(out.images)
                 tokens.append(out.tokens)
                 sampled.append(out.sampled)

@@ -17,7 +17,9 @@ API (JSON in, PNG or JSON out)::
     GET  /health    -> {"status": "ok", "model": ..., "max_batch_size": ...}
 
 Image i of a request uses seed + i (or give "seeds": [...]). Every refusal is JSON {"error": message}:
-400 for a bad request (invalid JSON of any shape included), 413 for a body over ``max_body_bytes``, 503 with
+400 for a bad request (invalid JSON of any shape included; a cfg outside var_rt.validation.CFG_RANGE too), 404 /
+405 for another path or method, 408 for a body that does not arrive within BODY_TIMEOUT_S (e.g. a Content-Length
+larger than what is sent), 413 for a body over ``max_body_bytes``, 503 with
 Retry-After when the replica already holds ``max_ongoing_requests`` requests, when a request is not done
 within ``request_timeout_s`` and when a batch ran out of GPU memory; any other failure during generation is
 a 500. Only Ray Serve's own backstops answer in plain text: a request stuck at the proxy past the deadline
@@ -47,6 +49,9 @@ DEFAULT_MAX_BATCH_SIZE = 16
 # them and refuses a multi-GB upload before it is read.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
+# A whole body (at most max_body_bytes, 64 KiB) arrives in milliseconds; one that has not within this is a
+# client error (a Content-Length larger than what is sent, a stalled upload): 408 at once, not a 503 later.
+BODY_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait before retrying
 # Requests a replica can be answering 503 at once beyond those it holds: Ray Serve sends a replica at most
 # max_ongoing_requests + this many, so a burst reaches the replica and is refused there as JSON rather than
@@ -330,12 +335,13 @@ def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
 
     import torch
 
-    from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint
+    from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint, read_vae_checkpoint, read_var_checkpoint
     from var_rt.models.var import VAR
     from var_rt.models.vqvae import VQVAE
-    from var_rt.pipeline import VARPipeline, resolve_config
+    from var_rt.pipeline import VARPipeline, check_fits_memory, resolve_config
     cfg = resolve_config(pipeline_kwargs.get("model"), pipeline_kwargs.get("config"))
     if pipeline_kwargs.get("random_weights"):
+        check_fits_memory(cfg)
         return
     var_ckpt = pipeline_kwargs.get("var_ckpt")
     vae_ckpt = pipeline_kwargs.get("vae_ckpt") or cfg.vae_checkpoint
@@ -343,16 +349,19 @@ def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
         # raises its "no checkpoint given" ConfigError before building; an export run alone is checked whole
         VARPipeline.load(**pipeline_kwargs)
         return
+    sds = []
+    for read, path, c in ((read_var_checkpoint, var_ckpt, cfg), (read_vae_checkpoint, vae_ckpt, cfg.vae)):
+        try:  # compared with the config before anything is built (sizes bounded by the file)
+            with _torch_load_mmap():
+                sds.append(read(path, c))
+        except VarRtError:  # perhaps only the mmap failed (a legacy non-zip file): the plain read decides
+            sds.append(read(path, c))
     with torch.device("meta"):
         var, vae = VAR(cfg), VQVAE(cfg.vae)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
-        for load, model, path in ((load_var_checkpoint, var, var_ckpt), (load_vae_checkpoint, vae, vae_ckpt)):
-            try:
-                with _torch_load_mmap():
-                    load(model, path)
-            except VarRtError:  # perhaps only the mmap failed (a legacy non-zip file): the plain read decides
-                load(model, path)
+        load_var_checkpoint(var, var_ckpt, sds[0])
+        load_vae_checkpoint(vae, vae_ckpt, sds[1])
 
 
 @contextlib.contextmanager
@@ -430,6 +439,13 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
 
     api = FastAPI(title="var-rt", description="VAR class-conditional image generation")
 
+    from starlette.exceptions import HTTPException
+
+    @api.exception_handler(HTTPException)
+    async def _json_error(request, exc):  # 404 (no such path), 405 (GET /generate): {"error"} like the rest
+        return JSONResponse({"error": f"{exc.detail}: the API is POST /generate and GET /health"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     deployment_options: Dict[str, Any] = {}
     try:  # newer Ray Serve: its own plain-text 503 (proxy queue full) then says when to retry
         from ray.serve.config import BackpressureConfig
@@ -472,7 +488,14 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
 
         async def _read_and_run(self, request: Request) -> tuple:
             """Read, parse and generate one request: (parsed request, [(image or Exception, batch images)])."""
-            body = decode_json(await read_body(request, self.limits["max_body_bytes"]))
+            try:
+                raw = await asyncio.wait_for(read_body(request, self.limits["max_body_bytes"]), BODY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                declared = request.headers.get("content-length")
+                raise Refusal(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+                              + (f" (Content-Length says {declared} bytes: send that many, or correct the header)"
+                                 if declared else "")) from None
+            body = decode_json(raw)
             try:
                 req = parse_request(body, self.pipe, self.max_batch_size)
             except InputError as e:

@@ -27,6 +27,15 @@ from var_rt.errors import InputError
 
 MAX_SEED = 2 ** 63  # seeds are int64 on the device
 SCHEDULES = ("linear", "constant")
+# Guidance strength (cfg) and every explicit per-scale schedule value. The official code samples with 1.5 to
+# 4; 0 turns guidance off. Logits are mixed as (1 + t) cond - t uncond in float32, so a huge t overflows to
+# inf/NaN and gives one token at every scale (a degenerate image, not an error): 100 is far beyond any useful
+# guidance and far inside float32, so every value in the range gives an image.
+CFG_RANGE = (0, 100)
+# Images of one generate / edit call. They are held in memory until the call returns (float32, 0.8 MB each at
+# 256 px, 3 MB at 512 px: 3.2 / 12.9 GB at the maximum) and the CLI writes them all at the end; larger sets
+# belong to `python -m var_rt sample`, which writes shards as it goes and resumes.
+MAX_IMAGES = 4096
 
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlist = 40, 40, 6
@@ -94,6 +103,21 @@ def count(value, name: str) -> Optional[int]:
     return None if value is None else integer(value, name, minimum=1)
 
 
+def image_count(value, name: str) -> Optional[int]:
+    """An optional number of images of one call: None, or an integer in [1, MAX_IMAGES]."""
+    n = count(value, name)
+    if n is not None and n > MAX_IMAGES:
+        raise InputError(f"{name} must be <= {MAX_IMAGES} (the images of one run are held in memory until they "
+                         f"are written): split the run, or use `python -m var_rt sample` for larger sets, got {n}")
+    return n
+
+
+def _check_total(n: int, what: str) -> None:
+    if n > MAX_IMAGES:
+        raise InputError(f"{what} give {n} images: at most {MAX_IMAGES} per run (they are held in memory until "
+                         f"written); split the run, or use `python -m var_rt sample` for larger sets")
+
+
 def _as_list(values, name: str, what: str) -> list:
     """A list/tuple, or a numpy array / tensor (through ``tolist``), as a flat list; strings are refused."""
     if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
@@ -144,7 +168,11 @@ def image_plan(class_labels, num_images, seed, num_classes: int, cli: bool = Fal
 
     One label is repeated for every image; otherwise there is one label per image.
     """
-    num_images = count(num_images, field_name("num_images", cli))
+    num_images = image_count(num_images, field_name("num_images", cli))
+    if class_labels is not None and hasattr(class_labels, "__len__"):
+        _check_total(len(class_labels), f"{len(class_labels)} class labels")
+    if isinstance(seed, (list, tuple)) or hasattr(seed, "tolist"):
+        _check_total(len(seed), f"{len(seed)} seeds")
     labels = None if class_labels is None else class_ids(class_labels, num_classes)
     if labels is not None:
         if num_images is not None and len(labels) not in (1, num_images):
@@ -170,6 +198,11 @@ def check_schedule(schedule, num_scales: Optional[int], name: str = "cfg-schedul
     bad = [v for v in values if not is_number(v) or not math.isfinite(float(v))]
     if bad:
         raise InputError(f"{name}: {show(bad[0])} is not a finite number: {usage}")
+    lo, hi = CFG_RANGE
+    out = [v for v in values if not lo <= float(v) <= hi]
+    if out:
+        raise InputError(f"{name}: {float(out[0]):g} is out of range: each value must be in [{lo:g}, {hi:g}] "
+                         f"(guidance strength; 0 turns it off)")
     if num_scales is not None and len(values) != num_scales:
         raise InputError(f"{name}: an explicit guidance schedule needs one value per scale ({num_scales}), "
                          f"got {len(values)}")
@@ -200,7 +233,7 @@ class Sampling:
         cli: name the values by their CLI flags in messages.
         """
         name = lambda f: field_name(f, cli)  # noqa: E731
-        return cls(cfg=number(cfg, name("cfg"), hint="guidance strength"),
+        return cls(cfg=number(cfg, name("cfg"), *CFG_RANGE, hint="guidance strength"),
                    cfg_schedule=check_schedule(cfg_schedule, num_scales, name("cfg_schedule")),
                    **dict(zip(("top_k", "top_p"), filters(top_k, top_p, cli))),
                    more_smooth=flag(more_smooth, name("more_smooth")))
