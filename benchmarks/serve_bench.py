@@ -183,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=DEFAULTS.cfg)
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
     p.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
-    p.add_argument("--no-compile", action="store_true", help="no Inductor fusion (faster start, slower calls)")
+    p.add_argument("--no-compile", action="store_true", help="no block kernels or compiled decoder (faster start, slower calls)")
     p.add_argument("--skip-direct", action="store_true")
     p.add_argument("--out-dir", required=True)
     return p

@@ -47,7 +47,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine-dir", help="export directory (ONNX files / TensorRT engines + manifest.json) "
                                         "for the onnxruntime and tensorrt backends")
     g.add_argument("--no-compile", action="store_true",
-                   help="cudagraph backend: skip torch.compile fusion (faster start, slower steady state)")
+                   help="cudagraph backend: skip the block kernels and the compiled decoder (faster start, slower calls)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

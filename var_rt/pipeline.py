@@ -164,7 +164,8 @@ class VARPipeline:
         self.vae = precision.apply(vae.to(home), dtype).eval() if vae is not None else None
         self._codebook = codebook  # an export's (run alone); else the VQVAE's, read when a loop is made
         self._lock = threading.Lock()
-        # Inductor fusion pays where launches dominate and compile time is amortised: the CUDA-graph backend.
+        # Block kernels and the compiled decoder pay where launches dominate and compile time is amortised:
+        # the CUDA-graph backend.
         self.compile = (backend == "cudagraph") if compile is None else compile
         self._engine = None
         self._engines: dict = {}  # batch size -> exported engine (sessions / contexts are per batch size)

@@ -85,11 +85,11 @@ class TorchEngine:
         self._scratch: Dict[tuple, torch.Tensor] = {}  # next-scale tokens of the fused transition, per shape
         # The fused CUDA transition (one launch per scale; any compute dtype, var_rt.precision).
         self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
-        self.fused = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
+        self.compiled = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
         # Each step through var_rt.kernels.block (9 launches per block instead of ~15): on by default with
         # compile on CUDA (the cudagraph backend), where it measured faster (benchmarks/NOTES.md).
         if block_kernels is None:
-            block_kernels = self.fused
+            block_kernels = self.compiled
         self.block_kernels = bool(block_kernels) and block_kernel_ops.available(var.head.weight)
         # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
         # heuristics, for this engine's decoder calls only (the process-wide flag is left as it is). Measured:
@@ -99,8 +99,8 @@ class TorchEngine:
             if self.use_ops else None
         self._decode = None
         if compile and self.device.type == "cuda":
-            # Inductor: one kernel per pointwise group in the blocks, and a channels-last decoder whose
-            # GroupNorm/SiLU passes are fused (the decoder dominates at large batch). Compiled at the
+            # Inductor: a channels-last decoder whose GroupNorm/SiLU passes are fused (the decoder is a
+            # third of the time at large batch; the blocks use the Triton block kernels). Compiled at the
             # first call (tens of seconds), outside any CUDA-graph capture (CudaGraphLoop warms up first).
             # The engine's own copy of the decoder: its memory format is this engine's
             # business, not the shared VQVAE's (a reference engine on the same modules stays the reference).
@@ -156,7 +156,7 @@ class TorchEngine:
         if self.block_kernels:
             logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"], inputs["cache_v"], b)
         else:
-            logits = self.var.step(inputs["x"], cond, kv, fused=self.fused)
+            logits = self.var.step(inputs["x"], cond, kv)
         outputs["logits"].copy_(guide(logits, inputs["cfg_t"]))
 
     def _transition_fused(self, si: int, inputs, outputs) -> None:

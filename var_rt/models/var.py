@@ -28,29 +28,6 @@ from var_rt.precision import linear
 KVProvider = Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
-_COMPILED: dict = {}  # pure function -> its Inductor-compiled copy (a cache, not a switch)
-
-
-def fusable(fn):
-    """``fn(*args, fused=False)``: with ``fused=True`` on CUDA, the Inductor-compiled copy of ``fn``.
-
-    At batch 1 a VAR scale is a few thousand tiny kernels; fusing the layer norm with the AdaLN
-    modulation, the q/k normalisation and the gated residuals removes most of them. The functions
-    below are the reference arithmetic either way. Whether to fuse is the caller's (an engine's)
-    choice per call, so a compiled engine and a reference engine in one process do not affect each other.
-    """
-    def run(*args, fused: bool = False):
-        if fused and args[0].is_cuda and not torch.compiler.is_compiling():
-            c = _COMPILED.get(fn)
-            if c is None:
-                c = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-            return c(*args)
-        return fn(*args)
-    run.__wrapped__ = fn
-    return run
-
-
-@fusable
 def modulated_layer_norm(x: torch.Tensor, C: int, scale: torch.Tensor, shift: torch.Tensor, eps: float,
                          out_dtype: torch.dtype) -> torch.Tensor:
     """LN(x) * (1 + scale) + shift in float32 (LN has no affine weights in VAR), cast to the next matmul's dtype.
@@ -63,13 +40,11 @@ def modulated_layer_norm(x: torch.Tensor, C: int, scale: torch.Tensor, shift: to
     return (y * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
-@fusable
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """x + y * gamma (the official out-of-place ``.mul(gamma2)``: the product in the promoted dtype)."""
     return x + y * gamma
 
 
-@fusable
 def residual_modulated_layer_norm(x, y, gamma, C: int, scale, shift, eps: float, out_dtype: torch.dtype):
     """x + y * gamma, and its modulated layer norm: the two halves of a block meet here.
 
@@ -81,7 +56,6 @@ def residual_modulated_layer_norm(x, y, gamma, C: int, scale, shift, eps: float,
     return x, (n * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
-@fusable
 def split_heads_l2(qkv: torch.Tensor, scale_mul_1H11: torch.Tensor, heads: int):
     """(B, l, 3C) with biases -> q, k, v (B, H, l, c); cosine attention: unit q and k (normalised in
     float32), q scaled per head by exp(min(s, ln 100)) in float32, then cast to v's dtype."""
@@ -128,21 +102,21 @@ class SelfAttention(nn.Module):
         self.__dict__.pop("_qkv_bias", None)
         return super()._apply(fn, *args, **kwargs)
 
-    def qkv(self, x_BlC: torch.Tensor, fused: bool = False):
+    def qkv(self, x_BlC: torch.Tensor):
         B, l, C = x_BlC.shape
         w = self.mat_qkv.weight
         qkv = F.linear(x_BlC.to(w.dtype), w, self.qkv_bias())
         if self.l2_norm:  # cosine attention, softmax scale 1
-            return split_heads_l2(qkv, self.scale_mul_1H11, self.heads, fused=fused)
+            return split_heads_l2(qkv, self.scale_mul_1H11, self.heads)
         return qkv.view(B, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, c)
 
     @property
     def softmax_scale(self) -> float:
         return 1.0 if self.l2_norm else 0.25 / math.sqrt(self.head_dim)
 
-    def forward(self, x_BlC, layer: int, kv: Optional[KVProvider], attn_bias=None, fused: bool = False):
+    def forward(self, x_BlC, layer: int, kv: Optional[KVProvider], attn_bias=None):
         B, l, C = x_BlC.shape
-        q, k, v = self.qkv(x_BlC, fused)
+        q, k, v = self.qkv(x_BlC)
         if kv is not None:
             k, v = kv(layer, k, v)
         mask = None if attn_bias is None else attn_bias.to(v.dtype)
@@ -177,14 +151,13 @@ class AdaLNSelfAttn(nn.Module):
         or FP32 with shared AdaLN (FP32 ``ada_gss`` + the shared FP16 projection)."""
         return torch.float32 if hasattr(self, "ada_gss") else self.ada_lin[1].weight.dtype
 
-    def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None, fused: bool = False):
+    def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None):
         """x (B, l, C) float32 residual stream; ada (B, 6, C) held in float32 (values of ``ada_dtype``)."""
         mm = self.attn.mat_qkv.weight.dtype
         g1, g2, s1, s2, b1, b2 = ada_B6C.to(self.ada_dtype).unsqueeze(1).unbind(2)  # each (B, 1, C)
-        h = self.attn(modulated_layer_norm(x_BlC, self.C, s1, b1, self.eps, mm, fused=fused), layer, kv, attn_bias,
-                      fused)
-        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, self.C, s2, b2, self.eps, mm, fused=fused)
-        return gated_residual(x_BlC, self.ffn(y), g2, fused=fused)
+        h = self.attn(modulated_layer_norm(x_BlC, self.C, s1, b1, self.eps, mm), layer, kv, attn_bias)
+        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, self.C, s2, b2, self.eps, mm)
+        return gated_residual(x_BlC, self.ffn(y), g2)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -258,10 +231,10 @@ class VAR(nn.Module):
         return x.repeat(2, 1, 1)  # the same input for conditional and unconditional rows
 
     # ---- one scale ----------------------------------------------------------------------
-    def step(self, x_2BlC: torch.Tensor, cond: Condition, kv: KVProvider, fused: bool = False) -> torch.Tensor:
+    def step(self, x_2BlC: torch.Tensor, cond: Condition, kv: KVProvider) -> torch.Tensor:
         """Blocks + head for one scale. x float32 (2B, l, C). Returns logits (2B, l, V) in float32."""
         for i, blk in enumerate(self.blocks):
-            x_2BlC = blk(x_2BlC, cond.ada_blocks[i], i, kv, fused=fused)
+            x_2BlC = blk(x_2BlC, cond.ada_blocks[i], i, kv)
         return self.logits(x_2BlC, cond.ada_head)
 
     def logits(self, x_BlC: torch.Tensor, ada_head: torch.Tensor) -> torch.Tensor:
