@@ -96,7 +96,7 @@ def test_residual_modulated_ln(mm, ada, C):
     g, s, b = _ada_rows(gen, B, C, ada)
     x_keep = x.clone()
     x_out, h = K.residual_modulated_ln(x, y, g, s, b, 1e-6, mm, ada_dtype=ada)
-    x_ref, h_ref = M.residual_modulated_layer_norm.__wrapped__(x, y, _as_ref(g, ada), x.shape[-1], _as_ref(s, ada),
+    x_ref, h_ref = M.residual_modulated_layer_norm(x, y, _as_ref(g, ada), x.shape[-1], _as_ref(s, ada),
                                                                _as_ref(b, ada), 1e-6, mm)
     assert torch.equal(x_out, x_ref), "x + round(y * gamma) must be bit-equal"
     assert_matches(h, h_ref, "h")
@@ -112,7 +112,7 @@ def test_modulated_ln(mm, ada):
     h_out = torch.full((B, l + 2, C), POISON, dtype=mm, device=DEV)[:, 1:1 + l]  # a strided view
     h = K.modulated_ln(x, s, b, 1e-6, mm, h_out=h_out, ada_dtype=ada)
     assert h.data_ptr() == h_out.data_ptr()
-    ref = M.modulated_layer_norm.__wrapped__(x, x.shape[-1], _as_ref(s, ada), _as_ref(b, ada), 1e-6, mm)
+    ref = M.modulated_layer_norm(x, x.shape[-1], _as_ref(s, ada), _as_ref(b, ada), 1e-6, mm)
     assert_matches(h, ref, "h")
 
 
@@ -123,8 +123,8 @@ def test_gated_residual_then_next_ln(mm, ada):
     B, l, C = 2, 6, 96
     x, y = _activations(gen, B, l, C, mm)
     g2, s1, b1 = _ada_rows(gen, B, C, ada)
-    x_ref = M.gated_residual.__wrapped__(x, y, _as_ref(g2, ada))
-    h_ref = M.modulated_layer_norm.__wrapped__(x_ref, x_ref.shape[-1], _as_ref(s1, ada), _as_ref(b1, ada), 1e-6, mm)
+    x_ref = M.gated_residual(x, y, _as_ref(g2, ada))
+    h_ref = M.modulated_layer_norm(x_ref, x_ref.shape[-1], _as_ref(s1, ada), _as_ref(b1, ada), 1e-6, mm)
     x_out, h = K.gated_residual_modulated_ln(x.clone(), y, g2, s1, b1, 1e-6, mm, gamma_dtype=ada, ada_dtype=ada)
     assert torch.equal(x_out, x_ref)
     assert_matches(h, h_ref, "h")
@@ -142,9 +142,9 @@ def test_gated_residual_into_head_ln_of_another_ada_dtype():
     (g2,) = _ada_rows(gen, B, C, F32, n=1)
     s, b = _ada_rows(gen, B, C, F16, n=2)
     x_out, h = K.gated_residual_modulated_ln(x, y, g2, s, b, 1e-6, F16, gamma_dtype=F32, ada_dtype=F16)
-    x_ref = M.gated_residual.__wrapped__(x, y, g2.unsqueeze(1))
+    x_ref = M.gated_residual(x, y, g2.unsqueeze(1))
     assert torch.equal(x_out, x_ref)
-    ref = M.modulated_layer_norm.__wrapped__(x_ref, x_ref.shape[-1], _as_ref(s, F16), _as_ref(b, F16), 1e-6, F16)
+    ref = M.modulated_layer_norm(x_ref, x_ref.shape[-1], _as_ref(s, F16), _as_ref(b, F16), 1e-6, F16)
     assert_matches(h, ref, "h")
 
 
@@ -155,7 +155,7 @@ def test_ln_takes_ada_in_its_own_dtype():
     x, y = _activations(gen, B, l, C, BF16)
     g, s, b = (_as_ref(t, BF16) for t in _ada_rows(gen, B, C, BF16))
     x_out, h = K.residual_modulated_ln(x, y, g, s, b, 1e-6, BF16)
-    x_ref, h_ref = M.residual_modulated_layer_norm.__wrapped__(x, y, g, x.shape[-1], s, b, 1e-6, BF16)
+    x_ref, h_ref = M.residual_modulated_layer_norm(x, y, g, x.shape[-1], s, b, 1e-6, BF16)
     assert torch.equal(x_out, x_ref)
     assert_matches(h, h_ref, "h")
 
@@ -189,7 +189,7 @@ def test_qk_norm_kv_write(dtype, l2):
     q_out = torch.full((B, H, l, c), POISON, dtype=dtype, device=DEV)
     q = K.qk_norm_kv_write(qkv, scale_mul, H, ck, cv, begin, q_out)
     if l2:
-        q_ref, k_ref, v_ref = M.split_heads_l2.__wrapped__(qkv, scale_mul, H)
+        q_ref, k_ref, v_ref = M.split_heads_l2(qkv, scale_mul, H)
     else:
         q_ref, k_ref, v_ref = qkv.view(B, l, 3, H, c).permute(2, 0, 3, 1, 4).unbind(0)
     assert q.data_ptr() == q_out.data_ptr()
