@@ -2,7 +2,8 @@
 
 Files written into ``<out>/onnx/``:
 - ``{graph}.b{B}.onnx`` for every graph and batch size B: fixed shapes (2B rows with the unconditional
-  half, the tokens of the scale, the KV cache of all earlier scales). ONNX Runtime runs these.
+  half, the tokens of the scale, the KV cache of all earlier scales), with their shape arithmetic folded
+  into constants (``export.fold``: no Shape node left). ONNX Runtime runs these.
 - ``{graph}.dyn.onnx``: the same graphs with a dynamic batch axis, and for ``step`` one graph for all
   scales with dynamic token and past-length axes. TensorRT builds these with one optimisation profile
   per (batch, scale), min = opt = max, so every shape it runs is still fixed, but the weights are in
@@ -29,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from export.fold import fold
+from export.forms import rewrite_gelu_tanh
 from var_rt.graphs import all_graphs, io_dtype
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
@@ -197,6 +199,9 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
     separately took 20 minutes for d30 at batch 1 and 16; the specialised files are the same
     computation (tests compare specialised graphs with traced ones, and every one with PyTorch).
 
+    Every traced graph gets its tanh GELUs in the form ONNX Runtime fuses (``export.forms``); every fixed
+    graph is folded after it is specialised (``export.fold``), its new tensors stored in weights.bin.
+
     Returns ``{file name: {"graph", "batch", "inputs", "outputs"}}`` for the manifest, where inputs and
     outputs map names to ``{"shape", "dtype"}`` (a dynamic axis is its name, e.g. "2B" or "past").
     """
@@ -219,6 +224,7 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
             with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=".tmp-") as tmp:
                 path = export_one(module, gname, 2, act_dtype, opset, Path(tmp), axes)
                 model = onnx.load(str(path), load_external_data=False)
+                rewrite_gelu_tanh(model)  # the form ONNX Runtime fuses into FastGelu (export.forms)
                 store.externalize(model, Path(tmp))
                 model.graph.name = gname
             onnx.save(model, str(onnx_dir / fname))

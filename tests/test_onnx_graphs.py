@@ -1,4 +1,5 @@
-"""The fixed-shape ONNX files as graphs: no shape arithmetic left, and the same numbers as before folding.
+"""The exported ONNX files as graphs: no shape arithmetic left in the fixed-shape ones, the same numbers as
+before folding, and the forms ONNX Runtime fuses (LayerNormalization, FastGelu).
 
 Export folds every fixed-shape graph (``export.fold``): no Shape node may be left, since ONNX Runtime's CUDA
 provider places shape arithmetic on the CPU (Memcpy nodes, no CUDA-graph capture). The folded files must
@@ -9,6 +10,7 @@ ones (tests/test_export.py), so this file adds no export of its own.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 from pathlib import Path
@@ -123,3 +125,38 @@ def test_folded_graphs_compute_what_unfolded_ones_do(case, precision, tmp_path):
             else:
                 err = float(np.abs(a.astype(np.float64) - b).max() / max(float(np.abs(b.astype(np.float64)).max()), 1e-6))
                 assert err <= 1e-6, (g, name, err)
+
+
+def ort_optimised(path: Path, where: Path) -> collections.Counter:
+    """Op counts (contrib ops as ``com.microsoft:Op``) of the model ONNX Runtime saves after its
+    ORT_ENABLE_EXTENDED optimisations on the CPU provider (``SessionOptions.optimized_model_filepath``)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(where / f"opt-{path.name}")
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"opt-{path.name}.data")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = load(where / f"opt-{path.name}")
+    return collections.Counter((f"{n.domain}:" if n.domain else "") + n.op_type for n in model.graph.node)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ort_fuses_layer_norms_and_gelus(case, tmp_path):
+    """Counted in the model ONNX Runtime saves: every LayerNorm of a step graph (2 per block + the head's) is one
+    LayerNormalization node (or SkipLayerNormalization with its residual add), never the decomposed mean and
+    variance, and every FFN's tanh GELU fuses into one FastGelu (export.forms writes the form ORT's fusion
+    takes). ORT's CPU provider fuses FastGelu for float only, so the FP32 graphs are counted under it; the FP16
+    graphs hold the same form (counted in the file), which the CUDA provider fuses for float16."""
+    from export.forms import count_fastgelu_forms
+
+    out32, out16 = export_of(case, "fp32"), export_of(case, "fp16")
+    depth = json.loads((out32 / "manifest.json").read_text())["model"]["var"]["depth"]
+    steps = sorted(f.name for f in (out32 / "onnx").glob("step_*.b*.onnx"))
+    for name in (steps[0], steps[-1], "step.dyn.onnx"):
+        ops = ort_optimised(out32 / "onnx" / name, tmp_path)
+        assert ops["LayerNormalization"] + ops["com.microsoft:SkipLayerNormalization"] == 2 * depth + 1, (name, ops)
+        assert ops["com.microsoft:FastGelu"] == depth and ops["Tanh"] == 0, (name, ops)
+        assert ops["ReduceMean"] == ops["Pow"] == ops["Sqrt"] == 0, (name, ops)
+    for name in steps + ["step.dyn.onnx"]:
+        model = load(out16 / "onnx" / name)
+        assert count_fastgelu_forms(model) == depth, name
+        assert op_counts(model)["LayerNormalization"] == 2 * depth + 1 and op_counts(model)["ReduceMean"] == 0, name
