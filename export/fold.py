@@ -8,7 +8,10 @@ the devices, no CUDA-graph capture). ``fold`` evaluates them once at export time
 
 The pass is onnxscript's constant folder (``onnxscript.optimizer.fold_constants``): it reads static
 shapes from the graph, evaluates nodes whose inputs are all constants with ONNX's reference evaluator,
-and replaces them by initializers; unused nodes are removed after it. It is provider-independent: it
+and replaces them by initializers; unused nodes are removed after it. Folding makes more shapes known
+(a Pad's output once its pads are constants), so it runs in rounds with ONNX's shape inference between
+them (strict, with data propagation; two rounds for every graph seen), which is faster than the folder's
+own node-by-node inference (22 % less time on the 256 px fixture). It is provider-independent: it
 writes no ONNX Runtime provider's rewrites (an ONNX Runtime CPU session's optimised model would carry
 the CPU provider's FP16 Cast insertions and decomposed Softmax into files the CUDA provider and
 TensorRT run). Its rewrite rules (``onnxscript.optimizer.optimize``) are not applied: some merge casts,
@@ -36,6 +39,7 @@ from pathlib import Path
 
 SMALL_FILL = 4096       # a ConstantOfShape of at most this many elements becomes a constant
 SHAPE_OPS = ("Shape", "Size")
+MAX_ROUNDS = 4          # fold, infer shapes, fold again: two rounds were enough for every graph seen
 
 
 # Ops whose result does not depend on who computes it: data movement, comparisons, and IEEE-754's correctly
@@ -92,12 +96,23 @@ def fold(model, weights_dir: Path):
         raise BackendUnavailableError("export needs onnxscript to fold the fixed-shape graphs: "
                                       "pip install onnxscript, or pip install 'var-rt[onnx]'") from None
 
-    m = ir.serde.deserialize_model(model)
-    ir.external_data.set_base_dir(m.graph, str(weights_dir))
-    fold_constants(m, onnx_shape_inference=True, should_fold=_should_fold)
-    RemoveUnusedNodesPass()(m)
-    out = ir.serde.serialize_model(m)
-    left = [f"{n.op_type} {n.name}" for n in out.graph.node if n.op_type in SHAPE_OPS and n.domain in ("", "ai.onnx")]
+    import onnx
+
+    out = model
+    for _ in range(MAX_ROUNDS):
+        # The folder's own node-by-node shape inference is off (a third of its time); between rounds ONNX's
+        # shape inference (strict, with data propagation) gives the shapes that folding made known, e.g.
+        # a Pad's output once its pads are constants.
+        m = ir.serde.deserialize_model(out)
+        ir.external_data.set_base_dir(m.graph, str(weights_dir))
+        fold_constants(m, onnx_shape_inference=False, should_fold=_should_fold)
+        RemoveUnusedNodesPass()(m)
+        out = ir.serde.serialize_model(m)
+        left = [f"{n.op_type} {n.name}" for n in out.graph.node if n.op_type in SHAPE_OPS and n.domain in ("", "ai.onnx")]
+        if not left:
+            break
+        del out.graph.value_info[:]
+        out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
     if left:
         raise ValueError(f"{model.graph.name}: {len(left)} shape node(s) left after folding the fixed-shape "
                          f"graph, e.g. {', '.join(left[:3])}: a shape of the graph could not be inferred")
