@@ -46,7 +46,8 @@ def _constants(graph) -> Dict[str, object]:
         if t.data_location != onnx.TensorProto.EXTERNAL and len(t.dims) <= 1 and (not t.dims or t.dims[0] == 1):
             out[t.name] = numpy_helper.to_array(t)
     for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR \
+                and n.attribute[0].t.data_location != onnx.TensorProto.EXTERNAL:
             out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     return out
 

@@ -224,8 +224,8 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
             with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=".tmp-") as tmp:
                 path = export_one(module, gname, 2, act_dtype, opset, Path(tmp), axes)
                 model = onnx.load(str(path), load_external_data=False)
+                store.externalize(model, Path(tmp))  # (also inlines Constant-node tensors written outside)
                 rewrite_gelu_tanh(model)  # the form ONNX Runtime fuses into FastGelu (export.forms)
-                store.externalize(model, Path(tmp))
                 model.graph.name = gname
             onnx.save(model, str(onnx_dir / fname))
             files[fname] = describe(module, gname, None, act_dtype, axes)
