@@ -2,7 +2,8 @@
 
 Files written into ``<out>/onnx/``:
 - ``{graph}.b{B}.onnx`` for every graph and batch size B: fixed shapes (2B rows with the unconditional
-  half, the tokens of the scale, the KV cache of all earlier scales). ONNX Runtime runs these.
+  half, the tokens of the scale, the KV cache of all earlier scales), with their shape arithmetic folded
+  into constants (``export.fold``: no Shape node left). ONNX Runtime runs these.
 - ``{graph}.dyn.onnx``: the same graphs with a dynamic batch axis, and for ``step`` one graph for all
   scales with dynamic token and past-length axes. TensorRT builds these with one optimisation profile
   per (batch, scale), min = opt = max, so every shape it runs is still fixed, but the weights are in
@@ -28,6 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from export.fold import fold
+from export.forms import rewrite_gelu_tanh
 from var_rt.graphs import all_graphs, io_dtype
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
@@ -105,13 +108,27 @@ class WeightStore:
         self.index[key], self.names[name] = entry, key
         return entry
 
+    def flush(self) -> None:
+        """Make everything added so far readable from the file (folding reads weights back)."""
+        self.file.flush()
+
     def externalize(self, model, base_dir: Path) -> None:
-        """Move every large initializer of ``model`` (an onnx.ModelProto) into the store."""
+        """Move every large initializer of ``model`` (an onnx.ModelProto) into the store.
+
+        Initializers that already point into this store's ``weights.bin`` (``base_dir`` is its folder) are
+        left as they are, without reading them: a folded fixed-shape graph adds only its new tensors.
+        """
         import onnx
         from onnx import numpy_helper
 
-        renames = {}
+        renames: Dict[str, str] = {}
+        stored, duplicates = set(), []
+        in_store = Path(base_dir).resolve() == self.path.parent.resolve()
         for t in model.graph.initializer:
+            if in_store and t.data_location == onnx.TensorProto.EXTERNAL and \
+                    {kv.key: kv.value for kv in t.external_data}.get("location") == WEIGHTS_FILE:
+                stored.add(t.name)
+                continue
             arr = numpy_helper.to_array(t, base_dir=str(base_dir))
             data = arr.tobytes()  # ONNX raw data: little-endian, row-major
             if len(data) < EXTERNAL_MIN_BYTES:
@@ -122,6 +139,10 @@ class WeightStore:
             name, offset, length = self.add(key, t.name, data)
             if name != t.name:
                 renames[t.name] = name
+            if name in stored:  # equal tensors in one graph (e.g. the two area matrices of a square
+                duplicates.append(t)  # downsample): one initializer, every use renamed to it
+                continue
+            stored.add(name)
             dims, dtype = list(t.dims), t.data_type
             t.Clear()
             t.name, t.data_type = name, dtype
@@ -130,6 +151,8 @@ class WeightStore:
             for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
                 entry = t.external_data.add()
                 entry.key, entry.value = k, v
+        for t in duplicates:
+            model.graph.initializer.remove(t)
         # Over 2 GB the exporter also writes Constant nodes' tensors to files of their own in base_dir,
         # which is temporary: inline them (they are small) so every graph refers to weights.bin alone.
         for node in model.graph.node:
@@ -176,6 +199,9 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
     separately took 20 minutes for d30 at batch 1 and 16; the specialised files are the same
     computation (tests compare specialised graphs with traced ones, and every one with PyTorch).
 
+    Every traced graph gets its tanh GELUs in the form ONNX Runtime fuses (``export.forms``); every fixed
+    graph is folded after it is specialised (``export.fold``), its new tensors stored in weights.bin.
+
     Returns ``{file name: {"graph", "batch", "inputs", "outputs"}}`` for the manifest, where inputs and
     outputs map names to ``{"shape", "dtype"}`` (a dynamic axis is its name, e.g. "2B" or "past").
     """
@@ -198,21 +224,26 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
             with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=".tmp-") as tmp:
                 path = export_one(module, gname, 2, act_dtype, opset, Path(tmp), axes)
                 model = onnx.load(str(path), load_external_data=False)
-                store.externalize(model, Path(tmp))
+                store.externalize(model, Path(tmp))  # (also inlines Constant-node tensors written outside)
+                rewrite_gelu_tanh(model)  # the form ONNX Runtime fuses into FastGelu (export.forms)
                 model.graph.name = gname
             onnx.save(model, str(onnx_dir / fname))
             files[fname] = describe(module, gname, None, act_dtype, axes)
             dyn_models[gname] = model
+        on_progress(f"writing the fixed-shape graphs for batch {', '.join(map(str, batch_sizes))}")
+        for B in batch_sizes:
+            for gname, module in graphs.items():
+                si = int(gname.split("_")[1]) if gname.startswith("step_") else None
+                model = specialize(dyn_models["step" if si is not None else gname], module, B, gname)
+                store.flush()  # folding may read weights written by this export
+                model = fold(model, onnx_dir)
+                store.externalize(model, onnx_dir)  # the folded tensors, once each
+                check_shapes(model, module, B, gname)
+                fname = f"{gname}.b{B}.onnx"
+                onnx.save(model, str(onnx_dir / fname))
+                files[fname] = describe(module, gname, B, act_dtype)
     finally:
         store.close()
-    on_progress(f"writing the fixed-shape graphs for batch {', '.join(map(str, batch_sizes))}")
-    for B in batch_sizes:
-        for gname, module in graphs.items():
-            si = int(gname.split("_")[1]) if gname.startswith("step_") else None
-            model = specialize(dyn_models["step" if si is not None else gname], module, B, gname)
-            fname = f"{gname}.b{B}.onnx"
-            onnx.save(model, str(onnx_dir / fname))
-            files[fname] = describe(module, gname, B, act_dtype)
     return files
 
 
@@ -262,12 +293,26 @@ def specialize(dyn_model, module, B: int, name: str):
         model.graph.input.remove(vi)
     for axis, n in axes.items():
         make_dim_param_fixed(model.graph, axis, n)
-    del model.graph.value_info[:]  # the traced intermediate shapes, in symbolic axes
+    return check_shapes(model, module, B, name)
+
+
+def check_shapes(model, module, B: int, name: str):
+    """``model`` with every intermediate shape inferred again, checked: ``onnx.shape_inference.infer_shapes``
+    (strict, with data propagation) fails on a contradiction, and every graph input and output must have
+    ``module.io_spec(B)``'s name and shape. Returns the model with the inferred shapes."""
+    import onnx
+
+    ins, outs = module.io_spec(B)
+    want = {n: [int(d) for d in s] for n, (s, _) in {**ins, **outs}.items()}
+    del model.graph.value_info[:]  # e.g. the traced intermediate shapes, in symbolic axes
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    got_names = [vi.name for vi in model.graph.input] + [vi.name for vi in model.graph.output]
+    if sorted(got_names) != sorted(want):
+        raise ValueError(f"{name}: graph inputs and outputs {got_names}, io_spec has {sorted(want)}")
     for vi in list(model.graph.input) + list(model.graph.output):
-        got = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims(vi)]
+        got = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
         if got != want[vi.name]:
-            raise ValueError(f"{name}: {vi.name} has shape {got} in the specialised graph, {want[vi.name]} in io_spec")
+            raise ValueError(f"{name}: {vi.name} has shape {got} in the fixed-shape graph, {want[vi.name]} in io_spec")
     return model
 
 

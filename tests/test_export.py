@@ -52,6 +52,34 @@ def exported(name: str, precision: str) -> Path:
     return _done[key]
 
 
+# A third model, different from both fixtures in every size we can vary (7 classes, vocabulary 96, Cvae 8,
+# depth 3, 3 heads, no L2-normalised attention, shared AdaLN, 5 scales, a 2-level VQVAE), random weights.
+OTHER = {"vae": {"vocab_size": 96, "z_channels": 8, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                 "share_quant_resi": 0, "v_patch_nums": [1, 2, 3, 5, 8]},
+         "var": {"num_classes": 7, "depth": 3, "embed_dim": 96, "num_heads": 3, "shared_aln": True,
+                 "attn_l2_norm": False, "norm_eps": 1e-6, "mlp_ratio": 2.0}}
+
+
+def other_config() -> Path:
+    path = _ROOT / "other" / "config.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(OTHER))
+    return path
+
+
+def exported_other(precision: str) -> Path:
+    """ONNX export of ``OTHER`` (random weights, batch 2), made once per test session."""
+    key = ("other", precision)
+    if key not in _done:
+        out = _ROOT / f"other-{precision}"
+        args = ["--config", str(other_config()), "--random-weights", "--batch-size", "2", "--out-dir", str(out),
+                "--onnx-only", "--no-progress"] + (["--fp16"] if precision == "fp16" else [])
+        assert build_mod.main(args) == 0
+        _done[key] = out
+    return _done[key]
+
+
 def run_ort(path: Path, inputs: dict) -> list:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in inputs.items()})]

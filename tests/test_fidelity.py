@@ -1,42 +1,27 @@
 """Fidelity beyond the fixtures' sizes, and FP16 against FP32 (the precision policy, var_rt/precision.py).
 
-``OTHER`` differs from both fixtures in every size we can vary (7 classes, vocabulary 96, Cvae 8, depth 3,
-3 heads, no L2-normalised attention, shared AdaLN, 5 scales, a 2-level VQVAE): random weights from the
-project's own initialisation, exported, run by ONNX Runtime (CPU) and edited there.
+``OTHER`` (tests/test_export.py) differs from both fixtures in every size we can vary (7 classes, vocabulary
+96, Cvae 8, depth 3, 3 heads, no L2-normalised attention, shared AdaLN, 5 scales, a 2-level VQVAE): random
+weights from the project's own initialisation, exported, run by ONNX Runtime (CPU) and edited there.
 """
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from conftest import get_fixture, token_mismatch
-from export import build as build_mod
 from var_rt import precision
 from var_rt.edit import edit
 from var_rt.pipeline import VARPipeline
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'var-rt[onnx]')")
 
-OTHER = {"vae": {"vocab_size": 96, "z_channels": 8, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-                 "share_quant_resi": 0, "v_patch_nums": [1, 2, 3, 5, 8]},
-         "var": {"num_classes": 7, "depth": 3, "embed_dim": 96, "num_heads": 3, "shared_aln": True,
-                 "attn_l2_norm": False, "norm_eps": 1e-6, "mlp_ratio": 2.0}}
-
 
 @pytest.fixture(scope="module")
-def other(tmp_path_factory):
-    d = tmp_path_factory.mktemp("other")
-    (d / "config.json").write_text(json.dumps(OTHER))
-    exports = {}
-    for prec in ("fp32", "fp16"):
-        out = d / f"export-{prec}"
-        args = ["--config", str(d / "config.json"), "--random-weights", "--batch-size", "2", "--out-dir", str(out),
-                "--onnx-only", "--no-progress"] + (["--fp16"] if prec == "fp16" else [])
-        assert build_mod.main(args) == 0
-        exports[prec] = out
-    return d / "config.json", exports
+def other():
+    """``OTHER``'s config and its exports (the session's cache in test_export, shared with test_onnx_graphs)."""
+    from test_export import exported_other, other_config
+    return other_config(), {prec: exported_other(prec) for prec in ("fp32", "fp16")}
 
 
 def _load(config, dtype="float32", **kw):

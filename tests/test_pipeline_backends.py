@@ -1,4 +1,5 @@
 """The pipeline over exported graphs: `--backend onnxruntime` reproduces the fixtures (CPU here, CUDA EP on a GPU)."""
+import copy
 import subprocess
 import sys
 
@@ -164,3 +165,31 @@ def test_onnxruntime_cuda_graphs_give_the_same_tokens():
     for _ in range(3):  # ORT captures after its first runs, then replays
         b = graphed.generate(**kw)
         assert token_mismatch(a.tokens, b.tokens)[0] == 0
+
+
+def test_loops_are_bounded(fx256):
+    """Fifty batch sizes leave at most MAX_LOOPS scale loops alive (least recently used go first); the loop
+    in use survives, and a server can ask to keep all of its buckets."""
+    from var_rt import pipeline as pl
+    pipe = pl.VARPipeline(fx256.cfg, copy.deepcopy(fx256.var), copy.deepcopy(fx256.vae), torch.device("cpu"),
+                          torch.float32, progress=False)
+    first = pipe._loop(1)
+    for B in range(2, 52):
+        pipe._loop(B)
+        pipe._loop(1)  # kept busy: never the least recently used
+        assert len(pipe._loops) <= pl.MAX_LOOPS
+    assert pipe._loop(1) is first and 2 not in pipe._loops
+    pipe.keep_loops(pl.MAX_LOOPS + 3)
+    for B in range(60, 60 + pl.MAX_LOOPS + 3):
+        pipe._loop(B)
+    assert len(pipe._loops) == pl.MAX_LOOPS + 3
+
+
+def test_lru_keeps_the_most_recently_used():
+    from var_rt.runtime import LRU
+    c = LRU(2)
+    c.put("a", 1)
+    c.put("b", 2)
+    assert c.get("a") == 1  # a is now the most recent
+    c.put("c", 3)
+    assert list(c) == ["a", "c"] and c.get("b") is None

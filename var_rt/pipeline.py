@@ -20,11 +20,14 @@ from var_rt.images import to_pil, to_uint8
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
 from var_rt.progress import progress_bar
-from var_rt.runtime import CudaGraphLoop, EditSpec, SamplingParams, ScaleLoop
+from var_rt.runtime import LRU, CudaGraphLoop, EditSpec, SamplingParams, ScaleLoop
 from var_rt.sampling import DEFAULTS
 
 BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
 EXPORTED = ("onnxruntime", "tensorrt")  # backends that run graphs from `python -m export.build`
+# Scale loops kept per pipeline (each holds its batch size's buffers, KV cache and captured graphs): the
+# least recently used goes when a new batch size comes past the bound. `serve` warms at most this many buckets.
+MAX_LOOPS = 8
 
 
 @dataclasses.dataclass
@@ -170,7 +173,8 @@ class VARPipeline:
         self._engine = None
         self._engines: dict = {}  # batch size -> exported engine (sessions / contexts are per batch size)
         self._manifest = None
-        self._loops: dict = {}  # batch size -> (ScaleLoop, runner): buffers allocated once per batch size
+        # batch size -> (ScaleLoop, runner): buffers allocated once per batch size, the MAX_LOOPS most recent kept
+        self._loops = LRU(MAX_LOOPS)
 
     # ---- engines and loops ----------------------------------------------------------------
     @property
@@ -234,14 +238,19 @@ class VARPipeline:
             return None
         return [b for b in built if b <= limit] or [built[0]]
 
+    def keep_loops(self, n: int) -> None:
+        """Keep at least ``n`` batch sizes' loops (a server that warms n buckets keeps them all)."""
+        self._loops.limit = max(self._loops.limit, n)
+
     def _loop(self, B: int):
-        if B not in self._loops:
+        hit = self._loops.get(B)
+        if hit is None:
             loop = ScaleLoop(self._engine_for(B), self.cfg, B, self.codebook)
             # Capture is not an engine: any session whose steps only enqueue work can be replayed as one graph.
             capture = self.backend in ("cudagraph", "tensorrt") and loop.session.capturable
             runner = CudaGraphLoop(loop) if capture else loop
-            self._loops[B] = (loop, runner)
-        return self._loops[B]
+            hit = self._loops.put(B, (loop, runner))
+        return hit
 
     def chunk_size(self, n: int, batch_size: Optional[int] = None,
                    buckets: Optional[Sequence[int]] = None) -> int:

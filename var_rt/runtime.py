@@ -13,6 +13,7 @@ graph (``CudaGraphLoop``) when the session's steps only enqueue work on the curr
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Callable, Dict, List, Optional, Sequence
@@ -204,6 +205,35 @@ class ScaleLoop:
         return LoopOutput(outs[0], split(outs[1]), split(outs[2]))
 
 
+class LRU(collections.OrderedDict):
+    """A dict that keeps its ``limit`` most recently used entries (``get`` and ``put`` count as use).
+
+    Bounds what requests can make a replica hold: scale loops (buffers and KV cache per batch size) and
+    captured graphs (per sampling setup), whatever sizes and settings clients send.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+        return value
+
+
+# Captured graphs kept per loop (one per sampling setup: top-k, top-p, more_smooth, edit; see SamplingParams.key).
+MAX_CAPTURES = 4
+
+
 class CudaGraphLoop:
     """Captures a ScaleLoop's whole generation (10 scales + decode) as one CUDA graph per sampling setup.
 
@@ -216,7 +246,7 @@ class CudaGraphLoop:
             raise ConfigError(f"the {loop.engine.name} engine's steps cannot be captured in a CUDA graph "
                               f"(they synchronise or leave the current stream); run it without capture")
         self.loop = loop
-        self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.graphs = LRU(MAX_CAPTURES)  # a new setup past the bound drops the least recently used graph
         self.pool = None
 
     @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
@@ -233,7 +263,7 @@ class CudaGraphLoop:
             with torch.cuda.graph(g, pool=self.pool):
                 self.loop.run(params, edit)
             self.pool = g.pool()
-            self.graphs[key] = g
+            self.graphs.put(key, g)
         g.replay()
         if on_scale is not None:
             for si in range(self.loop.cfg.num_scales):

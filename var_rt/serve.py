@@ -466,6 +466,7 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
             self.held = 0  # requests this replica holds now: reading, waiting for a batch or generating
             self.pipe = VARPipeline.load(**load_kwargs)
             self.buckets = serving_buckets(self.pipe, batch_size)
+            self.pipe.keep_loops(len(self.buckets or ()))
             self.max_batch_size = min(batch_size, max(self.buckets)) if self.buckets else batch_size
             self.batcher = Batcher(lambda items: run_groups(self.pipe, items, self.buckets),
                                    self.max_batch_size, wait_s)
