@@ -45,7 +45,7 @@ import numpy as np
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError, one_line
 from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule
 from var_rt.quality import add_inception_args
-from var_rt.sampling import DEFAULTS
+from var_rt.validation import DEFAULTS
 
 MARKER_DIR = ".shards"
 JOB_FILE = "job.json"
