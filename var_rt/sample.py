@@ -136,9 +136,6 @@ class ShardWorker:
         self.out_dir, self.job = Path(out_dir), job
         self.crash_at, self.crash_flag = crash_at, crash_flag  # test hook: die once on this image index
 
-    def ready(self) -> bool:
-        return True
-
     def run(self, start: int, stop: int) -> int:
         from var_rt.images import png_bytes
         j = self.job
