@@ -335,7 +335,3 @@ def onnx_sizes(onnx_dir: Path) -> Tuple[int, int]:
     """(bytes of weights.bin, bytes of all .onnx files)."""
     w = (onnx_dir / WEIGHTS_FILE).stat().st_size
     return w, sum(p.stat().st_size for p in onnx_dir.glob("*.onnx"))
-
-
-def remove_partial(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else (os.path.exists(path) and os.remove(path))

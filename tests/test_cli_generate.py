@@ -302,3 +302,55 @@ def test_download_without_its_extra_says_how_to_install_it(tmp_path, capsys, mon
     assert err.startswith("error: downloading needs huggingface_hub") and err.count("\n") == 1, err
     assert "python -m pip install 'huggingface_hub" in err and "-e '.[download]'" in err
     assert not (tmp_path / "ck").exists()
+
+
+# What the command line must answer before torch is imported (issue 22): help, argparse errors, and the
+# checks that run before any model work. Each runs main() in a fresh interpreter and reports the exit
+# status and which heavy modules were imported.
+_NO_TORCH_PROBE = """
+import json, sys
+from var_rt.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+print(json.dumps({"rc": rc, "torch": "torch" in sys.modules, "pipeline": "var_rt.pipeline" in sys.modules}),
+      file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, rc", [
+    (["--help"], 0),
+    (["generate", "--help"], 0),
+    (["edit", "--help"], 0),
+    (["sample", "--help"], 0),
+    (["serve", "--help"], 0),
+    (["fid", "--help"], 0),
+    (["generate", "--cfg", "x"], 2),  # argparse type error
+    (["nonsense"], 2),  # unknown command
+    # the checks that run before any model work
+    (["generate", "--model", "d16", "--random-weights", "--top-k", "-5", "--grid", "{tmp}/g.png"], 2),
+    (["edit", "--model", "d16", "--random-weights", "--image", "{tmp}/in.png", "--grid", "{tmp}/g.png"], 2),
+    (["sample", "--model", "d16", "--random-weights", "--var-ckpt", "v.pth", "--output-dir", "{tmp}/s"], 2),
+    (["serve", "--model", "d16", "--random-weights", "--num-replicas", "0"], 2),
+    (["fid", "{tmp}/samples.npz"], 2),
+])
+def test_cli_answers_without_importing_torch(tmp_path, args, rc):
+    import json
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH_PROBE, *args], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    report = json.loads(r.stderr.strip().splitlines()[-1])
+    assert report["rc"] == rc, r.stdout + r.stderr
+    assert not report["torch"], f"{args}: torch was imported"
+    assert not report["pipeline"], f"{args}: var_rt.pipeline was imported"
+
+
+def test_import_var_rt_is_lazy():
+    """``import var_rt`` does not load torch; ``var_rt.VARPipeline`` loads it on first use."""
+    code = ("import sys, var_rt; assert 'torch' not in sys.modules, 'eager'; "
+            "from var_rt import VARPipeline, GenerationResult; import var_rt.pipeline as p; "
+            "assert VARPipeline is p.VARPipeline and var_rt.GenerationResult is p.GenerationResult; "
+            "assert 'torch' in sys.modules; assert set(var_rt.__all__) <= set(dir(var_rt)); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

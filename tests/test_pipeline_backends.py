@@ -193,3 +193,21 @@ def test_lru_keeps_the_most_recently_used():
     assert c.get("a") == 1  # a is now the most recent
     c.put("c", 3)
     assert list(c) == ["a", "c"] and c.get("b") is None
+
+
+def test_precision_names_bfloat16_and_exports_refuse_it(tmp_path):
+    """VARPipeline.precision names the compute dtype (bfloat16 is "bf16", not "fp32"); exports hold fp16 or fp32
+    graphs only, so asking an export for bf16 is an error that says so, never a silent fp32 run."""
+    import json
+    from var_rt.manifest import FORMAT_VERSION, load_manifest
+    fx = get_fixture("var_tiny_256")
+    for dtype, name in (("float32", "fp32"), ("bfloat16", "bf16")):
+        pipe = VARPipeline.load(config=fx.config_path, var_ckpt=fx.var_ckpt, vae_ckpt=fx.vae_ckpt, device="cpu",
+                                dtype=dtype, progress=False)
+        assert pipe.precision == name
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "precision": "fp32", "batch_sizes": [1],
+        "onnx": {"weights_file": "weights.bin", "files": {"onnx/decode.b1.onnx": {"graph": "decode", "batch": 1}}}}))
+    assert load_manifest(tmp_path, None, None, "fp32", None)["precision"] == "fp32"
+    with pytest.raises(EngineMismatchError, match=r"exports hold fp16 or fp32 graphs.*bfloat16.*torch"):
+        load_manifest(tmp_path, None, None, "bf16", None)

@@ -83,12 +83,23 @@ def test_two_workers_give_the_same_files(reference, tmp_path):
     _assert_same_output(reference[0], tmp_path / "out")
 
 
-def test_worker_killed_mid_job_is_replaced(reference, tmp_path):
+def test_worker_killed_mid_job_is_replaced(reference, tmp_path, monkeypatch):
     """A worker dies (os._exit) halfway through shard 1, leaving a broken PNG: its work is redone elsewhere."""
+    import var_rt.sample
     flag = tmp_path / "crashed"
-    run_sample(_kwargs(), tmp_path / "out", num_workers=2, progress=False, _crash_at=6, _crash_flag=str(flag), **JOB)
+    monkeypatch.setattr(var_rt.sample, "_crash", (6, str(flag)))  # the test hook: image 6's worker dies once
+    run_sample(_kwargs(), tmp_path / "out", num_workers=2, progress=False, **JOB)
     assert flag.exists(), "the test hook did not fire"
     _assert_same_output(reference[0], tmp_path / "out")
+
+
+def test_public_signatures_hold_no_test_hooks():
+    """The crash hook is a module global the tests set, not a parameter of run_sample (or of the CLI's helpers)."""
+    import inspect
+    import var_rt.sample
+    for fn in (run_sample, var_rt.sample._run_local, var_rt.sample._run_ray):
+        hooks = [n for n in inspect.signature(fn).parameters if "crash" in n]
+        assert not hooks, f"{fn.__name__} takes test hooks {hooks}"
 
 
 def test_resume_redoes_partial_shards_only(reference, tmp_path):

@@ -42,9 +42,8 @@ def validate_generate(a: argparse.Namespace) -> GenerateRequest:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    req = validate_generate(a)  # before any import of torch: a bad request answers at once
     from var_rt.images import grid
-
-    req = validate_generate(a)
     pipe = load_pipeline(req.model)
     labels, seeds = pipe.plan(req.class_labels, req.num_images, req.sampling.seed, cli=True)
     validation.check_schedule(req.sampling.cfg_schedule, pipe.cfg.num_scales, "--cfg-schedule")

@@ -26,23 +26,23 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from var_rt import validation
 from var_rt.errors import ConfigError, InputError
 from var_rt.options import (ModelOptions, Outputs, SamplingOptions, add_model_args, add_overwrite_arg,
                             add_sampling_args, load_pipeline)
-from var_rt.runtime import EditSpec
-from var_rt.sampling import DEFAULTS
+from var_rt.validation import DEFAULTS
+
+if TYPE_CHECKING:  # torch is imported where it is used: `python -m var_rt edit --help` runs without it
+    import torch
 
 MODES = ("inpaint", "outpaint")
 GREY = 0.5  # canvas fill in [0, 1]: 0 in the VQVAE's [-1, 1] input range
 
-ImageLike = Union[torch.Tensor, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+ImageLike = Union["torch.Tensor", np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,7 @@ class Box:
 
     def raster(self, size: int) -> torch.Tensor:
         """(size, size) bool, True inside the box (a pixel counts if the box covers its centre)."""
+        import torch
         c = (torch.arange(size, dtype=torch.float64) + 0.5) / size
         rows = (c >= self.y0) & (c < self.y1)
         cols = (c >= self.x0) & (c < self.x1)
@@ -78,6 +79,7 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
     numpy arrays are (H, W, 3) or (H, W) (uint8 in 0..255 or float in [0, 1]); tensors are
     (3, H, W) or (1, 3, H, W) floats in [0, 1].
     """
+    import torch
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -104,6 +106,7 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
 
 def resize_to(image_13HW: torch.Tensor, size: int) -> torch.Tensor:
     """Scale the shorter side to ``size`` and centre-crop to a square (the aspect ratio is kept)."""
+    import torch.nn.functional as F
     _, _, H, W = image_13HW.shape
     s = size / min(H, W)
     h, w = max(size, round(H * s)), max(size, round(W * s))
@@ -114,6 +117,7 @@ def resize_to(image_13HW: torch.Tensor, size: int) -> torch.Tensor:
 
 def _resize_region(region_HW: torch.Tensor, size: int) -> torch.Tensor:
     """A bool region transformed like ``resize_to`` transforms its image (threshold 0.5 after resizing)."""
+    import torch.nn.functional as F
     H, W = region_HW.shape
     s = size / min(H, W)
     h, w = max(size, round(H * s)), max(size, round(W * s))
@@ -145,6 +149,7 @@ def place_on_canvas(image_13HW: torch.Tensor, size: int, place="center") -> Tupl
     Returns:
         canvas (1, 3, size, size) in [0, 1] and the image's footprint (size, size) bool.
     """
+    import torch
     _, _, h, w = image_13HW.shape
     if h > size or w > size:
         raise InputError(f"image is {w}x{h} px, larger than the {size}x{size} canvas: shrink it first "
@@ -170,6 +175,7 @@ def place_on_canvas(image_13HW: torch.Tensor, size: int, place="center") -> Tupl
 
 def to_region(mask: ImageLike) -> torch.Tensor:
     """A binary mask (PIL image, array or tensor; white / 1 / True = the region) -> (H, W) bool."""
+    import torch
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL
         mask = np.asarray(mask.convert("L"))
     if isinstance(mask, torch.Tensor):
@@ -198,6 +204,7 @@ def grid_keep(region_HW: torch.Tensor, mode: str, grid: int) -> torch.Tensor:
 
     A token is kept only if its whole patch is on the kept side of the region.
     """
+    import torch.nn.functional as F
     if mode not in MODES:
         raise InputError(f"unknown edit mode {mode!r}: use {' or '.join(MODES)}")
     regenerate = region_HW if mode == "inpaint" else ~region_HW
@@ -214,6 +221,8 @@ def scale_keep_masks(keep_PP: torch.Tensor, patch_nums: Sequence[int]) -> List[t
     Returns:
         per scale (1, pn*pn) bool.
     """
+    import torch
+    import torch.nn.functional as F
     m = keep_PP.float()[None, None]
     out = []
     for pn in patch_nums:
@@ -261,6 +270,8 @@ class EditResult:
 
     def mask_visual(self) -> np.ndarray:
         """(S, S, 3) uint8: the input, with the regenerated tokens tinted magenta."""
+        import torch
+        import torch.nn.functional as F
         from var_rt.images import to_uint8
         S = self.input.shape[-1]
         regen = (~self.keep).float()[None, None]
@@ -358,6 +369,7 @@ def edit(pipe, image: ImageLike, region=None, *, mode: Optional[str] = None, kee
     Returns:
         EditResult.
     """
+    from var_rt.runtime import EditSpec
     cfgm = pipe.cfg
     S, P, pns = cfgm.image_size, cfgm.patch_nums[-1], cfgm.patch_nums
     if keep is not None:
@@ -391,6 +403,7 @@ def edit_label(pipe, class_label: Optional[int]) -> int:
 
 
 def _keep_from_arg(keep, patch_nums: Sequence[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    import torch
     P = patch_nums[-1]
     if isinstance(keep, (list, tuple)):
         if len(keep) != len(patch_nums):
@@ -445,9 +458,8 @@ def validate_edit(a: argparse.Namespace) -> EditRequest:
 
 
 def cmd_edit(a: argparse.Namespace) -> int:
+    req = validate_edit(a)  # before any import of torch: a bad request answers at once
     from var_rt.images import load_image
-
-    req = validate_edit(a)
     image = load_image(req.image, "RGB", "--image")
     mask = load_image(req.mask, "L", "--mask") if req.mask is not None else None
     pipe = load_pipeline(req.model)

@@ -100,10 +100,6 @@ def png_bytes(array_HW3: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def save_pngs(images_BHW3: np.ndarray, out_dir: str | Path, names: Sequence[str]) -> List[Path]:
-    return write_pngs({Path(out_dir) / name: im for im, name in zip(images_BHW3, names)})
-
-
 def load_image(path: str | Path, mode: str = "RGB", what: str = "image") -> np.ndarray:
     """An image file (PNG, JPEG, ...) -> (H, W, 3) uint8 (mode "L": (H, W)); InputError if it cannot be used.
 
@@ -153,11 +149,3 @@ def result_names(labels: Sequence[int], seeds: Sequence[int], start: int = 0) ->
     """``{index}_class{c}_seed{s}.png`` per image: sorting the names gives batch order."""
     width = max(5, len(str(start + len(labels) - 1)))
     return [f"{start + i:0{width}d}_class{c}_seed{s}.png" for i, (c, s) in enumerate(zip(labels, seeds))]
-
-
-def save_results(images_BHW3: np.ndarray, labels: Sequence[int], seeds: Sequence[int], out_dir: str | Path,
-                 start: int = 0) -> List[Path]:
-    """One PNG per image, named by result_names."""
-    paths = save_pngs(images_BHW3, out_dir, result_names(labels, seeds, start))
-    print(f"wrote {len(paths)} PNG(s) to {out_dir}")
-    return paths

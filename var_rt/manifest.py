@@ -81,7 +81,7 @@ def load_manifest(out_dir: str | Path, expected_cfg: Optional[ModelConfig], expe
         expected_cfg: the model config the caller runs (None: do not check).
         expected_weights_hash: ``var_rt.checkpoint.weights_hash(var, vae)`` of the caller's weights (None: skip).
             Not compared when the precision differs: a hash of float32 weights never equals one of float16.
-        precision: "fp16" or "fp32" (None: skip).
+        precision: "fp16" or "fp32" (None: skip); "bf16" (VARPipeline.precision of bfloat16) is refused.
         batch: the batch size the caller will run (None: skip); must be one the export was built for.
 
     Returns:
@@ -98,7 +98,11 @@ def load_manifest(out_dir: str | Path, expected_cfg: Optional[ModelConfig], expe
                 if got != value:
                     problems.append(f"model {section}.{key} is {got!r} in the export, {value!r} expected")
     other_precision = precision is not None and m.get("precision") != precision
-    if other_precision:
+    if other_precision and precision not in _DTYPE_FLAG:  # bf16: export.build writes fp16 or fp32 graphs
+        flag = _DTYPE_FLAG.get(m.get("precision"), "float32")
+        problems.append(f"exports hold fp16 or fp32 graphs, {precision} asked for: run bfloat16 on the torch or "
+                        f"cudagraph backend, or this export with --dtype {flag}")
+    elif other_precision:
         flag = _DTYPE_FLAG.get(m.get("precision"))
         problems.append(f"precision is {m.get('precision')} in the export, {precision} asked for"
                         + (f": run with --dtype {flag} (VARPipeline.load(dtype='{flag}'))" if flag else ""))

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 from var_rt import validation
 from var_rt.errors import ConfigError, VarRtError
-from var_rt.sampling import DEFAULTS
+from var_rt.validation import DEFAULTS
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -193,7 +193,9 @@ class VARPipeline:
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.dtype == torch.float16 else "fp32"
+        """The compute dtype by its export name: "fp32", "fp16" or "bf16" (exports hold fp16 or fp32 graphs only,
+        so the manifest check refuses bf16 with an export)."""
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
 
     def _exported_manifest(self) -> dict:
         """The export directory's manifest, checked against this model's config, weights and precision."""

@@ -56,11 +56,6 @@ def apply(model: nn.Module, compute: torch.dtype) -> nn.Module:
     return model
 
 
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The model's compute dtype: that of its first Linear/Conv2d weight."""
-    return next(iter(_compute_tensors(model))).dtype
-
-
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)`` as autocast runs it: the input cast to the weight's dtype, output in that dtype."""
     return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)

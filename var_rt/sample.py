@@ -38,14 +38,14 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError, one_line
 from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule
 from var_rt.quality import add_inception_args
-from var_rt.sampling import DEFAULTS
+from var_rt.validation import DEFAULTS
 
 MARKER_DIR = ".shards"
 JOB_FILE = "job.json"
@@ -126,18 +126,22 @@ def shard_is_done(out_dir: Path, job: SampleJob, k: int) -> bool:
         return False
 
 
+# Test hook (tests/test_sample.py sets it): (image index, flag file). The worker whose chunk holds that index
+# writes half of the chunk and dies, once (the flag file records that it did). run_sample reads it in the
+# calling process and hands it to its workers, which may be Ray actors in other processes.
+_crash: Optional[Tuple[int, str]] = None
+
+
 class ShardWorker:
-    """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly)."""
+    """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly).
+    ``crash``: the test hook ``_crash`` as run_sample found it (None in production)."""
 
     def __init__(self, pipeline_kwargs: Dict[str, Any], out_dir: str, job: SampleJob,
-                 crash_at: Optional[int] = None, crash_flag: Optional[str] = None):
+                 crash: Optional[Tuple[int, str]] = None):
         from var_rt.pipeline import VARPipeline
         self.pipe = VARPipeline.load(**pipeline_kwargs)
         self.out_dir, self.job = Path(out_dir), job
-        self.crash_at, self.crash_flag = crash_at, crash_flag  # test hook: die once on this image index
-
-    def ready(self) -> bool:
-        return True
+        self.crash_at, self.crash_flag = crash if crash is not None else (None, None)
 
     def run(self, start: int, stop: int) -> int:
         from var_rt.images import png_bytes
@@ -265,22 +269,22 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
     return npz_path
 
 
-def _run_local(pipeline_kwargs, out_dir, job, todo, bar, crash_at=None, crash_flag=None) -> None:
-    w = ShardWorker(pipeline_kwargs, str(out_dir), job, crash_at, crash_flag)
+def _run_local(pipeline_kwargs, out_dir, job, todo, bar) -> None:
+    w = ShardWorker(pipeline_kwargs, str(out_dir), job, _crash)
     for k in todo:
         for a, b in job.chunks(k):
             bar.update(w.run(a, b))
         write_marker(out_dir, job, k)
 
 
-def _run_ray(pipeline_kwargs, out_dir, job, todo, bar, num_workers, use_gpu, crash_at=None,
-             crash_flag=None, max_restarts: Optional[int] = None) -> None:
+def _run_ray(pipeline_kwargs, out_dir, job, todo, bar, num_workers, use_gpu,
+             max_restarts: Optional[int] = None) -> None:
     import ray
     actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(ShardWorker)
     pending = collections.deque((k, a, b) for k in todo for a, b in job.chunks(k))
     left = collections.Counter(k for k, _, _ in pending)
     restarts_left = num_workers + 2 if max_restarts is None else max_restarts
-    new = lambda: actor_cls.remote(pipeline_kwargs, str(out_dir), job, crash_at, crash_flag)  # noqa
+    new = lambda: actor_cls.remote(pipeline_kwargs, str(out_dir), job, _crash)  # noqa
     workers = {w: new() for w in range(num_workers)}
     busy = collections.Counter()
     inflight: Dict[Any, tuple] = {}  # ref -> (worker id, chunk)
@@ -361,8 +365,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
                cfg: float = DEFAULTS.cfg, cfg_schedule=DEFAULTS.cfg_schedule, top_k: int = DEFAULTS.top_k,
                top_p: float = DEFAULTS.top_p, more_smooth: bool = DEFAULTS.more_smooth,
                batch_size: Optional[int] = None, shard_size: int = 1000, num_workers: Optional[int] = None,
-               use_gpu: Optional[bool] = None, npz: Optional[str] = "", progress: bool = True,
-               _crash_at: Optional[int] = None, _crash_flag: Optional[str] = None) -> Optional[Path]:
+               use_gpu: Optional[bool] = None, npz: Optional[str] = "", progress: bool = True) -> Optional[Path]:
     """Generate the job's missing shards into output_dir, then the .npz (npz='' -> output_dir/samples.npz,
     None -> none). Returns the .npz path. Ray must be initialised by the caller for num_workers > 1."""
     from var_rt import sampling, validation
@@ -414,7 +417,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
     with tqdm(total=job.num_images, initial=done, desc="sample", unit="img", disable=not progress,
               file=sys.stderr) as bar:
         if todo and num_workers == 1:
-            _run_local(kwargs, out_dir, job, todo, bar, _crash_at, _crash_flag)
+            _run_local(kwargs, out_dir, job, todo, bar)
         elif todo:
             if not ray.is_initialized():
                 ray.init()
@@ -423,7 +426,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
                 use_gpu = dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
             if use_gpu and str(kwargs.get("device") or "auto") == "auto":
                 kwargs["device"] = "cuda"
-            _run_ray(kwargs, out_dir, job, todo, bar, num_workers, use_gpu, _crash_at, _crash_flag)
+            _run_ray(kwargs, out_dir, job, todo, bar, num_workers, use_gpu)
     if npz_path is None:
         return None
     return write_npz(out_dir, job, npz_path)

@@ -36,35 +36,13 @@ are off), so it is tied to the token, not to its rank, and does not depend on to
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from var_rt import validation
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingDefaults:
-    """The sampling settings every entry point defaults to: VARPipeline.generate, var_rt.edit, the CLI
-    flags, the HTTP fields, ``sample`` and the benchmarks all read them from ``DEFAULTS``.
-
-    They are the settings the official code samples its FID images with, so a default run is comparable
-    with published numbers.
-    """
-
-    cfg: float = 1.5
-    cfg_schedule: str = "linear"
-    top_k: int = 900
-    top_p: float = 0.96
-    more_smooth: bool = False
-
-    def asdict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-DEFAULTS = SamplingDefaults()
+from var_rt.validation import DEFAULTS, SamplingDefaults  # noqa: F401 (defined beside their checks, torch-free)
 
 _M32 = 0xFFFFFFFF
 STREAM_TOKENS, STREAM_SMOOTH, STREAM_LABELS = 1, 2, 3

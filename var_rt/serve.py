@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError, VarRtError
 from var_rt.options import ModelOptions, add_model_args
-from var_rt.sampling import DEFAULTS
+from var_rt.validation import DEFAULTS
 
 DEFAULT_MAX_BATCH_SIZE = 16
 # A valid request is well under 1 KiB per image (labels, seeds, a cfg schedule): 64 KiB leaves room for any of

@@ -216,6 +216,30 @@ def filters(top_k, top_p, cli: bool = False) -> Tuple[int, float]:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling settings every entry point defaults to: VARPipeline.generate, var_rt.edit, the CLI
+    flags, the HTTP fields, ``sample`` and the benchmarks all read them from ``DEFAULTS`` (also exported
+    as ``var_rt.sampling.DEFAULTS``). They live here, beside their checks, because this module imports no
+    torch: the command line builds its flags' defaults and help from them before torch is loaded.
+
+    They are the settings the official code samples its FID images with, so a default run is comparable
+    with published numbers.
+    """
+
+    cfg: float = 1.5
+    cfg_schedule: str = "linear"
+    top_k: int = 900
+    top_p: float = 0.96
+    more_smooth: bool = False
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULTS = SamplingDefaults()
+
+
+@dataclasses.dataclass(frozen=True)
 class Sampling:
     """Validated sampling settings, as VARPipeline.generate takes them."""
 
