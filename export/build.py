@@ -30,6 +30,7 @@ import torch
 from export.manifest import write_manifest
 from export.onnx_export import export_all, onnx_sizes
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+from var_rt.options import ArgumentParser
 from var_rt.manifest import (MANIFEST, check_engine_files, check_weights_content, listed_files, load_manifest,
                              read_manifest, unmatched_regions)
 
@@ -69,7 +70,7 @@ class BuildOptions:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
     m = p.add_argument_group("model")
     m.add_argument("--model", help="preset: d16, d20, d24, d30, d36")
     m.add_argument("--config", help="JSON model config (the fixtures' format)")

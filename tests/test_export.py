@@ -173,6 +173,14 @@ def test_manifest(fx256):
     assert all((out / f).is_file() for f in m["onnx"]["files"])
 
 
+def test_argument_errors_are_one_line(capsys):
+    """A bad flag value is one `error:` line and exit 2, not the whole usage text (--help still shows it)."""
+    with pytest.raises(SystemExit) as e:
+        build_mod.main(["--model", "d16", "--random-weights", "--batch-size", "x", "--out-dir", "/tmp/never"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_errors(tmp_path, capsys, monkeypatch):
     out = exported("var_tiny_256", "fp32")
     assert build_mod.main(build_args("var_tiny_256", out, "--onnx-only")) == 2
