@@ -293,6 +293,7 @@ def test_fused_step_gives_the_reference_tokens(name, dtype):
             x = var.scale_input(si + 1, nxt)
 
 
+@pytest.mark.slow  # a whole generation under the Triton interpreter: about 2 min on 2 cores
 def test_engine_with_block_kernels_gives_the_reference_tokens(fx256):
     """A whole generation through TorchEngine(block_kernels=True) draws the reference engine's tokens."""
     from var_rt.engines.torch_engine import TorchEngine
