@@ -3,8 +3,9 @@
 //
 //  scale_transition: one VAR scale transition, fused into one launch:
 //      u      = bicubic_upsample(h viewed as (B, Cv, pn, pn)) to P x P (align_corners=False, A=-0.75)
-//      f_hat += (1 - r) u + r (conv3x3(u, W, b, padding=1)), the conv's operands (u, W, b) rounded to
-//               W's dtype (the compute dtype), everything else float32
+//      f_hat += (1 - r) u + r (conv3x3(u, W, b, padding=1)), the conv's operands (u, W, b) in W's dtype
+//               (the compute dtype) with float32 sums; its result rounded as PyTorch's conv in that dtype
+//               rounds it (conv, + b, * r: each rounded to the compute dtype); the blend and f_hat float32
 //      next   = area_downsample(f_hat, pn_next) as (B, pn_next^2, Cv)
 //  kv_write / kv_append: byte-level strided copies with 16-byte vectors where alignment allows.
 #pragma once
@@ -94,7 +95,8 @@ struct TransitionParams {
   const void* phi_w;   // (Cv, Cv, 3, 3), w_dtype: the conv's operand dtype (the compute dtype)
   const void* phi_b;   // (Cv,), w_dtype
   void* next;          // (B, pn_next^2, Cv), next_dtype; unused when pn_next == 0
-  float ratio;
+  float ratio;         // r (the host's double rounded to float, as PyTorch's scalar multiply does)
+  float one_minus_ratio;  // 1 - r computed in double, then rounded (PyTorch's h * (1 - r) with a Python float)
   int B, Cv, P, pn, pn_next;
   DType h_dtype, next_dtype, w_dtype;
 };
@@ -154,14 +156,12 @@ scale_transition_kernel(const TransitionParams p) {
   float* s_t = s_h + kTransitionChunk * pn * pn;      // CHUNK x pn x P
   float* s_out = s_u;                                 // G x P x P, after the conv
 
-  // Weights r * W (W in the compute dtype, the product in float32); zero for channels past Cv. The
-  // blend's (1 - r) u is added from the float32 u (the precision policy: only the conv's operands are
-  // in the compute dtype), so it is not folded into the centre tap.
-  const float r = p.ratio, one_minus_r = 1.f - p.ratio;
+  // Weights W (values of the compute dtype); zero for channels past Cv. r and the blend's (1 - r) u are
+  // applied in the epilogue, after the conv's result is rounded as PyTorch rounds it.
   const DType wt = p.w_dtype;
   for (int i = tid; i < Cv * 9 * G; i += blockDim.x) {
     const int g = i % G, tap = (i / G) % 9, ci = i / (9 * G), co = co0 + g;
-    s_w[i] = co < Cv ? r * load_as_float(p.phi_w, (co * Cv + ci) * 9 + tap, wt) : 0.f;
+    s_w[i] = co < Cv ? load_as_float(p.phi_w, (co * Cv + ci) * 9 + tap, wt) : 0.f;
   }
   // Bicubic taps exactly as ATen: scale = in / out in float, src = scale * (dst + 0.5) - 0.5
   // (not clamped for cubic), taps floor(src) - 1 .. + 2 clamped to the input.
@@ -178,20 +178,20 @@ scale_transition_kernel(const TransitionParams p) {
   // Zero the halo once; the interior is rewritten for every chunk.
   for (int i = tid; i < kTransitionChunk * Q * Q; i += blockDim.x) s_u[i] = 0.f;
 
-  // The accumulators start from f_hat: its loads overlap the first chunk, and the epilogue
-  // needs no second round of dependent loads.
+  // The conv's float32 sums (bias, r and the blend come in the epilogue).
   float acc[PPT][G];
-  const float* __restrict__ f_in = p.f_hat + static_cast<int64_t>(b) * Cv * PP;
 #pragma unroll
   for (int k = 0; k < PPT; ++k)
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const int pix = tid + k * kTransitionThreads;
-      acc[k][g] = (pix < PP && co0 + g < Cv) ? __ldg(f_in + (co0 + g) * PP + pix) : 0.f;
-    }
+    for (int g = 0; g < G; ++g) acc[k][g] = 0.f;
 
+  // Input channels in chunks, this CTA's own chunk last: G divides the chunk, so the G output channels
+  // lie in one chunk, and its upsampled u is still in s_u for the epilogue's (1 - r) u.
   const int64_t h_base = static_cast<int64_t>(b) * pn * pn * Cv;
-  for (int ci0 = 0; ci0 < Cv; ci0 += kTransitionChunk) {
+  const int chunks = (Cv + kTransitionChunk - 1) / kTransitionChunk, own = co0 / kTransitionChunk;
+  int ci0 = 0;
+  for (int step = 1; step <= chunks; ++step) {
+    ci0 = ((own + step) % chunks) * kTransitionChunk;
     __syncthreads();  // previous chunk's conv done with s_u (and, first time, tables/halo ready)
     const int nc = min(kTransitionChunk, Cv - ci0);
     if (pn == P) {
@@ -254,30 +254,45 @@ scale_transition_kernel(const TransitionParams p) {
 #pragma unroll
             for (int g = 0; g < G; ++g) acc[k][g] = fmaf(w[tap][g], v, acc[k][g]);
           }
-          // (1 - r) u of this input channel, unrounded, into its own output channel.
-#pragma unroll
-          for (int g = 0; g < G; ++g)
-            if (ci0 + c == co0 + g) acc[k][g] = fmaf(one_minus_r, up[Q + 1], acc[k][g]);
         }
+      }
+    }
+  }
+  // phi(u) as PyTorch computes it in the compute dtype: y = round(round(round(conv) + b) * r), then
+  // f_hat + ((1 - r) u + y) in float32. Explicit _rn operations: no contraction into an fma, whose single
+  // rounding would differ from PyTorch's separate kernels. The own chunk's u is read from s_u (last chunk).
+  const float r = p.ratio, one_minus_r = p.one_minus_ratio;
+  float* __restrict__ f_img = p.f_hat + static_cast<int64_t>(b) * Cv * PP;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int co = co0 + g;
+    if (co >= Cv) break;
+    const float bias = load_as_float(p.phi_b, co, wt);
+    const float* u = s_u + (co - ci0) * Q * Q;
+#pragma unroll
+    for (int k = 0; k < PPT; ++k) {
+      const int pix = tid + k * kTransitionThreads;
+      if (pix < PP) {
+        const float conv = round_to(__fadd_rn(round_to(acc[k][g], wt), bias), wt);
+        const float y = round_to(__fmul_rn(conv, r), wt);
+        const float blend = __fadd_rn(__fmul_rn(u[(pix / P + 1) * Q + pix % P + 1], one_minus_r), y);
+        acc[k][g] = __fadd_rn(f_img[co * PP + pix], blend);
       }
     }
   }
   __syncthreads();  // everyone done reading s_u before it becomes s_out
 
-  // f_hat += phi(u); keep the new f_hat of this CTA's channels for the area downsample.
+  // The new f_hat of this CTA's channels: to memory, and kept for the area downsample.
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const int co = co0 + g;
     if (co >= Cv) break;
-    const float rb = r * load_as_float(p.phi_b, co, wt);
-    float* f = p.f_hat + (static_cast<int64_t>(b) * Cv + co) * PP;
 #pragma unroll
     for (int k = 0; k < PPT; ++k) {
       const int pix = tid + k * kTransitionThreads;
       if (pix < PP) {
-        const float v = acc[k][g] + rb;
-        f[pix] = v;
-        s_out[g * PP + pix] = v;
+        f_img[co * PP + pix] = acc[k][g];
+        s_out[g * PP + pix] = acc[k][g];
       }
     }
   }

@@ -113,7 +113,7 @@ bool check_transition(int B, int Cv, int P, int pn, int pn_next, int G, int sms,
   CK(cudaMemcpy(d_w, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_b, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice));
   CK(cudaMemset(d_n, 0xff, std::max<size_t>(nr.size(), 1) * 4));  // NaN poison
-  var_rt::TransitionParams p{d_f, d_h, d_w, d_b, d_n, r, B, Cv, P, pn, pn_next,
+  var_rt::TransitionParams p{d_f, d_h, d_w, d_b, d_n, r, 1.f - r, B, Cv, P, pn, pn_next,
                              var_rt::DType::kFloat32, var_rt::DType::kFloat32, var_rt::DType::kFloat32};
   CK(var_rt::launch_scale_transition(p, G, sms, 0));
   CK(cudaDeviceSynchronize());

@@ -88,6 +88,7 @@ void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Ten
   p.phi_b = phi_b.data_ptr();
   p.next = pn_next > 0 ? next_tokens.data_ptr() : nullptr;
   p.ratio = static_cast<float>(ratio);
+  p.one_minus_ratio = static_cast<float>(1.0 - ratio);
   p.B = static_cast<int>(B);
   p.Cv = static_cast<int>(Cv);
   p.P = static_cast<int>(P);

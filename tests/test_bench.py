@@ -170,3 +170,26 @@ def test_serve_bench_cpu(tmp_path):
     assert two["status_codes"] == {"200": 16} and two["replicas_answering"] == 2, two
     md = (tmp_path / "serve.md").read_text()
     assert "served (1 replica(s)) / direct" in md and "served (2 replica(s)) / direct" in md
+
+
+def test_agreement_compare_counts_per_scale():
+    """benchmarks.agreement: per-scale shares of equal tokens, the first scale that differs, image difference."""
+    from benchmarks import agreement
+    ref = {"tokens": [torch.tensor([[1]]), torch.tensor([[1, 2, 3, 4]])], "images": torch.zeros(1, 3, 2, 2)}
+    got = {"tokens": [torch.tensor([[1]]), torch.tensor([[1, 2, 0, 4]])], "images": torch.full((1, 3, 2, 2), 0.25)}
+    r = agreement.compare(ref, got)
+    assert r["per_scale"] == [1.0, 0.75] and r["overall"] == 0.8 and r["first_differing_scale"] == 1
+    assert r["image_max_abs_diff"] == 0.25
+    assert agreement.compare(ref, ref)["first_differing_scale"] is None
+
+
+def test_agreement_cli_same_backend_agrees(tmp_path):
+    """Two runs of the PyTorch backend on a fixture's config (random weights) sample the same tokens."""
+    from benchmarks import agreement
+    out = tmp_path / "agree.json"
+    cfg = fixtures_dir() / "var_tiny_256" / "config.json"
+    assert agreement.main(["--config", str(cfg), "--backends", "torch", "torch", "--dtype", "float32",
+                           "--device", "cpu", "--batch", "2", "--out", str(out)]) == 0
+    ref, other = json.loads(out.read_text())["models"][0]["runs"]
+    assert ref["reference"] and not other["reference"] and other["status"] == "ok"
+    assert other["per_scale"] == [1.0] * 10 and other["image_max_abs_diff"] == 0.0

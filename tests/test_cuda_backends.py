@@ -103,7 +103,7 @@ def test_fp16_teacher_forced_logits_d16():
 def test_fused_transition_fp16_follows_the_pytorch_transition(name):
     """FP16 `cudagraph` with the CUDA extension's fused transition (the default on CUDA) against the PyTorch
     transition: with every scale's tokens forced (an all-keep edit, so no flip can cascade), each scale's
-    guided logits and the image agree within FP16 tolerance; free-running greedy tokens are printed."""
+    guided logits and the image agree within FP16 tolerance; free-running greedy tokens are all equal."""
     from var_rt import ops
     if not ops.extension_loaded():
         pytest.skip("CUDA extension not built (csrc/build.sh)")
@@ -133,4 +133,6 @@ def test_fused_transition_fp16_follows_the_pytorch_transition(name):
     assert (forced[False][1] - forced[True][1]).abs().max() < 2e-2
     per_scale = [(x == y).float().mean().item() for x, y in zip(free[False].tokens, free[True].tokens)]
     print(f"{name}: greedy tokens, fused vs PyTorch transition, per scale:", [f"{p:.3f}" for p in per_scale])
-    assert per_scale[0] == 1.0
+    # The kernel rounds phi's conv as PyTorch's FP16 conv does, so a whole free-running generation keeps
+    # every greedy token (before it did not round the conv's result: 81 % on var_tiny_256).
+    assert per_scale == [1.0] * len(per_scale), per_scale

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -73,20 +74,29 @@ def scale_transition_reference(f_hat_BChw: torch.Tensor, h_BlC: torch.Tensor, ph
                                phi_b: torch.Tensor, ratio: float, pn_next: int
                                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place reference: (f_hat + phi(upsample(h)), area(f_hat_new) as (B, pn_next^2, Cv) or None),
-    from raw phi weights, with the model's own transition functions (var_rt.models.vqvae).
+    from raw phi weights, with the model's own upsample (var_rt.models.vqvae).
 
-    The conv's operands (upsampled h, phi_w, phi_b) are values of phi_w's dtype (the compute dtype of the
-    precision policy); everything is computed in f_hat's dtype (float32; pass float64 tensors for a
-    tighter reference), as the CUDA kernel accumulates in float32.
+    phi in the compute dtype (phi_w's dtype, var_rt.precision) as PyTorch's convolution computes it there on
+    CUDA: operands (upsampled h, phi_w, phi_b) of the compute dtype, float32 sums, the conv's result rounded
+    to the compute dtype, the bias added and rounded, ``* r`` rounded; then ``(1 - r) u + y`` and f_hat in
+    f_hat's dtype (float32; pass float64 tensors for a tighter reference of the sums). With float32 weights
+    nothing is rounded: ``f_hat + (1 - r) u + r (conv(u) + b)``.
     """
     from var_rt.models.traceable import area_downsample
-    from var_rt.models.vqvae import phi_blend, upsample_codes  # the one definition of the transition
+    from var_rt.models.vqvae import upsample_codes  # the one definition of the upsample
 
     B, l, Cv = h_BlC.shape
     P = f_hat_BChw.shape[-1]
     pn = _grid_side(l)
-    u = upsample_codes(h_BlC.to(f_hat_BChw.dtype).transpose(1, 2).reshape(B, Cv, pn, pn), P)
-    f_new = f_hat_BChw + phi_blend(u, phi_w.to(u.dtype), phi_b.to(u.dtype), ratio, operands=phi_w.dtype)
+    wide, cd = f_hat_BChw.dtype, phi_w.dtype
+
+    def rnd(x):  # a value of the compute dtype, held in the wide dtype
+        return x.to(cd).to(wide)
+
+    u = upsample_codes(h_BlC.to(wide).transpose(1, 2).reshape(B, Cv, pn, pn), P)
+    conv = rnd(F.conv2d(rnd(u), phi_w.to(wide), None, padding=1))
+    y = rnd(rnd(conv + phi_b.to(wide).view(1, Cv, 1, 1)) * ratio)
+    f_new = f_hat_BChw + (u * (1 - ratio) + y)
     if pn_next == 0:
         return f_new, None
     return f_new, area_downsample(f_new, pn_next).flatten(2).transpose(1, 2)

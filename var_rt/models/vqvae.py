@@ -197,16 +197,11 @@ def upsample_codes(h_BChw: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(h_BChw, size=(size, size), mode="bicubic")
 
 
-def phi_blend(h_BChw: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ratio: float, conv=None,
-              operands: Optional[torch.dtype] = None) -> torch.Tensor:
+def phi_blend(h_BChw: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ratio: float, conv=None) -> torch.Tensor:
     """phi(h) = (1 - r) h + r conv3x3(h): the conv in the weight's dtype, ``* r`` rounded there, the blend in
-    h's dtype (the official ``h.mul(1 - r) + conv(h).mul_(r)`` under autocast; see var_rt.precision).
-
-    ``operands``: round the conv's input to this dtype first (the fused CUDA transition's form of the
-    policy: compute-dtype operands, the conv itself and its sums in the wider ``weight`` dtype).
-    """
-    x = (h_BChw if operands is None else h_BChw.to(operands)).to(weight.dtype)
-    y = (conv(x, weight, bias) if conv is not None else F.conv2d(x, weight, bias, padding=1)) * ratio
+    h's dtype (the official ``h.mul(1 - r) + conv(h).mul_(r)`` under autocast; see var_rt.precision)."""
+    y = (conv(h_BChw.to(weight.dtype), weight, bias) if conv is not None
+         else F.conv2d(h_BChw.to(weight.dtype), weight, bias, padding=1)) * ratio
     return h_BChw * (1 - ratio) + y.to(h_BChw.dtype)
 
 
