@@ -309,7 +309,7 @@ scale_transition_kernel(const TransitionParams p) {
     float s = 0.f;
     for (int y = y0; y < y1; ++y)
       for (int x = x0; x < x1; ++x) s += src[y * P + x];
-    s = s / static_cast<float>((y1 - y0) * (x1 - x0));
+    s = s / static_cast<float>(y1 - y0) / static_cast<float>(x1 - x0);  // ATen's adaptive average: / kH / kW
     store_from_float(p.next, (static_cast<int64_t>(b) * n * n + t) * Cv + co0 + g, s, p.next_dtype);
   }
 }

@@ -353,10 +353,13 @@ def test_transition_cuda_compute_dtype_policy(P, si, dtype):
         nxt = _poison(torch.empty(3, pn_next ** 2, 32, device="cuda", dtype=dtype)) if pn_next else None
         ops.scale_transition(f_hat, h, w, b, r, pn_next, nxt)
         torch.cuda.synchronize()
-        # The reference upsamples in float64, the kernel in float32: where the two land on either side of
-        # a rounding boundary of the compute dtype, one conv input differs by one ulp (|w| r ulp ~ 1e-4).
-        torch.testing.assert_close(f_hat.double(), ref_f, rtol=2e-5, atol=5e-3 if dtype == torch.bfloat16 else 1e-3)
+        # The reference sums in float64, the kernel in float32: where the two land on either side of a
+        # rounding boundary of the compute dtype, a conv input or the conv's rounded result differs by one
+        # ulp (seen: 1-2 elements of 98,304 at FP16); everything else agrees to float32 precision.
         tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+        off = ((f_hat.double() - ref_f).abs() > 2e-5 * ref_f.abs() + 1e-5).double().mean().item()
+        assert off < 1e-3, f"{off:.2e} of f_hat differs from the float64 reference by more than rounding"
+        torch.testing.assert_close(f_hat.double(), ref_f, rtol=tol, atol=tol)
         torch.testing.assert_close(f_hat, pol_f, rtol=tol, atol=tol)
         if pn_next:
             torch.testing.assert_close(nxt.float(), pol_n, rtol=tol, atol=tol)
