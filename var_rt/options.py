@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from var_rt import validation
 from var_rt.errors import ConfigError, VarRtError
+from var_rt.files import check_writable_folder
 from var_rt.validation import DEFAULTS
 
 
@@ -139,28 +138,6 @@ def parse_cfg_schedule(text: str):
         raise ConfigError(f"--cfg-schedule {text!r}: use 'linear', 'constant' or comma-separated numbers") from None
 
 
-def _nearest_folder(path: Path) -> Path:
-    """The deepest existing ancestor of ``path`` (itself if it exists): where new folders would be made."""
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable_folder(folder: Path, flag: str, given: str) -> None:
-    """``folder`` exists or can be made, and files can be created in it; checked without leaving anything."""
-    base = _nearest_folder(folder)
-    if not base.is_dir():
-        raise ConfigError(f"{flag} {given!r}: {str(base)!r} is a file, so no folder can be made inside it")
-    try:  # the only reliable test (permissions, read-only or virtual file systems, root): create a file
-        fd, probe = tempfile.mkstemp(prefix=".var-rt-probe-", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{flag} {given!r}: cannot write in {str(base)!r} ({e.strerror}); "
-                          f"choose a folder you can write to") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class Outputs:
     """Where generate / edit write: one PNG per image in ``output_dir`` and/or one ``grid`` PNG.
@@ -186,7 +163,7 @@ class Outputs:
             p = Path(path)
             if p.exists() and p.is_dir() != is_dir:
                 raise ConfigError(f"{flag} {path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
-            _check_writable_folder(p if is_dir else p.parent, flag, path)
+            check_writable_folder(p if is_dir else p.parent, flag, path)
         return cls(Path(output_dir) if output_dir else None, Path(grid_file) if grid_file else None, overwrite)
 
     def image_paths(self, labels: Sequence[int], seeds: Sequence[int]) -> List[Path]:

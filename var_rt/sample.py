@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError, one_line
+from var_rt.files import check_writable_folder, leftover_temp_files, write_file
 from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule
 from var_rt.quality import add_inception_args
 from var_rt.validation import DEFAULTS
@@ -97,15 +98,6 @@ class SampleJob:
 DEFAULT_CHUNK = 32  # images per pipeline call when --batch-size is not given
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def marker_path(out_dir: Path, k: int) -> Path:
     return out_dir / MARKER_DIR / f"{k:06d}.done"
 
@@ -114,7 +106,8 @@ def write_marker(out_dir: Path, job: SampleJob, k: int) -> None:
     """Mark shard k done, recording the size of each of its PNGs (all written and fsync'd before this)."""
     r = job.shards()[k]
     sizes = {job.name(i): (out_dir / job.name(i)).stat().st_size for i in r}
-    _atomic_write(marker_path(out_dir, k), json.dumps({"start": r.start, "stop": r.stop, "sizes": sizes}).encode())
+    write_file(marker_path(out_dir, k), json.dumps({"start": r.start, "stop": r.stop, "sizes": sizes}).encode(),
+               durable=True)
 
 
 def shard_is_done(out_dir: Path, job: SampleJob, k: int) -> bool:
@@ -149,29 +142,28 @@ class ShardWorker:
         if self.crash_at is not None and start <= self.crash_at < stop and not os.path.exists(self.crash_flag):
             # Test hook: half of the chunk is written, then the process dies without cleaning up.
             Path(self.crash_flag).write_text("crashed")
-            _atomic_write(self.out_dir / j.name(start), b"not a png: left by a crashed worker")
+            write_file(self.out_dir / j.name(start), b"not a png: left by a crashed worker", durable=True)
             os._exit(1)
         idx = list(range(start, stop))
         res = self.pipe.generate(class_labels=[j.label(i) for i in idx], seed=[j.seed_of(i) for i in idx],
                                  cfg=j.cfg, cfg_schedule=j.cfg_schedule, top_k=j.top_k, top_p=j.top_p,
                                  more_smooth=j.more_smooth, batch_size=j.batch_size, progress=False)
         for i, im in zip(idx, res.numpy()):
-            _atomic_write(self.out_dir / j.name(i), png_bytes(im))
+            write_file(self.out_dir / j.name(i), png_bytes(im), durable=True)
         return len(idx)
 
 
 def check_outputs(out_dir: Path, given_out: str, npz_path: Optional[Path], given_npz: str) -> None:
     """Before any model work or writing: --output-dir is (or can be made) a folder that can be written, and
     the .npz's target is a file name (not a folder) in a location that can be written."""
-    from var_rt.options import _check_writable_folder
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-dir {given_out!r} exists and is a file: give a folder")
-    _check_writable_folder(out_dir, "--output-dir", given_out)
+    check_writable_folder(out_dir, "--output-dir", given_out)
     if npz_path is None:
         return
     if npz_path.is_dir():
         raise ConfigError(f"--npz {given_npz!r} is a folder: give a file name, e.g. {str(npz_path / 'samples.npz')!r}")
-    _check_writable_folder(npz_path.parent, "--npz", given_npz)
+    check_writable_folder(npz_path.parent, "--npz", given_npz)
 
 
 def foreign_files(out_dir: Path, job: SampleJob, npz_path: Optional[Path]) -> List[str]:
@@ -223,9 +215,10 @@ def prepare_output(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER_DIR).mkdir(exist_ok=True)
     if not jf.exists():
-        _atomic_write(jf, json.dumps(job.to_json(), indent=1).encode())
-    for tmp in [*out_dir.glob("*.png.*.tmp"), *out_dir.glob(JOB_FILE + ".*.tmp")]:  # ours, left by an interrupted write
-        tmp.unlink()
+        write_file(jf, json.dumps(job.to_json(), indent=1).encode(), durable=True)
+    for name_glob, folder in (("*.png", out_dir), (JOB_FILE, out_dir), ("*.done", out_dir / MARKER_DIR)):
+        for tmp in leftover_temp_files(folder, name_glob):  # ours, left by an interrupted write
+            tmp.unlink()
     todo = []
     for k in range(len(job.shards())):
         if not shard_is_done(out_dir, job, k):
@@ -249,10 +242,9 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
 
     first = image(0)
     shape = (job.num_images,) + first.shape
-    npz_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npz_path.with_name(npz_path.name + ".tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+    def write(file) -> None:  # streamed: one image in memory at a time
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                          "fortran_order": False, "shape": shape})
@@ -262,10 +254,8 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
                         raise VarRtError(f"{job.name(i)} is {im.shape}, not {first.shape}: delete it and its "
                                          f"shard's marker in {MARKER_DIR}/ and run again to regenerate it")
                     f.write(np.ascontiguousarray(im, dtype=np.uint8).tobytes())
-        os.replace(tmp, npz_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written .npz
-        raise
+
+    write_file(npz_path, write)  # no half-written .npz
     return npz_path
 
 
