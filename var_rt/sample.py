@@ -119,31 +119,17 @@ def shard_is_done(out_dir: Path, job: SampleJob, k: int) -> bool:
         return False
 
 
-# Test hook (tests/test_sample.py sets it): (image index, flag file). The worker whose chunk holds that index
-# writes half of the chunk and dies, once (the flag file records that it did). run_sample reads it in the
-# calling process and hands it to its workers, which may be Ray actors in other processes.
-_crash: Optional[Tuple[int, str]] = None
-
-
 class ShardWorker:
-    """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly).
-    ``crash``: the test hook ``_crash`` as run_sample found it (None in production)."""
+    """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly)."""
 
-    def __init__(self, pipeline_kwargs: Dict[str, Any], out_dir: str, job: SampleJob,
-                 crash: Optional[Tuple[int, str]] = None):
+    def __init__(self, pipeline_kwargs: Dict[str, Any], out_dir: str, job: SampleJob):
         from var_rt.pipeline import VARPipeline
         self.pipe = VARPipeline.load(**pipeline_kwargs)
         self.out_dir, self.job = Path(out_dir), job
-        self.crash_at, self.crash_flag = crash if crash is not None else (None, None)
 
     def run(self, start: int, stop: int) -> int:
         from var_rt.images import png_bytes
         j = self.job
-        if self.crash_at is not None and start <= self.crash_at < stop and not os.path.exists(self.crash_flag):
-            # Test hook: half of the chunk is written, then the process dies without cleaning up.
-            Path(self.crash_flag).write_text("crashed")
-            write_file(self.out_dir / j.name(start), b"not a png: left by a crashed worker", durable=True)
-            os._exit(1)
         idx = list(range(start, stop))
         res = self.pipe.generate(class_labels=[j.label(i) for i in idx], seed=[j.seed_of(i) for i in idx],
                                  cfg=j.cfg, cfg_schedule=j.cfg_schedule, top_k=j.top_k, top_p=j.top_p,
@@ -151,6 +137,34 @@ class ShardWorker:
         for i, im in zip(idx, res.numpy()):
             write_file(self.out_dir / j.name(i), png_bytes(im), durable=True)
         return len(idx)
+
+
+# Test hook (tests/test_sample.py sets it): (image index, flag file). The worker whose chunk holds that index
+# writes half of the chunk and dies, once (the flag file records that it did). Read by _worker in the calling
+# process, which hands it to a _CrashingWorker: Ray actors run in other processes, where it is still None.
+_crash: Optional[Tuple[int, str]] = None
+
+
+class _CrashingWorker(ShardWorker):
+    """A ShardWorker that dies as the test hook ``_crash`` says (never used in production)."""
+
+    def __init__(self, crash: Tuple[int, str], *args):
+        super().__init__(*args)
+        self.crash_at, self.crash_flag = crash
+
+    def run(self, start: int, stop: int) -> int:
+        if start <= self.crash_at < stop and not os.path.exists(self.crash_flag):
+            # half of the chunk is written, then the process dies without cleaning up
+            Path(self.crash_flag).write_text("crashed")
+            write_file(self.out_dir / self.job.name(start), b"not a png: left by a crashed worker", durable=True)
+            os._exit(1)
+        return super().run(start, stop)
+
+
+def _worker(pipeline_kwargs: Dict[str, Any], out_dir: Path, job: SampleJob) -> tuple:
+    """(worker class, its arguments): a ShardWorker, or a _CrashingWorker while the test hook is set."""
+    args = (pipeline_kwargs, str(out_dir), job)
+    return (ShardWorker, args) if _crash is None else (_CrashingWorker, (_crash, *args))
 
 
 def check_outputs(out_dir: Path, given_out: str, npz_path: Optional[Path], given_npz: str) -> None:
@@ -260,7 +274,8 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
 
 
 def _run_local(pipeline_kwargs, out_dir, job, todo, bar) -> None:
-    w = ShardWorker(pipeline_kwargs, str(out_dir), job, _crash)
+    cls, args = _worker(pipeline_kwargs, out_dir, job)
+    w = cls(*args)
     for k in todo:
         for a, b in job.chunks(k):
             bar.update(w.run(a, b))
@@ -270,11 +285,12 @@ def _run_local(pipeline_kwargs, out_dir, job, todo, bar) -> None:
 def _run_ray(pipeline_kwargs, out_dir, job, todo, bar, num_workers, use_gpu,
              max_restarts: Optional[int] = None) -> None:
     import ray
-    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(ShardWorker)
+    cls, args = _worker(pipeline_kwargs, out_dir, job)
+    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(cls)
     pending = collections.deque((k, a, b) for k in todo for a, b in job.chunks(k))
     left = collections.Counter(k for k, _, _ in pending)
     restarts_left = num_workers + 2 if max_restarts is None else max_restarts
-    new = lambda: actor_cls.remote(pipeline_kwargs, str(out_dir), job, _crash)  # noqa
+    new = lambda: actor_cls.remote(*args)  # noqa
     workers = {w: new() for w in range(num_workers)}
     busy = collections.Counter()
     inflight: Dict[Any, tuple] = {}  # ref -> (worker id, chunk)
