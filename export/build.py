@@ -27,6 +27,7 @@ import torch
 
 from export.manifest import write_manifest
 from export.onnx_export import export_all, onnx_sizes
+from var_rt.config import check_weight_source
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
 from var_rt.files import check_writable_folder
 from var_rt.options import ArgumentParser
@@ -107,8 +108,7 @@ def validate(a: argparse.Namespace) -> BuildOptions:
     """The one place options are checked; raises ConfigError with what to change."""
     if not (a.engines_only or a.verify) and (a.model is None) == (a.config is None):
         raise ConfigError("give exactly one of --model PRESET or --config JSON")
-    if a.random_weights and (a.var_ckpt or a.vae_ckpt):
-        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+    check_weight_source(a.random_weights, a.var_ckpt, a.vae_ckpt)
     bad = [b for b in a.batch_size if not 1 <= b <= MAX_BATCH]
     if bad:
         raise ConfigError(f"unsupported batch size {bad[0]}: use 1..{MAX_BATCH}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from var_rt import validation
+from var_rt.config import check_weight_source
 from var_rt.errors import ConfigError, VarRtError
 from var_rt.files import check_writable_folder
 from var_rt.validation import DEFAULTS
@@ -84,8 +85,7 @@ class ModelOptions:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "ModelOptions":
-        if a.random_weights and (a.var_ckpt or a.vae_ckpt):
-            raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+        check_weight_source(a.random_weights, a.var_ckpt, a.vae_ckpt)
         if a.engine_dir is not None and not Path(a.engine_dir).is_dir():
             what = "is a file, not an export folder" if Path(a.engine_dir).exists() else "does not exist"
             raise ConfigError(f"--engine-dir {a.engine_dir!r} {what}: give the folder `python -m export.build` "
