@@ -338,6 +338,33 @@ def test_cudagraph_buckets_cover_every_batch_size():
         assert all(any(n <= b <= m for b in cudagraph_buckets(m)) for n in range(1, m + 1))
 
 
+def test_ray_placement_one_gpu_per_worker_when_there_are_gpus():
+    """serve's replicas and sample's workers choose their GPU the same way (var_rt.options.ray_placement)."""
+    from var_rt.options import ray_placement
+
+    class FakeRay:
+        def __init__(self, gpus):
+            self.gpus, self.started = gpus, False
+
+        def is_initialized(self):
+            return self.started
+
+        def init(self):
+            self.started = True
+
+        def cluster_resources(self):
+            return {"GPU": self.gpus}
+
+    r = FakeRay(2)
+    assert ray_placement(r, {"device": "auto", "dtype": "x"}) == (True, {"device": "cuda", "dtype": "x"})
+    assert r.started  # the cluster was asked
+    assert ray_placement(FakeRay(0), {}) == (False, {})
+    for device in ("cpu", "cuda:1"):
+        r = FakeRay(2)
+        assert ray_placement(r, {"device": device}) == (device != "cpu", {"device": device}) and not r.started
+    assert ray_placement(FakeRay(2), {"device": "auto"}, use_gpu=False) == (False, {"device": "auto"})
+
+
 def test_batcher_fills_batches_while_the_pipeline_is_busy():
     """Items arriving while a batch runs are taken together next (not in timer-sized slices)."""
     import asyncio

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from var_rt import validation
 from var_rt.config import check_weight_source
@@ -203,6 +203,21 @@ class Outputs:
 def add_overwrite_arg(group) -> None:
     group.add_argument("--overwrite", action="store_true",
                        help="replace PNGs (and the grid) that already exist; without it such a run is refused")
+
+
+def ray_placement(ray, pipeline_kwargs: dict, use_gpu: Optional[bool] = None) -> Tuple[bool, dict]:
+    """Whether each Ray worker (sample) or replica (serve) takes one GPU, and the VARPipeline.load arguments it
+    loads with. ``use_gpu`` None: when the device is CUDA, or 'auto' and the Ray cluster has GPUs (Ray is
+    started here for that if it is not yet). Ray gives each GPU worker its own GPU (CUDA_VISIBLE_DEVICES),
+    so there the device 'auto' becomes 'cuda'."""
+    device = str(pipeline_kwargs.get("device") or "auto")
+    if use_gpu is None:
+        if device == "auto" and not ray.is_initialized():
+            ray.init()
+        use_gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    if use_gpu and device == "auto":
+        pipeline_kwargs = dict(pipeline_kwargs, device="cuda")
+    return use_gpu, pipeline_kwargs
 
 
 def load_pipeline(opts: ModelOptions):

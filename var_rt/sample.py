@@ -44,7 +44,7 @@ import numpy as np
 
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError, one_line
 from var_rt.files import check_writable_folder, leftover_temp_files, write_file
-from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule
+from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule, ray_placement
 from var_rt.quality import add_inception_args
 from var_rt.validation import DEFAULTS
 
@@ -427,11 +427,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
         elif todo:
             if not ray.is_initialized():
                 ray.init()
-            if use_gpu is None:
-                dev = str(kwargs.get("device") or "auto")
-                use_gpu = dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-            if use_gpu and str(kwargs.get("device") or "auto") == "auto":
-                kwargs["device"] = "cuda"
+            use_gpu, kwargs = ray_placement(ray, kwargs, use_gpu)
             _run_ray(kwargs, out_dir, job, todo, bar, num_workers, use_gpu)
     if npz_path is None:
         return None

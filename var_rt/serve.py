@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError
-from var_rt.options import ModelOptions, add_model_args
+from var_rt.options import ModelOptions, add_model_args, ray_placement
 from var_rt.validation import DEFAULTS
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -382,18 +382,7 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
         max_ongoing_requests = 8 * max_batch_size
     if max_queued_requests is None:
         max_queued_requests = -1  # Ray's "no bound": the replicas refuse overload, the deadline bounds waiting
-    if use_gpu is None:
-        device = str(kwargs.get("device") or "auto")
-        if device.startswith("cuda"):
-            use_gpu = True
-        elif device == "auto":
-            if not ray.is_initialized():
-                ray.init()
-            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        else:
-            use_gpu = False
-    if use_gpu and str(kwargs.get("device") or "auto") == "auto":
-        kwargs["device"] = "cuda"  # Ray gives each replica one GPU through CUDA_VISIBLE_DEVICES
+    use_gpu, kwargs = ray_placement(ray, kwargs, use_gpu)
     actor_options: Dict[str, Any] = {"num_gpus": 1} if use_gpu else {}
     if num_cpus is not None:
         actor_options["num_cpus"] = num_cpus
