@@ -36,10 +36,9 @@ import secrets
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError
+from var_rt.errors import BackendUnavailableError, ConfigError, EngineMismatchError, GpuMemoryError, InputError
 from var_rt.options import ModelOptions, add_model_args, ray_placement
 from var_rt.validation import DEFAULTS
 
@@ -74,9 +73,10 @@ def import_ray():
 
 def exported_batch_sizes(engine_dir) -> Optional[List[int]]:
     """The batch sizes in an export's manifest.json, or None where it cannot be read here."""
+    from var_rt.manifest import read_manifest
     try:
-        return [int(b) for b in json.loads((Path(engine_dir) / "manifest.json").read_text())["batch_sizes"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        return [int(b) for b in read_manifest(engine_dir)["batch_sizes"]]
+    except (EngineMismatchError, OSError, ValueError, KeyError, TypeError):
         return None
 
 
