@@ -1,5 +1,6 @@
 """Option parsing shared by the commands (generate, edit, sample, serve): the model and sampling flag
-groups, their validation into frozen dataclasses, the output checks, and loading a pipeline from them.
+groups, their validation into frozen dataclasses, the output checks, loading a pipeline from them and
+placing it on Ray workers.
 
 It sits below var_rt.cli and the command modules (var_rt.edit, var_rt.sample, var_rt.serve): each of
 them imports from here, var_rt.cli imports their parsers, and nothing imports var_rt.cli, so the
