@@ -16,10 +16,8 @@ import argparse
 import dataclasses
 import errno
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -29,7 +27,9 @@ import torch
 
 from export.manifest import write_manifest
 from export.onnx_export import export_all, onnx_sizes
+from var_rt.config import check_weight_source
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+from var_rt.files import check_writable_folder
 from var_rt.options import ArgumentParser
 from var_rt.manifest import (MANIFEST, check_engine_files, check_weights_content, listed_files, load_manifest,
                              read_manifest, unmatched_regions)
@@ -108,8 +108,7 @@ def validate(a: argparse.Namespace) -> BuildOptions:
     """The one place options are checked; raises ConfigError with what to change."""
     if not (a.engines_only or a.verify) and (a.model is None) == (a.config is None):
         raise ConfigError("give exactly one of --model PRESET or --config JSON")
-    if a.random_weights and (a.var_ckpt or a.vae_ckpt):
-        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+    check_weight_source(a.random_weights, a.var_ckpt, a.vae_ckpt)
     bad = [b for b in a.batch_size if not 1 <= b <= MAX_BATCH]
     if bad:
         raise ConfigError(f"unsupported batch size {bad[0]}: use 1..{MAX_BATCH}")
@@ -138,9 +137,9 @@ def validate(a: argparse.Namespace) -> BuildOptions:
     elif out.exists() and any(out.iterdir()):
         check_replaceable(out, a.force)
     if not a.verify:
-        check_writable(out if a.engines_only else out.parent, "--out-dir", out)
+        check_writable_folder(out if a.engines_only else out.parent, "--out-dir", out)
     if a.timing_cache and not a.verify:
-        check_writable(Path(a.timing_cache).parent, "--timing-cache", Path(a.timing_cache))
+        check_writable_folder(Path(a.timing_cache).parent, "--timing-cache", a.timing_cache)
     return BuildOptions(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
                         random_weights=a.random_weights, fp16=a.fp16,
                         batch_sizes=tuple(sorted(set(a.batch_size))), out_dir=out, onnx_only=a.onnx_only,
@@ -188,24 +187,6 @@ def clear_export(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
-
-
-def check_writable(where: Path, flag: str, target: Path) -> None:
-    """ConfigError unless files can be created under ``where`` (or the nearest folder of it that exists).
-
-    Probed by creating and removing an empty temporary folder: permission bits do not tell (root, read-only
-    mounts, /proc), and finding out after minutes of tracing is too late.
-    """
-    base = where
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if not base.is_dir():
-        raise ConfigError(f"{flag} {str(target)!r}: {str(base)!r} is a file, not a folder: choose another path")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".export-probe-", dir=base))
-    except OSError as e:
-        raise ConfigError(f"{flag} {str(target)!r}: cannot create files in {str(base)!r} ({e.strerror}): "
-                          f"choose a writable location") from None
 
 
 def peak_host_gib() -> float:

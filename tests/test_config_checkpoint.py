@@ -148,3 +148,23 @@ def test_non_finite_weights_refused(tmp_path, value):
     torch.save(sd, p)
     with pytest.raises(CheckpointError, match=r"NaN or infinite values \(in blocks.1.ffn.fc2.weight\)"):
         load_var_checkpoint(VAR(fx.cfg), p)
+
+
+def test_one_model_build_for_the_pipeline_and_the_serve_precheck():
+    """pipeline.build_models makes VARPipeline.load's models and, on the meta device, serve's pre-check: the same
+    modules (no weights allocated for the check), and one refusal of random weights mixed with checkpoints."""
+    from var_rt.pipeline import VARPipeline, build_models
+    from var_rt.serve import check_model_files
+    fx = get_fixture("var_tiny_256")
+    var, vae = build_models(fx.cfg, str(fx.var_ckpt), str(fx.vae_ckpt))
+    meta_var, meta_vae = build_models(fx.cfg, str(fx.var_ckpt), str(fx.vae_ckpt), meta=True)
+    assert not any(p.is_meta for m in (var, vae) for p in m.parameters())
+    assert all(p.is_meta for m in (meta_var, meta_vae) for p in m.parameters())
+    assert var.state_dict().keys() == meta_var.state_dict().keys()
+    assert vae.state_dict().keys() == meta_vae.state_dict().keys()
+    mixed = dict(config=str(fx.config_path), vae_ckpt=str(fx.vae_ckpt), random_weights=True, device="cpu")
+    refused = "--random-weights cannot be combined with --var-ckpt/--vae-ckpt"
+    with pytest.raises(ConfigError, match=refused):
+        VARPipeline.load(**mixed)
+    with pytest.raises(ConfigError, match=refused):
+        check_model_files(mixed)

@@ -338,6 +338,46 @@ def test_cudagraph_buckets_cover_every_batch_size():
         assert all(any(n <= b <= m for b in cudagraph_buckets(m)) for n in range(1, m + 1))
 
 
+def test_exported_batch_sizes_read_through_the_manifest_reader(tmp_path):
+    """serve reads an export's batch sizes with var_rt.manifest's reader; an export it cannot read here (another
+    machine's path, no finished export, not a manifest) gives None: the replicas then report it when they load."""
+    from var_rt.manifest import FORMAT_VERSION, MANIFEST
+    from var_rt.serve import exported_batch_sizes
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "batch_sizes": [8, 1]}))
+    assert exported_batch_sizes(tmp_path) == [8, 1]
+    assert exported_batch_sizes(tmp_path / "elsewhere") is None
+    for text in ("[1, 8]", "{", '{"format_version": 1, "batch_sizes": [1]}'):
+        (tmp_path / MANIFEST).write_text(text)
+        assert exported_batch_sizes(tmp_path) is None, text
+
+
+def test_ray_placement_one_gpu_per_worker_when_there_are_gpus():
+    """serve's replicas and sample's workers choose their GPU the same way (var_rt.options.ray_placement)."""
+    from var_rt.options import ray_placement
+
+    class FakeRay:
+        def __init__(self, gpus):
+            self.gpus, self.started = gpus, False
+
+        def is_initialized(self):
+            return self.started
+
+        def init(self):
+            self.started = True
+
+        def cluster_resources(self):
+            return {"GPU": self.gpus}
+
+    r = FakeRay(2)
+    assert ray_placement(r, {"device": "auto", "dtype": "x"}) == (True, {"device": "cuda", "dtype": "x"})
+    assert r.started  # the cluster was asked
+    assert ray_placement(FakeRay(0), {}) == (False, {})
+    for device in ("cpu", "cuda:1"):
+        r = FakeRay(2)
+        assert ray_placement(r, {"device": device}) == (device != "cpu", {"device": device}) and not r.started
+    assert ray_placement(FakeRay(2), {"device": "auto"}, use_gpu=False) == (False, {"device": "auto"})
+
+
 def test_batcher_fills_batches_while_the_pipeline_is_busy():
     """Items arriving while a batch runs are taken together next (not in timer-sized slices)."""
     import asyncio

@@ -214,6 +214,13 @@ def load_config(path: str | Path) -> ModelConfig:
     return cfg
 
 
+def check_weight_source(random_weights: bool, var_ckpt, vae_ckpt) -> None:
+    """A model's weights come from its checkpoints or are random, not both (the CLI, export.build and
+    VARPipeline.load all refuse the mix with this message)."""
+    if random_weights and (var_ckpt or vae_ckpt):
+        raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+
+
 def validate_config(cfg: ModelConfig, where: str = "") -> None:
     """Consistency of a config's values (each value's own type and range is checked when it is read)."""
     v, q = cfg.var, cfg.vae

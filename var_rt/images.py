@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from var_rt.errors import InputError
+from var_rt.files import write_files
 
 # Input images (edit --image / --mask) larger than this are refused before they are decoded.
 MAX_INPUT_SIDE = 8192
@@ -44,46 +44,12 @@ def grid(images_BHW3: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
     return out
 
 
-def _temp_name(path: Path) -> Path:
-    """A hidden name beside ``path`` (same folder, so the final rename is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _missing_folders(folder: Path) -> List[Path]:
-    """The folders that creating ``folder`` would create, deepest first."""
-    out = []
-    while not folder.exists():
-        out.append(folder)
-        folder = folder.parent
-    return out
-
-
 def write_pngs(files: Dict[Path, np.ndarray]) -> List[Path]:
-    """Write uint8 (H, W, 3) images as PNG files, all or none.
-
-    Every file is first written under a temporary name in its folder, and only when all are written
-    are they renamed to their names; on any failure the temporary files, and the folders made for
-    them, are removed again. So an interrupted or failed write leaves no half-written PNG and no
-    half of a set.
-    """
+    """Write uint8 (H, W, 3) images as PNG files, all or none (var_rt.files.write_files: temporary names, then
+    renames; on any failure nothing is left, not even the folders made for them)."""
     from PIL import Image
     files = {Path(p): a for p, a in files.items()}
-    made = [f for p in files for f in _missing_folders(p.parent)]
-    temps: Dict[Path, Path] = {}
-    try:
-        for path, array in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temps[path] = _temp_name(path)
-            Image.fromarray(array).save(temps[path], format="PNG")
-        for path in list(temps):
-            os.replace(temps.pop(path), path)
-    except BaseException:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        for folder in sorted(set(made), key=lambda f: len(f.parts), reverse=True):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
+    write_files({p: (lambda f, a=a: Image.fromarray(a).save(f, format="PNG")) for p, a in files.items()})
     return list(files)
 
 

@@ -66,8 +66,9 @@ def read_manifest(out_dir: str | Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise EngineMismatchError(f"{path} is not valid JSON ({e}): export again with --force") from None
-    if data.get("format_version") != FORMAT_VERSION:
-        raise EngineMismatchError(f"{path}: format version {data.get('format_version')} is not {FORMAT_VERSION} "
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise EngineMismatchError(f"{path}: format version {version} is not {FORMAT_VERSION} "
                                   f"(older exports record no file hashes): export again with --force")
     return data
 

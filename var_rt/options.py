@@ -1,5 +1,6 @@
 """Option parsing shared by the commands (generate, edit, sample, serve): the model and sampling flag
-groups, their validation into frozen dataclasses, the output checks, and loading a pipeline from them.
+groups, their validation into frozen dataclasses, the output checks, loading a pipeline from them and
+placing it on Ray workers.
 
 It sits below var_rt.cli and the command modules (var_rt.edit, var_rt.sample, var_rt.serve): each of
 them imports from here, var_rt.cli imports their parsers, and nothing imports var_rt.cli, so the
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from var_rt import validation
+from var_rt.config import check_weight_source
 from var_rt.errors import ConfigError, VarRtError
+from var_rt.files import check_writable_folder
 from var_rt.validation import DEFAULTS
 
 
@@ -85,8 +86,7 @@ class ModelOptions:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "ModelOptions":
-        if a.random_weights and (a.var_ckpt or a.vae_ckpt):
-            raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
+        check_weight_source(a.random_weights, a.var_ckpt, a.vae_ckpt)
         if a.engine_dir is not None and not Path(a.engine_dir).is_dir():
             what = "is a file, not an export folder" if Path(a.engine_dir).exists() else "does not exist"
             raise ConfigError(f"--engine-dir {a.engine_dir!r} {what}: give the folder `python -m export.build` "
@@ -139,28 +139,6 @@ def parse_cfg_schedule(text: str):
         raise ConfigError(f"--cfg-schedule {text!r}: use 'linear', 'constant' or comma-separated numbers") from None
 
 
-def _nearest_folder(path: Path) -> Path:
-    """The deepest existing ancestor of ``path`` (itself if it exists): where new folders would be made."""
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable_folder(folder: Path, flag: str, given: str) -> None:
-    """``folder`` exists or can be made, and files can be created in it; checked without leaving anything."""
-    base = _nearest_folder(folder)
-    if not base.is_dir():
-        raise ConfigError(f"{flag} {given!r}: {str(base)!r} is a file, so no folder can be made inside it")
-    try:  # the only reliable test (permissions, read-only or virtual file systems, root): create a file
-        fd, probe = tempfile.mkstemp(prefix=".var-rt-probe-", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{flag} {given!r}: cannot write in {str(base)!r} ({e.strerror}); "
-                          f"choose a folder you can write to") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class Outputs:
     """Where generate / edit write: one PNG per image in ``output_dir`` and/or one ``grid`` PNG.
@@ -186,7 +164,7 @@ class Outputs:
             p = Path(path)
             if p.exists() and p.is_dir() != is_dir:
                 raise ConfigError(f"{flag} {path!r} exists and is {'a folder' if p.is_dir() else 'a file'}")
-            _check_writable_folder(p if is_dir else p.parent, flag, path)
+            check_writable_folder(p if is_dir else p.parent, flag, path)
         return cls(Path(output_dir) if output_dir else None, Path(grid_file) if grid_file else None, overwrite)
 
     def image_paths(self, labels: Sequence[int], seeds: Sequence[int]) -> List[Path]:
@@ -226,6 +204,21 @@ class Outputs:
 def add_overwrite_arg(group) -> None:
     group.add_argument("--overwrite", action="store_true",
                        help="replace PNGs (and the grid) that already exist; without it such a run is refused")
+
+
+def ray_placement(ray, pipeline_kwargs: dict, use_gpu: Optional[bool] = None) -> Tuple[bool, dict]:
+    """Whether each Ray worker (sample) or replica (serve) takes one GPU, and the VARPipeline.load arguments it
+    loads with. ``use_gpu`` None: when the device is CUDA, or 'auto' and the Ray cluster has GPUs (Ray is
+    started here for that if it is not yet). Ray gives each GPU worker its own GPU (CUDA_VISIBLE_DEVICES),
+    so there the device 'auto' becomes 'cuda'."""
+    device = str(pipeline_kwargs.get("device") or "auto")
+    if use_gpu is None:
+        if device == "auto" and not ray.is_initialized():
+            ray.init()
+        use_gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    if use_gpu and device == "auto":
+        pipeline_kwargs = dict(pipeline_kwargs, device="cuda")
+    return use_gpu, pipeline_kwargs
 
 
 def load_pipeline(opts: ModelOptions):

@@ -1,10 +1,12 @@
 """VARPipeline: load a model once, generate many times (the object services embed)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -13,9 +15,9 @@ import torch
 
 from var_rt import precision, sampling, validation
 from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint, read_vae_checkpoint, read_var_checkpoint
-from var_rt.config import PRESETS, ModelConfig, get_preset, load_config, parameter_counts
+from var_rt.config import PRESETS, ModelConfig, check_weight_source, get_preset, load_config, parameter_counts
 from var_rt.engines.base import concrete_device
-from var_rt.errors import ConfigError, GpuMemoryError, InputError
+from var_rt.errors import ConfigError, GpuMemoryError, InputError, VarRtError
 from var_rt.images import to_pil, to_uint8
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
@@ -132,6 +134,76 @@ def init_random_weights(var: VAR, vae: VQVAE, seed: int = 0) -> None:
         for name, p in var.named_parameters():
             if name.endswith("ada_gss"):
                 p.normal_(0, 1 / math.sqrt(C), generator=g)
+
+
+def build_models(cfg: ModelConfig, var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None,
+                 random_weights: bool = False, weight_seed: int = 0, meta: bool = False) -> Tuple[VAR, VQVAE]:
+    """The transformer and VQVAE of ``cfg`` on the CPU, with the checkpoints' weights (``vae_ckpt`` defaults to
+    the config's) or, with ``random_weights``, init_random_weights(seed ``weight_seed``).
+
+    Sizes are bounded before any module is built: by the checkpoints (read_*_checkpoint compares them with
+    the config), or with random weights by the memory the weights would take. ``meta``: on the meta device,
+    the checkpoints read memory-mapped where they can be: every check and error of a real load while
+    allocating no weights (serve checks its model files so before Ray starts).
+    """
+    check_weight_source(random_weights, var_ckpt, vae_ckpt)
+    vae_ckpt = vae_ckpt or cfg.vae_checkpoint
+    if not random_weights and (var_ckpt is None or vae_ckpt is None):
+        missing = " and ".join(n for n, p in (("--var-ckpt", var_ckpt), ("--vae-ckpt", vae_ckpt)) if p is None)
+        fetch = (f"`python -m var_rt download --model {cfg.name}` fetches them where there is internet"
+                 if cfg.name in PRESETS else "the checkpoints this config describes")
+        raise ConfigError(f"no checkpoint given ({missing}): pass the model's checkpoints ({fetch}), "
+                          f"--backend onnxruntime --engine-dir DIR to run an export (it holds the weights), "
+                          f"or --random-weights to try the pipeline without them")
+    if random_weights:
+        check_fits_memory(cfg)
+    else:
+        var_sd = _read_checkpoint(read_var_checkpoint, var_ckpt, cfg, mmap=meta)
+        vae_sd = _read_checkpoint(read_vae_checkpoint, vae_ckpt, cfg.vae, mmap=meta)
+    try:
+        with torch.device("meta" if meta else "cpu"):
+            var, vae = VAR(cfg), VQVAE(cfg.vae)
+    except (MemoryError, RuntimeError) as e:  # e.g. RuntimeError: DefaultCPUAllocator: not enough memory
+        if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
+            raise
+        raise ConfigError(f"not enough memory for the model of {cfg.name} ({_gib(4 * sum(parameter_counts(cfg)))} "
+                          f"in float32): check the sizes in the config, or free memory") from None
+    if random_weights:
+        if not meta:
+            init_random_weights(var, vae, weight_seed)
+    else:
+        with warnings.catch_warnings():
+            if meta:
+                warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+            load_var_checkpoint(var, var_ckpt, var_sd)
+            load_vae_checkpoint(vae, vae_ckpt, vae_sd)
+    return var, vae
+
+
+def _read_checkpoint(read, path, cfg, mmap: bool):
+    """``read(path, cfg)``; with ``mmap``, torch.load memory-maps the file (torch >= 2.5) where it can."""
+    if mmap:
+        try:
+            with _torch_load_mmap():
+                return read(path, cfg)
+        except VarRtError:  # perhaps only the mmap failed (a legacy non-zip file): the plain read decides
+            pass
+    return read(path, cfg)
+
+
+@contextlib.contextmanager
+def _torch_load_mmap():
+    """torch.load memory-maps files meanwhile (torch >= 2.5; without that option, reads them whole)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    before, config.load.mmap = config.load.mmap, True
+    try:
+        yield
+    finally:
+        config.load.mmap = before
 
 
 class VARPipeline:
@@ -289,8 +361,6 @@ class VARPipeline:
         cfg = resolve_config(model, config)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        if random_weights and (var_ckpt or vae_ckpt):
-            raise ConfigError("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
         if backend in EXPORTED and engine_dir is not None and not random_weights and var_ckpt is None:
             if vae_ckpt is not None:
                 raise ConfigError("--vae-ckpt without --var-ckpt: an export runs alone with neither (it holds the "
@@ -299,34 +369,7 @@ class VARPipeline:
             return cls(cfg, None, None, dev, dt, backend=backend, progress=progress, compile=compile,
                        engine_dir=engine_dir, engine_options=engine_options,
                        codebook=exported_codebook(engine_dir, cfg, "fp16" if dt == torch.float16 else "fp32"))
-        vae_ckpt = vae_ckpt or cfg.vae_checkpoint
-        if not random_weights and (var_ckpt is None or vae_ckpt is None):
-            missing = " and ".join(n for n, p in (("--var-ckpt", var_ckpt), ("--vae-ckpt", vae_ckpt)) if p is None)
-            fetch = (f"`python -m var_rt download --model {cfg.name}` fetches them where there is internet"
-                     if cfg.name in PRESETS else "the checkpoints this config describes")
-            raise ConfigError(f"no checkpoint given ({missing}): pass the model's checkpoints ({fetch}), "
-                              f"--backend onnxruntime --engine-dir DIR to run an export (it holds the weights), "
-                              f"or --random-weights to try the pipeline without them")
-        # Sizes are bounded before any module is built: by the checkpoints (read_*_checkpoint compares them
-        # with the config), or with random weights by the memory the weights would take.
-        if random_weights:
-            check_fits_memory(cfg)
-        else:
-            var_sd, vae_sd = read_var_checkpoint(var_ckpt, cfg), read_vae_checkpoint(vae_ckpt, cfg.vae)
-        try:
-            with torch.device("cpu"):
-                var, vae = VAR(cfg), VQVAE(cfg.vae)
-        except (MemoryError, RuntimeError) as e:  # e.g. RuntimeError: DefaultCPUAllocator: not enough memory
-            if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
-                raise
-            raise ConfigError(f"not enough memory for the model of {cfg.name} ({_gib(4 * sum(parameter_counts(cfg)))} "
-                              f"in float32): check the sizes in the config, or free memory") from None
-        if random_weights:
-            init_random_weights(var, vae, weight_seed)
-        else:
-            load_var_checkpoint(var, var_ckpt, var_sd)
-            load_vae_checkpoint(vae, vae_ckpt, vae_sd)
-            del var_sd, vae_sd
+        var, vae = build_models(cfg, var_ckpt, vae_ckpt, random_weights, weight_seed)
         return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile, engine_dir=engine_dir,
                    engine_options=engine_options)
 

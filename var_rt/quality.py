@@ -20,7 +20,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 import sys
 import types
 import warnings
@@ -32,6 +31,7 @@ import numpy as np
 
 from var_rt import fid
 from var_rt.errors import BackendUnavailableError, ConfigError, InputError
+from var_rt.files import check_writable_folder, write_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 EXTRACTOR_NAME = "inception-v3-compat"  # torch-fidelity's name for the TF FID InceptionV3
@@ -221,11 +221,10 @@ def _download(url: str, dst: Path, progress: bool) -> None:
     import urllib.request
 
     from var_rt.progress import progress_bar
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:
+
+    def download(f) -> None:
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
             total = int(r.headers.get("Content-Length") or 0)
             with progress_bar(total, progress, desc="InceptionV3 weights", unit="B") as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
@@ -235,9 +234,8 @@ def _download(url: str, dst: Path, progress: bool) -> None:
         if not h.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
             raise ConfigError(f"the file downloaded from {url} has sha256 {h.hexdigest()}, not {WEIGHTS_SHA256_PREFIX}...: "
                               f"try again, or pass --inception-weights FILE")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_file(dst, download)
 
 
 def resolve_weights(given: Optional[str], progress: bool = True) -> Path:
@@ -429,29 +427,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, report: dict) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    write_file(path, (json.dumps(report, indent=1) + "\n").encode())
 
 
 def write_stats(path: Path, stats: Tuple[np.ndarray, np.ndarray]) -> None:
     """``mu``, ``sigma`` in an npz, the keys of OpenAI's reference batches."""
-    _atomic_write(path, lambda f: np.savez(f, mu=stats[0], sigma=stats[1]))
+    write_file(path, lambda f: np.savez(f, mu=stats[0], sigma=stats[1]))
 
 
 def check_output(path: Optional[str], flag: str, suffix: str) -> Optional[Path]:
     """An output file that can be written (checked before any work, nothing created)."""
-    from var_rt.options import _check_writable_folder
     if path is None:
         return None
     p = Path(path)
@@ -459,7 +445,7 @@ def check_output(path: Optional[str], flag: str, suffix: str) -> Optional[Path]:
         raise ConfigError(f"{flag} {path!r}: give a {suffix} file name")
     if p.is_dir():
         raise ConfigError(f"{flag} {path!r} is a folder")
-    _check_writable_folder(p.parent, flag, path)
+    check_writable_folder(p.parent, flag, path)
     return p
 
 

@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError, one_line
-from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule
+from var_rt.files import check_writable_folder, leftover_temp_files, write_file
+from var_rt.options import ModelOptions, add_model_args, add_sampling_args, parse_cfg_schedule, ray_placement
 from var_rt.quality import add_inception_args
 from var_rt.validation import DEFAULTS
 
@@ -97,15 +98,6 @@ class SampleJob:
 DEFAULT_CHUNK = 32  # images per pipeline call when --batch-size is not given
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def marker_path(out_dir: Path, k: int) -> Path:
     return out_dir / MARKER_DIR / f"{k:06d}.done"
 
@@ -114,7 +106,8 @@ def write_marker(out_dir: Path, job: SampleJob, k: int) -> None:
     """Mark shard k done, recording the size of each of its PNGs (all written and fsync'd before this)."""
     r = job.shards()[k]
     sizes = {job.name(i): (out_dir / job.name(i)).stat().st_size for i in r}
-    _atomic_write(marker_path(out_dir, k), json.dumps({"start": r.start, "stop": r.stop, "sizes": sizes}).encode())
+    write_file(marker_path(out_dir, k), json.dumps({"start": r.start, "stop": r.stop, "sizes": sizes}).encode(),
+               durable=True)
 
 
 def shard_is_done(out_dir: Path, job: SampleJob, k: int) -> bool:
@@ -126,52 +119,65 @@ def shard_is_done(out_dir: Path, job: SampleJob, k: int) -> bool:
         return False
 
 
-# Test hook (tests/test_sample.py sets it): (image index, flag file). The worker whose chunk holds that index
-# writes half of the chunk and dies, once (the flag file records that it did). run_sample reads it in the
-# calling process and hands it to its workers, which may be Ray actors in other processes.
-_crash: Optional[Tuple[int, str]] = None
-
-
 class ShardWorker:
-    """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly).
-    ``crash``: the test hook ``_crash`` as run_sample found it (None in production)."""
+    """Holds one pipeline; generates index ranges and writes their PNGs (a Ray actor, or used directly)."""
 
-    def __init__(self, pipeline_kwargs: Dict[str, Any], out_dir: str, job: SampleJob,
-                 crash: Optional[Tuple[int, str]] = None):
+    def __init__(self, pipeline_kwargs: Dict[str, Any], out_dir: str, job: SampleJob):
         from var_rt.pipeline import VARPipeline
         self.pipe = VARPipeline.load(**pipeline_kwargs)
         self.out_dir, self.job = Path(out_dir), job
-        self.crash_at, self.crash_flag = crash if crash is not None else (None, None)
 
     def run(self, start: int, stop: int) -> int:
         from var_rt.images import png_bytes
         j = self.job
-        if self.crash_at is not None and start <= self.crash_at < stop and not os.path.exists(self.crash_flag):
-            # Test hook: half of the chunk is written, then the process dies without cleaning up.
-            Path(self.crash_flag).write_text("crashed")
-            _atomic_write(self.out_dir / j.name(start), b"not a png: left by a crashed worker")
-            os._exit(1)
         idx = list(range(start, stop))
         res = self.pipe.generate(class_labels=[j.label(i) for i in idx], seed=[j.seed_of(i) for i in idx],
                                  cfg=j.cfg, cfg_schedule=j.cfg_schedule, top_k=j.top_k, top_p=j.top_p,
                                  more_smooth=j.more_smooth, batch_size=j.batch_size, progress=False)
         for i, im in zip(idx, res.numpy()):
-            _atomic_write(self.out_dir / j.name(i), png_bytes(im))
+            write_file(self.out_dir / j.name(i), png_bytes(im), durable=True)
         return len(idx)
+
+
+# Test hook (tests/test_sample.py sets it): (image index, flag file). The worker whose chunk holds that index
+# writes half of the chunk and dies, once (the flag file records that it did). Read by _worker in the calling
+# process, which hands it to a _CrashingWorker: Ray actors run in other processes, where it is still None.
+_crash: Optional[Tuple[int, str]] = None
+
+
+class _CrashingWorker(ShardWorker):
+    """A ShardWorker that dies as the test hook ``_crash`` says (never used in production)."""
+
+    def __init__(self, crash: Tuple[int, str], *args):
+        super().__init__(*args)
+        self.crash_at, self.crash_flag = crash
+
+    def run(self, start: int, stop: int) -> int:
+        if start <= self.crash_at < stop and not os.path.exists(self.crash_flag):
+            # half of the chunk is written, then the process dies without cleaning up
+            Path(self.crash_flag).write_text("crashed")
+            write_file(self.out_dir / self.job.name(start), b"not a png: left by a crashed worker", durable=True)
+            os._exit(1)
+        return super().run(start, stop)
+
+
+def _worker(pipeline_kwargs: Dict[str, Any], out_dir: Path, job: SampleJob) -> tuple:
+    """(worker class, its arguments): a ShardWorker, or a _CrashingWorker while the test hook is set."""
+    args = (pipeline_kwargs, str(out_dir), job)
+    return (ShardWorker, args) if _crash is None else (_CrashingWorker, (_crash, *args))
 
 
 def check_outputs(out_dir: Path, given_out: str, npz_path: Optional[Path], given_npz: str) -> None:
     """Before any model work or writing: --output-dir is (or can be made) a folder that can be written, and
     the .npz's target is a file name (not a folder) in a location that can be written."""
-    from var_rt.options import _check_writable_folder
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-dir {given_out!r} exists and is a file: give a folder")
-    _check_writable_folder(out_dir, "--output-dir", given_out)
+    check_writable_folder(out_dir, "--output-dir", given_out)
     if npz_path is None:
         return
     if npz_path.is_dir():
         raise ConfigError(f"--npz {given_npz!r} is a folder: give a file name, e.g. {str(npz_path / 'samples.npz')!r}")
-    _check_writable_folder(npz_path.parent, "--npz", given_npz)
+    check_writable_folder(npz_path.parent, "--npz", given_npz)
 
 
 def foreign_files(out_dir: Path, job: SampleJob, npz_path: Optional[Path]) -> List[str]:
@@ -223,9 +229,10 @@ def prepare_output(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER_DIR).mkdir(exist_ok=True)
     if not jf.exists():
-        _atomic_write(jf, json.dumps(job.to_json(), indent=1).encode())
-    for tmp in [*out_dir.glob("*.png.*.tmp"), *out_dir.glob(JOB_FILE + ".*.tmp")]:  # ours, left by an interrupted write
-        tmp.unlink()
+        write_file(jf, json.dumps(job.to_json(), indent=1).encode(), durable=True)
+    for name_glob, folder in (("*.png", out_dir), (JOB_FILE, out_dir), ("*.done", out_dir / MARKER_DIR)):
+        for tmp in leftover_temp_files(folder, name_glob):  # ours, left by an interrupted write
+            tmp.unlink()
     todo = []
     for k in range(len(job.shards())):
         if not shard_is_done(out_dir, job, k):
@@ -249,10 +256,9 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
 
     first = image(0)
     shape = (job.num_images,) + first.shape
-    npz_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npz_path.with_name(npz_path.name + ".tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+    def write(file) -> None:  # streamed: one image in memory at a time
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                          "fortran_order": False, "shape": shape})
@@ -262,15 +268,14 @@ def write_npz(out_dir: Path, job: SampleJob, npz_path: Path) -> Path:
                         raise VarRtError(f"{job.name(i)} is {im.shape}, not {first.shape}: delete it and its "
                                          f"shard's marker in {MARKER_DIR}/ and run again to regenerate it")
                     f.write(np.ascontiguousarray(im, dtype=np.uint8).tobytes())
-        os.replace(tmp, npz_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written .npz
-        raise
+
+    write_file(npz_path, write)  # no half-written .npz
     return npz_path
 
 
 def _run_local(pipeline_kwargs, out_dir, job, todo, bar) -> None:
-    w = ShardWorker(pipeline_kwargs, str(out_dir), job, _crash)
+    cls, args = _worker(pipeline_kwargs, out_dir, job)
+    w = cls(*args)
     for k in todo:
         for a, b in job.chunks(k):
             bar.update(w.run(a, b))
@@ -280,11 +285,12 @@ def _run_local(pipeline_kwargs, out_dir, job, todo, bar) -> None:
 def _run_ray(pipeline_kwargs, out_dir, job, todo, bar, num_workers, use_gpu,
              max_restarts: Optional[int] = None) -> None:
     import ray
-    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(ShardWorker)
+    cls, args = _worker(pipeline_kwargs, out_dir, job)
+    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(cls)
     pending = collections.deque((k, a, b) for k in todo for a, b in job.chunks(k))
     left = collections.Counter(k for k, _, _ in pending)
     restarts_left = num_workers + 2 if max_restarts is None else max_restarts
-    new = lambda: actor_cls.remote(pipeline_kwargs, str(out_dir), job, _crash)  # noqa
+    new = lambda: actor_cls.remote(*args)  # noqa
     workers = {w: new() for w in range(num_workers)}
     busy = collections.Counter()
     inflight: Dict[Any, tuple] = {}  # ref -> (worker id, chunk)
@@ -421,11 +427,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
         elif todo:
             if not ray.is_initialized():
                 ray.init()
-            if use_gpu is None:
-                dev = str(kwargs.get("device") or "auto")
-                use_gpu = dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-            if use_gpu and str(kwargs.get("device") or "auto") == "auto":
-                kwargs["device"] = "cuda"
+            use_gpu, kwargs = ray_placement(ray, kwargs, use_gpu)
             _run_ray(kwargs, out_dir, job, todo, bar, num_workers, use_gpu)
     if npz_path is None:
         return None

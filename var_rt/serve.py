@@ -31,17 +31,15 @@ Ray is imported only here (and in var_rt.sample): the core runtime does not need
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import secrets
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from var_rt.errors import BackendUnavailableError, ConfigError, GpuMemoryError, InputError, VarRtError
-from var_rt.options import ModelOptions, add_model_args
+from var_rt.errors import BackendUnavailableError, ConfigError, EngineMismatchError, GpuMemoryError, InputError
+from var_rt.options import ModelOptions, add_model_args, ray_placement
 from var_rt.validation import DEFAULTS
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -75,9 +73,10 @@ def import_ray():
 
 def exported_batch_sizes(engine_dir) -> Optional[List[int]]:
     """The batch sizes in an export's manifest.json, or None where it cannot be read here."""
+    from var_rt.manifest import read_manifest
     try:
-        return [int(b) for b in json.loads((Path(engine_dir) / "manifest.json").read_text())["batch_sizes"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        return [int(b) for b in read_manifest(engine_dir)["batch_sizes"]]
+    except (EngineMismatchError, OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -327,56 +326,18 @@ def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
     """Check the config and checkpoints here, before Ray starts, with the same errors VARPipeline.load gives.
 
     A replica that cannot load its model fails only after Ray and Serve have started (tens of seconds) and is
-    reported as pages of Ray tracebacks with the CheckpointError buried inside. The checkpoints are
-    compared with a model built on the meta device and read memory-mapped where they can be, so this
+    reported as pages of Ray tracebacks with the CheckpointError buried inside. The models are built on the
+    meta device with the checkpoints read memory-mapped where they can be (pipeline.build_models), so this
     allocates no weights and reads little more than the files' headers.
     """
-    import warnings
-
-    import torch
-
-    from var_rt.checkpoint import load_vae_checkpoint, load_var_checkpoint, read_vae_checkpoint, read_var_checkpoint
-    from var_rt.models.var import VAR
-    from var_rt.models.vqvae import VQVAE
-    from var_rt.pipeline import VARPipeline, check_fits_memory, resolve_config
-    cfg = resolve_config(pipeline_kwargs.get("model"), pipeline_kwargs.get("config"))
-    if pipeline_kwargs.get("random_weights"):
-        check_fits_memory(cfg)
+    from var_rt.pipeline import VARPipeline, build_models, resolve_config
+    kw = pipeline_kwargs
+    if not kw.get("random_weights") and kw.get("var_ckpt") is None:
+        # an export run alone is checked whole; without one, load raises its "no checkpoint given" ConfigError
+        VARPipeline.load(**kw)
         return
-    var_ckpt = pipeline_kwargs.get("var_ckpt")
-    vae_ckpt = pipeline_kwargs.get("vae_ckpt") or cfg.vae_checkpoint
-    if var_ckpt is None or vae_ckpt is None:
-        # raises its "no checkpoint given" ConfigError before building; an export run alone is checked whole
-        VARPipeline.load(**pipeline_kwargs)
-        return
-    sds = []
-    for read, path, c in ((read_var_checkpoint, var_ckpt, cfg), (read_vae_checkpoint, vae_ckpt, cfg.vae)):
-        try:  # compared with the config before anything is built (sizes bounded by the file)
-            with _torch_load_mmap():
-                sds.append(read(path, c))
-        except VarRtError:  # perhaps only the mmap failed (a legacy non-zip file): the plain read decides
-            sds.append(read(path, c))
-    with torch.device("meta"):
-        var, vae = VAR(cfg), VQVAE(cfg.vae)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
-        load_var_checkpoint(var, var_ckpt, sds[0])
-        load_vae_checkpoint(vae, vae_ckpt, sds[1])
-
-
-@contextlib.contextmanager
-def _torch_load_mmap():
-    """torch.load memory-maps files meanwhile (torch >= 2.5; without that option, reads them whole)."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:
-        yield
-        return
-    before, config.load.mmap = config.load.mmap, True
-    try:
-        yield
-    finally:
-        config.load.mmap = before
+    build_models(resolve_config(kw.get("model"), kw.get("config")), kw.get("var_ckpt"), kw.get("vae_ckpt"),
+                 bool(kw.get("random_weights")), meta=True)
 
 
 # ---- the deployment ---------------------------------------------------------------------------------
@@ -421,18 +382,7 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
         max_ongoing_requests = 8 * max_batch_size
     if max_queued_requests is None:
         max_queued_requests = -1  # Ray's "no bound": the replicas refuse overload, the deadline bounds waiting
-    if use_gpu is None:
-        device = str(kwargs.get("device") or "auto")
-        if device.startswith("cuda"):
-            use_gpu = True
-        elif device == "auto":
-            if not ray.is_initialized():
-                ray.init()
-            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        else:
-            use_gpu = False
-    if use_gpu and str(kwargs.get("device") or "auto") == "auto":
-        kwargs["device"] = "cuda"  # Ray gives each replica one GPU through CUDA_VISIBLE_DEVICES
+    use_gpu, kwargs = ray_placement(ray, kwargs, use_gpu)
     actor_options: Dict[str, Any] = {"num_gpus": 1} if use_gpu else {}
     if num_cpus is not None:
         actor_options["num_cpus"] = num_cpus
