@@ -21,6 +21,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from var_rt.validation import DEFAULTS
+
 
 def labels_for(B: int, num_classes: int) -> List[int]:
     return [(i * 97) % num_classes for i in range(B)]
@@ -88,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--cfg", type=float, default=DEFAULTS.cfg)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-seed", type=int, default=0)
     p.add_argument("--var-ckpt")
