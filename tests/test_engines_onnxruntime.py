@@ -136,3 +136,37 @@ def test_cli_engine_dir_errors(fx256, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], r.stderr
         assert "stale" not in lines[0]
         assert not (tmp_path / "o").exists()
+
+
+def test_one_engine_serves_every_batch_size_with_the_weights_once(tmp_path):
+    """An export of batch sizes 1 and 2 opened once: a session at the second size makes no new copy of the
+    weights (fixed graphs: the same OrtValues over weights.bin; dynamic graphs, ORT's CUDA form: no new ORT
+    session), and each size gives what an engine opened for that size alone gives."""
+    from export import build as build_mod
+    from test_export import other_config
+    from var_rt.pipeline import VARPipeline
+    out = tmp_path / "b12"
+    assert build_mod.main(["--config", str(other_config()), "--random-weights", "--batch-size", "1", "2",
+                           "--out-dir", str(out), "--onnx-only", "--no-progress"]) == 0
+    for dynamic in (False, True):
+        engine = OnnxRuntimeEngine.from_dir(out, "cpu", dynamic=dynamic)
+        assert engine.batch_sizes == (1, 2)
+        engine.session(1)
+        shared, sessions = dict(engine._shared), dict(engine._by_file)
+        engine.session(2)
+        if dynamic:  # one ORT session per graph file for every batch size
+            assert engine._by_file.keys() == sessions.keys() and not engine._shared
+            continue
+        nbytes = lambda names: sum(engine._shared[n].numpy().nbytes for n in names)  # noqa: E731
+        assert all(engine._shared[n] is v for n, v in shared.items())  # every tensor given again, not re-read
+        added = engine._shared.keys() - shared.keys()  # constants folded at batch 2 (expanded inputs), no weights
+        assert nbytes(added) < 0.05 * nbytes(shared), f"batch 2 added {nbytes(added)} bytes: {sorted(added)}"
+        assert len(engine._by_file) == 2 * len(sessions)  # the fixed graphs of size 2
+        with pytest.raises(InputError, match=r"serves batch sizes \[1, 2\], not 3"):
+            engine.session(3)
+    pipe = VARPipeline.load(config=other_config(), backend="onnxruntime", engine_dir=out, device="cpu",
+                            progress=False)
+    both = pipe.generate(class_labels=[1, 2], seed=0, top_k=1, top_p=0.0, batch_size=2)
+    one = pipe.generate(class_labels=[1], seed=0, top_k=1, top_p=0.0, batch_size=1)
+    assert len({id(loop.engine) for loop, _ in pipe._loops.values()}) == 1  # both loops on the one engine
+    assert all(torch.equal(a[:1], b) for a, b in zip(both.tokens, one.tokens))

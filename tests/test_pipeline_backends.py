@@ -41,7 +41,7 @@ def test_onnxruntime_backend_greedy_cuda(name):
     fx = get_fixture(name)
     pipe = _pipe(fx, exported(name, "fp32"), device="cuda")
     res = _check_greedy(pipe, fx)
-    assert pipe._engine_for(len(res.labels)).device.type == "cuda"
+    assert pipe.engine.device.type == "cuda"
 
 
 def test_exported_backend_errors(tmp_path):

@@ -22,8 +22,8 @@ FORMAT_VERSION = 2  # 2: "digests" (size and SHA-256 of every file) added
 _DTYPE_FLAG = {"fp16": "float16", "fp32": "float32"}
 _CHUNK = 16 * 2**20
 
-# (path, size, mtime, inode) -> SHA-256 already computed in this process: a pipeline opens one engine per
-# batch size from the same files, and hashing a 4 GB weights.bin once is enough.
+# (path, size, mtime, inode) -> SHA-256 already computed in this process: engines of several pipelines may
+# open the same files, and hashing a 4 GB weights.bin once is enough.
 _digest_cache: Dict[Tuple, str] = {}
 
 

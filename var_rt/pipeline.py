@@ -243,7 +243,6 @@ class VARPipeline:
         # the CUDA-graph backend.
         self.compile = (backend == "cudagraph") if compile is None else compile
         self._engine = None
-        self._engines: dict = {}  # batch size -> exported engine (sessions / contexts are per batch size)
         self._manifest = None
         # batch size -> (ScaleLoop, runner): buffers allocated once per batch size, the MAX_LOOPS most recent kept
         self._loops = LRU(MAX_LOOPS)
@@ -251,11 +250,24 @@ class VARPipeline:
     # ---- engines and loops ----------------------------------------------------------------
     @property
     def engine(self):
+        """This pipeline's engine, made at first use: the PyTorch engine, or the export's engine, which opens
+        the export once for every batch size it was built for (the weights held once)."""
         if self._engine is None:
-            from var_rt.engines.torch_engine import TorchEngine
-            # engine_options: TorchEngine's keyword options here (e.g. use_ops=False), the exported engine's below.
-            self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile,
-                                       **self.engine_options)
+            # engine_options: the engine's own keyword options (TorchEngine: use_ops=False, ...; ONNX Runtime:
+            # dynamic, cuda_graph, providers).
+            if self.backend in EXPORTED:
+                m = self._exported_manifest()
+                if self.backend == "onnxruntime":
+                    from var_rt.engines.onnxruntime import OnnxRuntimeEngine as Engine
+                else:
+                    from var_rt.engines.tensorrt import TensorRTEngine as Engine
+                self._engine = Engine.from_dir(self.engine_dir, self.device, expected_cfg=self.cfg,
+                                               expected_weights_hash=m["weights_hash"], precision=self.precision,
+                                               **self.engine_options)
+            else:
+                from var_rt.engines.torch_engine import TorchEngine
+                self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile,
+                                           **self.engine_options)
         return self._engine
 
     @property
@@ -284,20 +296,6 @@ class VARPipeline:
             self._manifest = m
         return self._manifest
 
-    def _engine_for(self, B: int):
-        if self.backend not in EXPORTED:
-            return self.engine
-        if B not in self._engines:
-            m = self._exported_manifest()
-            if self.backend == "onnxruntime":
-                from var_rt.engines.onnxruntime import OnnxRuntimeEngine as Engine
-            else:
-                from var_rt.engines.tensorrt import TensorRTEngine as Engine
-            self._engines[B] = Engine.from_dir(self.engine_dir, self.device, batch=B, expected_cfg=self.cfg,
-                                               expected_weights_hash=m["weights_hash"], precision=self.precision,
-                                               **self.engine_options)
-        return self._engines[B]
-
     @property
     def built_batch_sizes(self) -> Optional[Tuple[int, ...]]:
         """The batch sizes the exported engines were built for, ascending (from the export's manifest);
@@ -319,7 +317,7 @@ class VARPipeline:
     def _loop(self, B: int):
         hit = self._loops.get(B)
         if hit is None:
-            loop = ScaleLoop(self._engine_for(B), self.cfg, B, self.codebook)
+            loop = ScaleLoop(self.engine, self.cfg, B, self.codebook)
             # Capture is not an engine: any session whose steps only enqueue work can be replayed as one graph.
             capture = self.backend in ("cudagraph", "tensorrt") and loop.session.capturable
             runner = CudaGraphLoop(loop) if capture else loop

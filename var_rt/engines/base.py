@@ -239,15 +239,16 @@ def manifest_spec(manifest: dict, B: int) -> Callable[[str], Tuple[Spec, Spec]]:
 
 
 class ExportedSession(Session):
-    """A session over exported graphs (ONNX Runtime, TensorRT): shapes from the export's manifest, every
-    graph bound once through ``engine.bind(graph, inputs, outputs) -> handle`` and run by
-    ``engine.execute(graph, handle)``, with the exported graphs' KV layout (``ConcatKV``).
-    Capturable when the engine says so (``engine.capturable``: it only enqueues on the current stream)."""
+    """A session over exported graphs (ONNX Runtime, TensorRT) at one of the export's batch sizes: shapes
+    from the export's manifest, every graph bound once through ``engine.bind(graph, inputs, outputs, B)
+    -> handle`` and run by ``engine.execute(graph, handle)``, with the exported graphs' KV layout
+    (``ConcatKV``). Capturable when the engine says so (``engine.capturable``: it only enqueues on the
+    current stream)."""
 
-    def __init__(self, engine, preset: Optional[Dict[str, torch.Tensor]] = None):
-        spec = manifest_spec(engine.manifest, engine.batch)
+    def __init__(self, engine, B: int, preset: Optional[Dict[str, torch.Tensor]] = None):
+        spec = manifest_spec(engine.manifest, B)
         K = sum(1 for g in engine.graph_names() if g.startswith("step_"))
-        super().__init__(engine, engine.batch, K, spec, preset)
+        super().__init__(engine, B, K, spec, preset)
         self.capturable = bool(getattr(engine, "capturable", False))
         self.kv = ConcatKV.from_spec(spec, K, engine.act_dtype, engine.device)
         self._handles: Dict[str, object] = {}
@@ -258,7 +259,7 @@ class ExportedSession(Session):
         return self.kv.io(int(si)) if kind == "step" else ({}, {})
 
     def _bind(self, graph, inputs, outputs):
-        self._handles[graph] = self.engine.bind(graph, inputs, outputs)
+        self._handles[graph] = self.engine.bind(graph, inputs, outputs, self.B)
 
     def _launch(self, graph):
         self.engine.execute(graph, self._handles[graph])
@@ -268,14 +269,36 @@ class ExportedSession(Session):
 
 
 class ExportedEngine:
-    """What the exported engines share: ``run`` binds one graph to caller-owned tensors and executes it;
-    ``session`` serves the batch size the export was opened for. Subclasses provide ``batch``,
-    ``bind(graph, inputs, outputs) -> handle`` and ``execute(graph, handle)``."""
+    """What the exported engines share. One engine opens an export directory once, for every batch size
+    it serves (``batch_sizes``: those the export was built for, or the ones asked for), and holds the
+    weights once for all of them; ``session(B)`` serves any of those sizes. ``run`` binds one graph to
+    caller-owned tensors (its batch size read from their shapes) and executes it. Subclasses provide
+    ``manifest``, ``batch_sizes``, ``bind(graph, inputs, outputs, B) -> handle`` and
+    ``execute(graph, handle)``."""
 
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
-        self.execute(graph, self.bind(graph, inputs, outputs))
+        if graph not in self.graph_names():
+            raise InputError(f"graph {graph!r} is not in this export; graphs: {', '.join(self.graph_names())}")
+        self.execute(graph, self.bind(graph, inputs, outputs, self.batch_of(graph, inputs)))
 
     def session(self, B: int, preset: Optional[Dict[str, torch.Tensor]] = None) -> ExportedSession:
-        if B != self.batch:
-            raise InputError(f"this {self.name} engine runs the batch-{self.batch} graphs; open one for batch {B}")
-        return ExportedSession(self, preset)
+        self.check_batch(B)
+        return ExportedSession(self, B, preset)
+
+    def check_batch(self, B: int) -> None:
+        if B not in self.batch_sizes:
+            raise InputError(f"this {self.name} engine serves batch sizes {list(self.batch_sizes)}, not {B}: "
+                             f"pad to one of them, or export that size too (python -m export.build --batch-size)")
+
+    def batch_of(self, graph: str, inputs: Dict[str, torch.Tensor]) -> int:
+        """The batch size whose fixed-shape spec of ``graph`` the given inputs have (the only one open, if one)."""
+        if len(self.batch_sizes) == 1:
+            return self.batch_sizes[0]
+        files = self.manifest["onnx"]["files"]
+        fits = [B for B in self.batch_sizes if f"onnx/{graph}.b{B}.onnx" in files
+                and all(n in inputs and tuple(inputs[n].shape) == tuple(io["shape"])
+                        for n, io in files[f"onnx/{graph}.b{B}.onnx"]["inputs"].items())]
+        if len(fits) != 1:
+            raise InputError(f"graph {graph!r}: the inputs' shapes fit {'none' if not fits else 'several'} of the "
+                             f"batch sizes {list(self.batch_sizes)} of this export")
+        return fits[0]

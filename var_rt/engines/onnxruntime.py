@@ -1,11 +1,18 @@
 """ONNX Runtime engine: runs the exported graphs of an export directory (``python -m export.build``).
 
-Inputs and outputs are bound with IO binding to torch tensors (no copies, no allocation per call);
-a session (``session(B)``) binds the scale loop's buffers once per graph and only runs the bindings. On the CPU it runs the fixed-shape graphs ``{graph}.b{B}.onnx``, one session each, with the
-large initializers shared between sessions (one memory-mapped ``weights.bin``, registered with
-``SessionOptions.add_initializer``), so the ten step sessions hold one copy of the blocks. On CUDA,
-ORT copies every session's initializers to the GPU, so there the engine runs the dynamic graphs
-(``*.dyn.onnx``): one step session for all scales, one copy of the weights on the GPU.
+One engine opens an export once for all its batch sizes. Inputs and outputs are bound with IO binding to
+torch tensors (no copies, no allocation per call); a session (``session(B)``) binds the scale loop's
+buffers once per graph and only runs the bindings. ORT sessions are made when a batch size is first used,
+and the weights are held once whatever the number of batch sizes:
+- on the CPU, the fixed-shape graphs ``{graph}.b{B}.onnx``, one ORT session each, their large
+  initializers shared by every session (one memory-mapped ``weights.bin``, each tensor registered with
+  ``SessionOptions.add_initializer`` once), so the step sessions of every scale and batch size hold one
+  copy of the blocks;
+- on CUDA, where ORT copies every session's initializers to the GPU, the dynamic graphs (``*.dyn.onnx``,
+  free batch axis): one ORT session per graph serves every scale and batch size, one copy of the weights
+  on the GPU;
+- on CUDA with ``cuda_graph``, the fixed-shape graphs (ORT's CUDA graphs need fixed shapes): each session
+  holds its own copy of its initializers on the GPU.
 """
 from __future__ import annotations
 
@@ -35,16 +42,16 @@ class OnnxRuntimeEngine(ExportedEngine):
 
     capturable = False  # ORT runs on its own stream and synchronises it after every run
 
-    def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch: int,
+    def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch_sizes: Sequence[int],
                  providers: Optional[Sequence] = None, dynamic: Optional[bool] = None, cuda_graph: bool = False):
-        ort = _import_ort()
+        ort = self._ort = _import_ort()
         if torch.device(device).type == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # onnxruntime-gpu finds the CUDA/cuDNN libraries of the torch install
         self.out_dir, self.manifest = Path(out_dir), manifest
-        self.device, self.batch = concrete_device(device), batch
+        self.device = concrete_device(device)
         self.name = "onnxruntime"
         self.act_dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
-        self.batch_sizes = (batch,)
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
         # ORT gets a stream of its own; run() makes it wait for the caller's stream and the caller's stream
         # wait for it. Handing ORT the caller's stream is not enough: PyTorch's default stream has the handle
         # 0, which ORT does not use as given (seen on the H100: CUDA events on the default stream missed
@@ -64,95 +71,97 @@ class OnnxRuntimeEngine(ExportedEngine):
                 providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
             else:
                 providers = ["CPUExecutionProvider"]
+        self._providers = list(providers)
         self.cuda_graph = bool(cuda_graph and self.device.type == "cuda")
         if self.cuda_graph and dynamic:
             raise InputError("ONNX Runtime CUDA graphs need the fixed-shape graphs: leave dynamic off")
         # On CUDA the dynamic graphs by default (one copy of the weights); with CUDA graphs the fixed ones
         # (each step session holds its own copy of the blocks on the GPU).
         self.dynamic = (self.device.type == "cuda" and not self.cuda_graph) if dynamic is None else dynamic
-        self._ext_names: Dict[str, List[str]] = {}
-        files = manifest["onnx"]["files"]
-        self._io = {f: e for f, e in files.items()}
-        self._sessions: Dict[str, object] = {}
-        self._file_of: Dict[str, str] = {}
-        graphs = [e["graph"] for e in files.values() if e["batch"] == batch]
-        self._graph_names = graphs
-        shared = None if self.dynamic else self._shared_initializers(ort)
-        by_file: Dict[str, object] = {}
-        for g in graphs:
-            f = f"onnx/{'step' if g.startswith('step_') else g}.dyn.onnx" if self.dynamic else f"onnx/{g}.b{batch}.onnx"
-            if f not in by_file:
-                so = ort.SessionOptions()
-                so.log_severity_level = 3
-                if shared is not None:
-                    for name in self._external_names(self.out_dir / f):
-                        so.add_initializer(name, shared[name])
-                by_file[f] = ort.InferenceSession(str(self.out_dir / f), so, providers=list(providers))
-            self._sessions[g], self._file_of[g] = by_file[f], f
+        self._io = dict(manifest["onnx"]["files"])
+        self._graph_names = list(dict.fromkeys(e["graph"] for e in self._io.values() if e["batch"] in self.batch_sizes))
+        self._by_file: Dict[str, object] = {}  # ORT session per graph file, made at first use
+        self._shared: Dict[str, object] = {}  # initializer name -> OrtValue over weights.bin (fixed graphs)
+        self._weights = None  # the memory map of weights.bin, opened once
         # ORT synchronises its stream at the end of each run (the default). Turning that off made ORT free
         # pinned buffers from a CUDA host callback, which CUDA refuses (error 800, process aborted on the H100).
         self._run_options = ort.RunOptions()
         self._empty = torch.zeros(1, dtype=self.act_dtype, device=self.device)  # past of length 0 (step_0)
-        self._shared_keepalive = shared
 
     @classmethod
-    def from_dir(cls, out_dir: str | Path, device="cpu", providers: Optional[Sequence] = None, batch: int = 1,
-                 expected_cfg=None, expected_weights_hash: Optional[str] = None, precision: Optional[str] = None,
-                 dynamic: Optional[bool] = None, cuda_graph: bool = False) -> "OnnxRuntimeEngine":
-        """Check the manifest (EngineMismatchError if it differs), then open the sessions for ``batch``."""
+    def from_dir(cls, out_dir: str | Path, device="cpu", providers: Optional[Sequence] = None,
+                 batch: Optional[int] = None, expected_cfg=None, expected_weights_hash: Optional[str] = None,
+                 precision: Optional[str] = None, dynamic: Optional[bool] = None,
+                 cuda_graph: bool = False) -> "OnnxRuntimeEngine":
+        """Check the manifest (EngineMismatchError if it differs), then open the export for every batch size
+        it was built for, or only ``batch``. ORT sessions are made when a batch size is first used."""
         from var_rt.manifest import check_engine_files, load_manifest
 
         _import_ort()
         m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)
         check_engine_files(Path(out_dir), m, list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]])
-        return cls(out_dir, m, torch.device(device), batch, providers, dynamic, cuda_graph)
+        sizes = [batch] if batch is not None else m["batch_sizes"]
+        return cls(out_dir, m, torch.device(device), sizes, providers, dynamic, cuda_graph)
 
-    # ---- shared weights ---------------------------------------------------------------------
-    def _shared_initializers(self, ort) -> Dict[str, object]:
-        """One OrtValue per tensor of weights.bin, viewing a read-only memory map (no copy)."""
+    # ---- sessions and shared weights ----------------------------------------------------------
+    def file_of(self, graph: str, B: int) -> str:
+        """The graph file that runs ``graph`` at batch B: the dynamic file of its kind, or the fixed one."""
+        if self.dynamic:
+            return f"onnx/{'step' if graph.startswith('step_') else graph}.dyn.onnx"
+        return f"onnx/{graph}.b{B}.onnx"
+
+    def _session(self, graph: str, B: int):
+        f = self.file_of(graph, B)
+        sess = self._by_file.get(f)
+        if sess is None:
+            so = self._ort.SessionOptions()
+            so.log_severity_level = 3
+            if not self.dynamic:
+                for name, value in self._shared_initializers(f).items():
+                    so.add_initializer(name, value)
+            sess = self._by_file[f] = self._ort.InferenceSession(str(self.out_dir / f), so, providers=self._providers)
+        return sess
+
+    def _shared_initializers(self, f: str) -> Dict[str, object]:
+        """The external initializers of graph file ``f``: one OrtValue per tensor of weights.bin, viewing a
+        read-only memory map (no copy), made once and given to every session that uses the tensor."""
         import onnx
 
-        weights = np.memmap(self.out_dir / self.manifest["onnx"]["weights_file"], dtype=np.uint8, mode="r")
+        if self._weights is None:
+            self._weights = np.memmap(self.out_dir / self.manifest["onnx"]["weights_file"], dtype=np.uint8, mode="r")
+        model = onnx.load(str(self.out_dir / f), load_external_data=False)
         out = {}
-        for f, e in self._io.items():
-            if e["batch"] != self.batch:
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            model = onnx.load(str(self.out_dir / f), load_external_data=False)
-            for t in model.graph.initializer:
-                if t.data_location != onnx.TensorProto.EXTERNAL or t.name in out:
-                    continue
+            if t.name not in self._shared:
                 info = {kv.key: kv.value for kv in t.external_data}
                 off, n = int(info["offset"]), int(info["length"])
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-                arr = np.frombuffer(weights, dtype=dtype, count=n // dtype.itemsize, offset=off).reshape(list(t.dims))
-                out[t.name] = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._ext_names[f] = [t.name for t in model.graph.initializer
-                                  if t.data_location == onnx.TensorProto.EXTERNAL]
+                arr = np.frombuffer(self._weights, dtype=dtype, count=n // dtype.itemsize, offset=off)
+                self._shared[t.name] = self._ort.OrtValue.ortvalue_from_numpy(arr.reshape(list(t.dims)))
+            out[t.name] = self._shared[t.name]
         return out
-
-    def _external_names(self, path: Path) -> List[str]:
-        rel = str(path.relative_to(self.out_dir))
-        return self._ext_names.get(rel, [])
 
     # ---- engine protocol --------------------------------------------------------------------
     def graph_names(self) -> List[str]:
         return list(self._graph_names)
 
-    def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]):
-        """An IO binding of the graph's inputs and outputs to these tensors (checked here, once)."""
-        sess = self._sessions.get(graph)
-        if sess is None:
-            raise InputError(f"graph {graph!r} is not in this export (batch {self.batch}); "
-                             f"graphs: {', '.join(self._graph_names)}")
+    def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor], B: int):
+        """An IO binding of the graph's inputs and outputs at batch B to these tensors (checked here, once)."""
+        self.check_batch(B)
+        spec = self._io.get(f"onnx/{graph}.b{B}.onnx")
+        if spec is None:
+            raise InputError(f"graph {graph!r} is not in this export; graphs: {', '.join(self._graph_names)}")
+        sess = self._session(graph, B)
         io = sess.io_binding()
         dev = "cuda" if self.device.type == "cuda" else "cpu"
         idx = self.device.index or 0
-        spec = self._io[f"onnx/{graph}.b{self.batch}.onnx"]
         for name, t in self._checked(graph, inputs, spec["inputs"]):
             io.bind_input(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         if graph == "step_0" and self.dynamic:  # the dynamic step graph takes a past of length 0
             spec1 = self._io["onnx/step.dyn.onnx"]["inputs"]["past_k"]["shape"]
-            shape = [0 if d == "past" else (2 * self.batch if d == "2B" else d) for d in spec1]
+            shape = [0 if d == "past" else (2 * B if d == "2B" else d) for d in spec1]
             for name in ("past_k", "past_v"):
                 io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())
         for name, t in self._checked(graph, outputs, spec["outputs"]):

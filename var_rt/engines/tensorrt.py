@@ -1,11 +1,14 @@
 """TensorRT engine: runs the engines of an export directory (``python -m export.build``) on a CUDA GPU.
 
-The step is one engine with an optimisation profile per (batch, scale) (see export/trt_build.py); this
-class makes one execution context per profile used, all sharing one activation buffer (the graphs run
-one after another on one stream), and sets each context's profile and input shapes once. A session
-(``session(B)``) sets every tensor address once; each step then only enqueues ``execute_async_v3`` on
-the current torch CUDA stream, so the whole scale loop can be captured in one CUDA graph.
-Engines are deserialised only after the manifest matches (model, weights, precision, batch, GPU).
+The step is one engine with an optimisation profile per (batch, scale) (see export/trt_build.py). One
+``TensorRTEngine`` opens an export once: every engine file is deserialised once (the weights are on the
+GPU once), with one execution context per profile of the batch sizes it serves, all sharing one
+activation buffer sized for the largest profile (the graphs run one after another on one stream;
+sessions of different batch sizes must not run concurrently), each context's profile and input shapes
+set once. A session (``session(B)``) sets its contexts' tensor addresses once; each step then only
+enqueues ``execute_async_v3`` on the current torch CUDA stream, so the whole scale loop can be captured
+in one CUDA graph. Engines are deserialised only after the manifest matches (model, weights, precision,
+batch, GPU).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ class TensorRTEngine(ExportedEngine):
     name = "tensorrt"
     capturable = True  # execute only enqueues on the current torch stream
 
-    def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch: int):
+    def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch_sizes):
         info = manifest["tensorrt"]
         try:
             trt = importlib.import_module(info["module"])
@@ -35,7 +38,7 @@ class TensorRTEngine(ExportedEngine):
                 + ("pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings" if info["flavor"] == "tensorrt-rtx"
                    else "pip install tensorrt-cu13")) from None
         self.trt, self.out_dir, self.manifest = trt, Path(out_dir), manifest
-        self.device, self.batch, self.batch_sizes = device, batch, (batch,)
+        self.device, self.batch_sizes = device, tuple(sorted(set(batch_sizes)))
         self.act_dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
         self.name = f"tensorrt ({info['flavor']} {info['version']})"
 
@@ -59,15 +62,16 @@ class TensorRTEngine(ExportedEngine):
                                           f"(built with {info['flavor']} {info['version']}); build again here")
             self._engines[fname] = eng
             for p_idx, prof in enumerate(e["profiles"]):
-                if prof["batch"] != batch:
+                if prof["batch"] not in self.batch_sizes:
                     continue
                 ctx = eng.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
                 stream = torch.cuda.current_stream(device).cuda_stream
                 ctx.set_optimization_profile_async(p_idx, stream)
                 for n, s in prof["input_shapes"].items():
                     ctx.set_input_shape(n, s)
-                self._contexts[prof["graph"]] = (ctx, prof)
-                self._graphs.append(prof["graph"])
+                self._contexts[(prof["graph"], prof["batch"])] = (ctx, prof)
+                if prof["graph"] not in self._graphs:
+                    self._graphs.append(prof["graph"])
                 contexts.append((ctx, eng.get_device_memory_size_for_profile_v2(p_idx)))
         size = max((s for _, s in contexts), default=0)
         self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
@@ -77,9 +81,10 @@ class TensorRTEngine(ExportedEngine):
         self._empty = torch.zeros(1, dtype=self.act_dtype, device=device)
 
     @classmethod
-    def from_dir(cls, out_dir: str | Path, device="cuda", batch: int = 1, expected_cfg=None,
+    def from_dir(cls, out_dir: str | Path, device="cuda", batch: Optional[int] = None, expected_cfg=None,
                  expected_weights_hash: Optional[str] = None, precision: Optional[str] = None) -> "TensorRTEngine":
-        """Check the manifest and the GPU, then deserialise the engines for ``batch``."""
+        """Check the manifest and the GPU, then deserialise the engines, with contexts for every batch size
+        the export was built for (or only ``batch``)."""
         from var_rt.manifest import check_engine_files, load_manifest
 
         m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)
@@ -102,16 +107,18 @@ class TensorRTEngine(ExportedEngine):
         if info["flavor"] == "tensorrt-rtx" and targets and cc not in targets:
             raise EngineMismatchError(f"engines were built for compute capability {' '.join(targets)}, this GPU is "
                                       f"{cc}: build again with --compute-capability {cc}")
-        return cls(out_dir, m, dev, batch)
+        return cls(out_dir, m, dev, [batch] if batch is not None else m["batch_sizes"])
 
     def graph_names(self) -> List[str]:
         return list(self._graphs)
 
-    def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
-        """Set the context's tensor addresses to these tensors (checked here); they stay until rebound."""
-        entry = self._contexts.get(graph)
+    def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor], B: int):
+        """Set the context's tensor addresses at batch B to these tensors (checked here); they stay until
+        rebound. Returns the context (the handle ``execute`` runs)."""
+        self.check_batch(B)
+        entry = self._contexts.get((graph, B))
         if entry is None:
-            raise InputError(f"graph {graph!r} is not in this export (batch {self.batch})")
+            raise InputError(f"graph {graph!r} is not in this export (batch {B})")
         ctx, prof = entry
         for n, s in prof["input_shapes"].items():
             t = inputs.get(n)
@@ -121,10 +128,9 @@ class TensorRTEngine(ExportedEngine):
             ctx.set_tensor_address(n, check_io(graph, n, t, s, self.device).data_ptr())
         for n, t in outputs.items():  # output shapes follow from the input shapes set at load
             ctx.set_tensor_address(n, check_io(graph, n, t, tuple(ctx.get_tensor_shape(n)), self.device).data_ptr())
+        return ctx
 
-    def execute(self, graph: str, handle=None) -> None:
-        """Enqueue the graph on the current torch stream (no host synchronisation: capturable)."""
-        ctx, _ = self._contexts[graph]
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+    def execute(self, graph: str, handle) -> None:
+        """Enqueue the graph's bound context on the current torch stream (no host synchronisation: capturable)."""
+        if not handle.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT failed to enqueue {graph}")
-
