@@ -26,19 +26,12 @@ from var_rt.kernels import sampler as fused_sampler
 from var_rt.config import ModelConfig
 from var_rt.engines.torch_engine import TorchEngine
 from var_rt.errors import ConfigError
+from var_rt.validation import Sampling
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    cfg: float = sampling.DEFAULTS.cfg
-    cfg_schedule: object = sampling.DEFAULTS.cfg_schedule  # "linear", "constant" or one value per scale
-    top_k: int = sampling.DEFAULTS.top_k
-    top_p: float = sampling.DEFAULTS.top_p
-    more_smooth: bool = sampling.DEFAULTS.more_smooth
-
-    def key(self):
-        """What changes the captured work (guidance values do not: they are buffers)."""
-        return (self.top_k, self.top_p, self.more_smooth)
+# The request's sampling settings (var_rt.validation.Sampling: validated, defaults from one place) under the
+# name the scale loop's callers (tests, benchmarks) know.
+SamplingParams = Sampling
 
 
 @dataclasses.dataclass
@@ -230,7 +223,7 @@ class LRU(collections.OrderedDict):
         return value
 
 
-# Captured graphs kept per loop (one per sampling setup: top-k, top-p, more_smooth, edit; see SamplingParams.key).
+# Captured graphs kept per loop (one per sampling setup: top-k, top-p, more_smooth, edit; see CudaGraphLoop.run).
 MAX_CAPTURES = 4
 
 
@@ -251,7 +244,7 @@ class CudaGraphLoop:
 
     @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
     def run(self, params: SamplingParams, edit: bool = False, on_scale=None) -> None:
-        key = params.key() + (edit,)
+        key = (params.top_k, params.top_p, params.more_smooth, edit)  # what changes the captured work
         g = self.graphs.get(key)
         if g is None:
             stream = torch.cuda.Stream()

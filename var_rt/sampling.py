@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from var_rt import validation
-from var_rt.validation import DEFAULTS, SamplingDefaults  # noqa: F401 (defined beside their checks, torch-free)
+from var_rt.validation import DEFAULTS, Sampling  # noqa: F401 (defined beside their checks, torch-free)
 
 _M32 = 0xFFFFFFFF
 STREAM_TOKENS, STREAM_SMOOTH, STREAM_LABELS = 1, 2, 3
