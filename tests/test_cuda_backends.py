@@ -139,3 +139,32 @@ def test_fused_transition_fp16_follows_the_pytorch_transition(name):
     # var_tiny_256 1.0 at scales 0-1 and 0.83 at scale 9, var_tiny_512_saln 0.994 at scale 9 (d16/d30 with
     # random weights: 99.9 %, benchmarks.agreement). A wrong transition falls far below.
     assert per_scale[0] == 1.0 and min(per_scale) >= 0.75, per_scale
+
+
+@pytest.mark.parametrize("more_smooth", [False, True])
+def test_one_capture_serves_every_filter_on_the_gpu(more_smooth):
+    """The cudagraph backend captures once per batch size (and more_smooth / edit): 20 requests with different
+    top_k / top_p replay that one graph, and each draws the tokens of an eager (uncaptured) run of the same
+    loop code with its filters. The fused sampler reads the filters on the device; with more_smooth the
+    reference sampler does (var_rt.sampling._device_threshold)."""
+    fx = get_fixture("var_tiny_256")
+    pipe = VARPipeline(fx.cfg, VAR(fx.cfg), VQVAE(fx.cfg.vae), torch.device("cuda"), torch.float32,
+                       backend="cudagraph", progress=False, compile=False)
+    pipe.var.load_state_dict(fx.var.state_dict())
+    pipe.vae.load_state_dict(fx.vae.state_dict())
+    B = 2
+    loop, runner = pipe._loop(B)
+    eager = ScaleLoop(pipe.engine, fx.cfg, B, pipe.codebook)
+    labels, seeds = torch.tensor([3, 5]), torch.tensor([11, 12])
+    seen = set()
+    for k in (0, 1, 5, 40, 900):
+        for p in (0.0, 0.3, 0.9, 0.96):
+            params = SamplingParams(cfg=1.5, top_k=k, top_p=p, more_smooth=more_smooth)
+            for lp, run in ((loop, runner), (eager, eager)):
+                lp.set_request(labels, seeds, params)
+                run.run(params)
+            torch.cuda.synchronize()
+            assert torch.equal(loop.tokens_BL, eager.tokens_BL), (k, p)
+            seen.add(tuple(loop.tokens_BL.view(-1).tolist()))
+    assert len(seen) > 10  # the filters change the tokens: a frozen filter would show
+    assert list(runner.graphs) == [(more_smooth, False)]

@@ -107,3 +107,34 @@ def test_bad_buffers_are_refused():
     with pytest.raises(ValueError, match="logits must be a contiguous float32"):
         sampler.sample_fused(logits.half(), keys, 5, 0.0, codebook, torch.empty(2, 3, dtype=torch.int64,
                                                                                 device=DEV), h)
+
+
+def test_filters_read_from_device_tensors():
+    """top_k / top_p as the scale loop passes them: 1-element views of a packed buffer, refilled between
+    launches (as between replays of a captured loop). Each launch draws with the values the buffer holds
+    then, the reference's tokens for them; off filters (0, or top_k >= V) included."""
+    g = torch.Generator().manual_seed(7)
+    B, l, V = 2, 3, 64
+    logits = (torch.randn(B, l, V, generator=g) * 3).to(DEV)
+    codebook = torch.randn(V, 4, generator=g).to(DEV)
+    seeds = torch.tensor([21, 22], device=DEV)
+    buf = torch.zeros(128, dtype=torch.uint8, device=DEV)
+    k_buf, p_buf = buf[:8].view(torch.int64), buf[64:68].view(torch.float32)
+    for top_k, top_p in [(0, 0.0), (5, 0.0), (0, 0.6), (12, 0.9), (64, 0.3), (1, 1.0), (3, 0.5)]:
+        k_buf.fill_(top_k)
+        p_buf.fill_(top_p)
+        ids, h, _ = _run(logits, seeds, k_buf, p_buf, codebook)
+        assert torch.equal(ids, _reference(logits, seeds, top_k, top_p)), (top_k, top_p)
+        assert torch.equal(h, codebook[ids])
+
+
+def test_bad_filter_tensors_are_refused():
+    logits = torch.randn(2, 3, 64, device=DEV)
+    codebook = torch.randn(64, 4, device=DEV)
+    keys = sampling.request_keys(torch.tensor([1, 2], device=DEV), 2)[:, 0]
+    ids, h = torch.empty(2, 3, dtype=torch.int64, device=DEV), torch.empty(2, 3, 4, device=DEV)
+    p = torch.tensor([0.5], device=DEV)
+    with pytest.raises(ValueError, match="top_k must be a number or a 1-element torch.int64"):
+        sampler.sample_fused(logits, keys, torch.tensor([5], dtype=torch.int32, device=DEV), p, codebook, ids, h)
+    with pytest.raises(ValueError, match="top_p must be a number or a 1-element torch.float32"):
+        sampler.sample_fused(logits, keys, 5, torch.tensor([0.5, 0.5], device=DEV), codebook, ids, h)

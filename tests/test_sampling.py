@@ -250,7 +250,7 @@ def test_request_buffer_packs_one_request(fx256):
     seeds = torch.tensor([5, 2 ** 33 + 1, 7])
     idx = [torch.randint(0, cfg.vae.vocab_size, (B, pn * pn)) for pn in cfg.patch_nums]
     keep = [torch.rand(1, pn * pn) < 0.5 for pn in cfg.patch_nums]
-    params = SamplingParams(cfg=2.5, cfg_schedule="linear")
+    params = SamplingParams(cfg=2.5, cfg_schedule="linear", top_k=37, top_p=0.83)
     loop.set_request(torch.tensor([1, 0, 3]), seeds, params, EditSpec(idx, keep))
 
     base = req._dev.data_ptr()
@@ -266,6 +266,15 @@ def test_request_buffer_packs_one_request(fx256):
     assert torch.equal(loop.cfg_t[K - 1], torch.tensor([1 + t[-1], t[-1]], dtype=torch.float64).float())
     for si in range(K):
         assert torch.equal(loop.edit_idx[si], idx[si]) and torch.equal(loop.edit_keep[si], keep[si].expand(B, -1))
+    # The filters: in the part sent with every request (before the edit tokens), read by the sampler from there.
+    for name in ("top_k", "top_p"):
+        assert req.dev[name].data_ptr() + req.dev[name].nbytes <= base + req.base_bytes, name
+    assert loop.top_k.data_ptr() == req.dev["top_k"].data_ptr() and loop.top_p.data_ptr() == req.dev["top_p"].data_ptr()
+    assert loop.top_k.tolist() == [37] and loop.top_p.dtype == torch.float32
+    assert loop.top_p.item() == torch.tensor(0.83, dtype=torch.float32).item()
+    # A top_k past the vocabulary (valid: it keeps every id) is stored as the vocabulary size.
+    loop.set_request(torch.tensor([1, 0, 3]), seeds, SamplingParams(top_k=10 ** 30, top_p=0.0))
+    assert loop.top_k.tolist() == [cfg.vae.vocab_size] and loop.top_p.tolist() == [0.0]
 
 
 def test_request_keys_numpy_equal_torch():
@@ -273,3 +282,88 @@ def test_request_keys_numpy_equal_torch():
     import numpy as np
     seeds = torch.tensor([0, 1, 3, 2 ** 40 + 5, 2 ** 62 + 12345])
     assert np.array_equal(sampling.request_keys(seeds.numpy(), 10), sampling.request_keys(seeds, 10).numpy())
+
+
+FILTER_CASES = FILTERS + [(512, 0.9), (10 ** 6, 0.0), (0, 1.0), (2, 0.6)]
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["float32", "fp16-ties"])
+def test_filters_read_on_the_device_give_the_same_draw(monkeypatch, fp16):
+    """From tensors on a GPU (the scale loop's request buffer under a CUDA graph) the filters are read on the
+    device: sampling._device_threshold, a full sort and fixed shapes. Forced here on CPU tensors (which are
+    otherwise read as numbers), one pair of buffers refilled per setting as the loop does: the same candidates,
+    tokens and smooth codes as from numbers."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 6, 512, generator=g) * 3
+    if fp16:
+        logits = logits.half().float()
+    codebook = torch.randn(512, 4, generator=g)
+    seeds = torch.tensor([5, 6])
+    want = {(k, p): (_kept(logits, k, p), sampling.sample_tokens(logits, seeds, 3, k, p),
+                     sampling.smooth_codes(logits, seeds, 3, 0.5, k, p, codebook)) for k, p in FILTER_CASES}
+    monkeypatch.setattr(sampling, "_host_filters", lambda top_k, top_p: None)
+    k_buf, p_buf = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.float32)
+    for (k, p), (kept, tokens, codes) in want.items():
+        k_buf.fill_(k)
+        p_buf.fill_(p)
+        assert torch.equal(_kept(logits, k_buf, p_buf), kept), (k, p)
+        assert torch.equal(sampling.sample_tokens(logits, seeds, 3, k_buf, p_buf), tokens), (k, p)
+        assert torch.equal(sampling.smooth_codes(logits, seeds, 3, 0.5, k_buf, p_buf, codebook), codes), (k, p)
+
+
+def test_filter_buffers_on_the_cpu_are_read_as_numbers():
+    """CPU tensors (the loop's request buffer on the CPU) are read: the reference runs on numbers, bit for bit."""
+    assert sampling._host_filters(torch.tensor([900]), torch.tensor([0.96], dtype=torch.float32)) == \
+        (900, torch.tensor(0.96, dtype=torch.float32).item())
+    assert sampling._host_filters(50, 0.9) == (50, 0.9)
+    if torch.cuda.is_available():
+        assert sampling._host_filters(torch.tensor([900], device="cuda"), 0.5) is None
+
+
+class _CaptureStandIn:
+    """Makes a CudaGraphLoop whose one CUDA-only step, ``capture``, is replaced by what a CUDA graph keeps of a
+    run: the work ``ScaleLoop.run`` does for the arguments of the capture-time call, replayed on whatever the
+    buffers hold at replay. As in a real graph, Python values taken from those arguments stay frozen: a loop
+    that read top_k / top_p from ``params`` instead of its request buffer would replay the first request's."""
+
+    @staticmethod
+    def make(loop):
+        import functools
+        import types
+        from var_rt.runtime import CudaGraphLoop
+
+        class StandIn(CudaGraphLoop):
+            def capture(self, params, edit):
+                self.captures.append(self.loop.structure(params, edit))
+                return types.SimpleNamespace(replay=functools.partial(self.loop.run, params, edit))
+
+        loop.session.capturable = True  # the CPU session's steps compute eagerly: the stand-in calls them again
+        runner = StandIn(loop)
+        runner.captures = []
+        return runner
+
+
+def test_one_capture_serves_every_filter():
+    """20 requests with different top_k / top_p at one batch size through the capturing runner: one capture (its
+    key is the loop's structure: more_smooth and edit), and every replay draws that request's own tokens, the
+    eager torch backend's."""
+    from var_rt.runtime import ScaleLoop
+    pipe, ref = _pipe(), _pipe()
+    B = 1
+    loop, ref_loop = (ScaleLoop(p.engine, p.cfg, B, p.codebook) for p in (pipe, ref))
+    for lp in (loop, ref_loop):
+        lp.session.decode = lambda: None  # tokens only: the decoder (most of a CPU call) is not what is tested
+    runner = _CaptureStandIn.make(loop)
+    pipe._loops.put(B, (loop, runner))
+    ref._loops.put(B, (ref_loop, ref_loop))  # the eager loop, as the torch backend runs it
+    settings = [(k, p) for k in (0, 1, 5, 40, 900) for p in (0.0, 0.3, 0.9, 0.96)]
+    seen = set()
+    for k, p in settings:
+        got = pipe.generate(class_labels=[3], seed=11, top_k=k, top_p=p)
+        want = ref.generate(class_labels=[3], seed=11, top_k=k, top_p=p)
+        assert all(torch.equal(a, b) for a, b in zip(got.tokens, want.tokens)), (k, p)
+        seen.add(tuple(torch.cat(got.tokens, dim=1).view(-1).tolist()))
+    assert len(seen) > len(settings) // 2  # the settings do change the tokens, so a frozen filter would show
+    assert runner.captures == [(False, False)] and list(runner.graphs) == [(False, False)]
+    pipe.generate(class_labels=[3], seed=11, top_k=3, more_smooth=True)
+    assert runner.captures == [(False, False), (True, False)]

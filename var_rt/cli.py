@@ -46,7 +46,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from var_rt.images import grid
     pipe = load_pipeline(req.model)
     labels, seeds = pipe.plan(req.class_labels, req.num_images, req.sampling.seed, cli=True)
-    validation.check_schedule(req.sampling.cfg_schedule, pipe.cfg.num_scales, "--cfg-schedule")
+    validation.check_schedule(req.sampling.settings.cfg_schedule, pipe.cfg.num_scales, "--cfg-schedule")
     req.outputs.refuse_existing(labels, seeds)
     t0 = time.perf_counter()
     res = pipe.generate(class_labels=labels, **dict(req.sampling.kwargs(), seed=seeds))

@@ -108,13 +108,10 @@ class ModelOptions:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-    """The sampling group of a command, as keyword arguments of VARPipeline.generate."""
+    """The sampling group of a command: the sampling settings (var_rt.validation.Sampling), the first seed and
+    the batch size; ``kwargs()`` gives them as keyword arguments of VARPipeline.generate."""
 
-    cfg: float
-    cfg_schedule: object
-    top_k: int
-    top_p: float
-    more_smooth: bool
+    settings: validation.Sampling
     seed: int
     batch_size: Optional[int]
 
@@ -123,11 +120,11 @@ class SamplingOptions:
         """Everything var_rt.validation can check without the model (the schedule's length needs it)."""
         s = validation.Sampling.check(a.cfg, parse_cfg_schedule(a.cfg_schedule), a.top_k, a.top_p, a.more_smooth,
                                       cli=True)
-        return cls(**dataclasses.asdict(s), seed=validation.seeds(a.seed, 1, "--seed")[0],
+        return cls(s, seed=validation.seeds(a.seed, 1, "--seed")[0],
                    batch_size=validation.count(a.batch_size, "--batch-size"))
 
     def kwargs(self) -> dict:
-        return dataclasses.asdict(self)
+        return dict(self.settings.asdict(), seed=self.seed, batch_size=self.batch_size)
 
 
 def parse_cfg_schedule(text: str):

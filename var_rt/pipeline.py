@@ -22,7 +22,7 @@ from var_rt.images import to_pil, to_uint8
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
 from var_rt.progress import progress_bar
-from var_rt.runtime import LRU, CudaGraphLoop, EditSpec, SamplingParams, ScaleLoop
+from var_rt.runtime import LRU, CudaGraphLoop, EditSpec, ScaleLoop
 from var_rt.sampling import DEFAULTS
 
 BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
@@ -405,10 +405,8 @@ class VARPipeline:
         """
         labels, seeds = self.plan(class_labels, num_images, seed)
         n = len(labels)
-        s = validation.Sampling.check(cfg, cfg_schedule, top_k, top_p, more_smooth, self.cfg.num_scales)
+        params = validation.Sampling.check(cfg, cfg_schedule, top_k, top_p, more_smooth, self.cfg.num_scales)
         bs = self.chunk_size(n, validation.count(batch_size, "batch-size"))
-        params = SamplingParams(cfg=s.cfg, cfg_schedule=s.cfg_schedule, top_k=s.top_k, top_p=s.top_p,
-                                more_smooth=s.more_smooth)
         show = self.progress if progress is None else progress
         images, tokens, sampled = [], [], []
         with self._lock, progress_bar(total=math.ceil(n / bs) * self.cfg.num_scales, enabled=show,

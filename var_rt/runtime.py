@@ -26,19 +26,12 @@ from var_rt.kernels import sampler as fused_sampler
 from var_rt.config import ModelConfig
 from var_rt.engines.torch_engine import TorchEngine
 from var_rt.errors import ConfigError
+from var_rt.validation import Sampling
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    cfg: float = sampling.DEFAULTS.cfg
-    cfg_schedule: object = sampling.DEFAULTS.cfg_schedule  # "linear", "constant" or one value per scale
-    top_k: int = sampling.DEFAULTS.top_k
-    top_p: float = sampling.DEFAULTS.top_p
-    more_smooth: bool = sampling.DEFAULTS.more_smooth
-
-    def key(self):
-        """What changes the captured work (guidance values do not: they are buffers)."""
-        return (self.top_k, self.top_p, self.more_smooth)
+# The request's sampling settings (var_rt.validation.Sampling: validated, defaults from one place) under the
+# name the scale loop's callers (tests, benchmarks) know.
+SamplingParams = Sampling
 
 
 @dataclasses.dataclass
@@ -61,15 +54,18 @@ class RequestBuffer:
 
     Fields (each a typed view, 64-byte aligned): ``labels`` (B,) int64, ``seeds`` (B,) int64, ``keys``
     (B, K) int64 token-draw keys of every scale (``sampling.request_keys``, derived on the host), ``cfg_t``
-    (K, 2) float32 ``[1 + t, t]`` per scale, then the edit tokens ``edit_idx`` (B, L) int64 and
-    ``edit_keep`` (B, L) bool, sent only with an edit. ``host`` views live in page-locked memory on a
-    GPU; ``dev`` views on the loop's device are what the graphs and the sampler read (the session binds
-    ``labels`` and ``cfg_t`` rows as its input buffers). On the CPU both are the same memory.
+    (K, 2) float32 ``[1 + t, t]`` per scale, the filters ``top_k`` (1,) int64 and ``top_p`` (1,) float32
+    (the sampler reads them on the device, so a captured loop serves any values), then the edit tokens
+    ``edit_idx`` (B, L) int64 and ``edit_keep`` (B, L) bool, sent only with an edit. ``host`` views live in
+    page-locked memory on a GPU; ``dev`` views on the loop's device are what the graphs and the sampler
+    read (the session binds ``labels`` and ``cfg_t`` rows as its input buffers). On the CPU both are the
+    same memory.
     """
 
     def __init__(self, B: int, K: int, L: int, device: torch.device):
         fields = [("labels", (B,), torch.int64), ("seeds", (B,), torch.int64), ("keys", (B, K), torch.int64),
-                  ("cfg_t", (K, 2), torch.float32), ("edit_idx", (B, L), torch.int64), ("edit_keep", (B, L), torch.bool)]
+                  ("cfg_t", (K, 2), torch.float32), ("top_k", (1,), torch.int64), ("top_p", (1,), torch.float32),
+                  ("edit_idx", (B, L), torch.int64), ("edit_keep", (B, L), torch.bool)]
         layout, off = {}, 0
         for name, shape, dtype in fields:
             n = math.prod(shape) * dtype.itemsize
@@ -85,9 +81,12 @@ class RequestBuffer:
         self.dev = {k: view(self._dev, *v) for k, v in layout.items()}
         self._sent = torch.cuda.Event() if gpu else None
 
-    def fill(self, labels: torch.Tensor, seeds: torch.Tensor, cfg_t: Sequence[float],
+    def fill(self, labels: torch.Tensor, seeds: torch.Tensor, cfg_t: Sequence[float], top_k: int, top_p: float,
              edit: Optional[EditSpec], scale_ranges) -> None:
-        """Write a request into the host buffer (waits for the previous copy out of it to finish)."""
+        """Write a request into the host buffer (waits for the previous copy out of it to finish).
+
+        top_k, top_p: validated values (var_rt.validation.Sampling); top_p is stored as float32, the precision
+        both samplers compare it in."""
         if self._sent is not None:
             self._sent.synchronize()
         h = self.host
@@ -95,6 +94,8 @@ class RequestBuffer:
         h["seeds"].copy_(seeds)
         h["keys"].numpy()[:] = sampling.request_keys(h["seeds"].numpy(), h["keys"].shape[1])
         h["cfg_t"].copy_(torch.tensor([[1.0 + t, t] for t in cfg_t], dtype=torch.float64))  # each rounded once
+        h["top_k"].fill_(top_k)
+        h["top_p"].fill_(top_p)
         if edit is not None:
             for si, (b, e) in enumerate(scale_ranges):
                 h["edit_idx"][:, b:e].copy_(edit.idx[si].expand(h["edit_idx"].shape[0], e - b))
@@ -131,6 +132,7 @@ class ScaleLoop:
         self.f_hat = [b["f_hat_0"], b["f_hat_1"]]
         self.seeds = r["seeds"]
         self.keys = r["keys"]  # token-draw keys of every scale, derived once per request
+        self.top_k, self.top_p = r["top_k"], r["top_p"]  # the request's filters, read by the sampler
         # Tokens of all scales in one (B, L) buffer each, so a result comes back in one copy.
         self.tokens_BL = z(B, cfg.num_tokens, dtype=torch.int64)
         self.sampled_BL = z(B, cfg.num_tokens, dtype=torch.int64)
@@ -140,36 +142,50 @@ class ScaleLoop:
         self.edit_keep = [r["edit_keep"][:, b_:e] for b_, e in ranges]
 
     # ---- inputs ------------------------------------------------------------------------
-    def set_request(self, labels: torch.Tensor, seeds: torch.Tensor, params: SamplingParams,
+    def set_request(self, labels: torch.Tensor, seeds: torch.Tensor, params: Sampling,
                     edit: Optional[EditSpec] = None) -> None:
-        """Put a request into the loop's buffers: built on the host (keys and guidance values included),
-        then one host -> device copy on the current stream; no kernel runs before the loop does."""
+        """Put a request into the loop's buffers: built on the host (keys, guidance values and filters
+        included), then one host -> device copy on the current stream; no kernel runs before the loop does."""
         cfg_t = sampling.guidance_schedule(params.cfg, params.cfg_schedule, self.cfg.num_scales)
-        self.request.fill(labels, seeds, cfg_t, edit, self.cfg.scale_ranges())
+        # top_k >= V keeps every id, as V does: stored as at most V, so any validated value fits int64.
+        top_k = min(params.top_k, self.codebook.shape[0])
+        self.request.fill(labels, seeds, cfg_t, top_k, params.top_p, edit, self.cfg.scale_ranges())
         self.request.send(edit is not None)
 
     # ---- the loop ----------------------------------------------------------------------
+    @staticmethod
+    def structure(params: Sampling, edit: bool) -> tuple:
+        """What decides the work ``run`` enqueues (so a captured graph serves every request that shares it):
+        ``more_smooth`` (the codes are a Gumbel-softmax mix instead of the drawn token's row) and the edit
+        flag. Everything else a request sets (labels, seeds, guidance, top_k, top_p, edit tokens) lives in
+        the request buffer, which the loop reads on the device."""
+        return bool(params.more_smooth), bool(edit)
+
     @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
-    def run(self, params: SamplingParams, edit: bool = False,
+    def run(self, params: Sampling, edit: bool = False,
             on_scale: Optional[Callable[[int], None]] = None) -> None:
-        """Generate into self.image / self.tokens from the request buffers. No host sync."""
+        """Generate into self.image / self.tokens from the request buffers (set_request). No host sync.
+
+        Of ``params`` only what ``structure`` names is read: the filters and guidance are the request
+        buffer's (set_request wrote them), so a replayed capture uses each request's own."""
         sess, K = self.session, self.cfg.num_scales
+        smooth, _ = self.structure(params, edit)
+        top_k, top_p = self.top_k, self.top_p
         sess.condition()
         self.f_hat[0].zero_()
         for si in range(K):
             sess.step(si)
             logits = self.logits[si]
-            if not params.more_smooth and logits.is_cuda and fused_sampler.available(logits):
+            if not smooth and logits.is_cuda and fused_sampler.available(logits):
                 # One launch: thresholds, Gumbel-max draw, ids and codebook rows (same tokens as below).
-                fused_sampler.sample_fused(logits, self.keys[:, si], params.top_k, params.top_p, self.codebook,
+                fused_sampler.sample_fused(logits, self.keys[:, si], top_k, top_p, self.codebook,
                                            self.sampled[si], self.h[si])
                 idx, h = self.sampled[si], self.h[si]
             else:
-                idx = sampling.draw_tokens(logits, self.keys[:, si], params.top_k, params.top_p)
+                idx = sampling.draw_tokens(logits, self.keys[:, si], top_k, top_p)
                 self.sampled[si].copy_(idx)
-                if params.more_smooth:
-                    h = sampling.smooth_codes(logits, self.seeds, si, si / (K - 1), params.top_k, params.top_p,
-                                              self.codebook)
+                if smooth:
+                    h = sampling.smooth_codes(logits, self.seeds, si, si / (K - 1), top_k, top_p, self.codebook)
                 else:
                     h = F.embedding(idx, self.codebook)
             if edit:
@@ -209,7 +225,7 @@ class LRU(collections.OrderedDict):
     """A dict that keeps its ``limit`` most recently used entries (``get`` and ``put`` count as use).
 
     Bounds what requests can make a replica hold: scale loops (buffers and KV cache per batch size) and
-    captured graphs (per sampling setup), whatever sizes and settings clients send.
+    captured graphs (per loop structure), whatever sizes and settings clients send.
     """
 
     def __init__(self, limit: int):
@@ -230,15 +246,16 @@ class LRU(collections.OrderedDict):
         return value
 
 
-# Captured graphs kept per loop (one per sampling setup: top-k, top-p, more_smooth, edit; see SamplingParams.key).
+# Captured graphs kept per loop: one per structure (ScaleLoop.structure: more_smooth on/off x edit on/off), so
+# at most 4 exist; the bound stays as a guard should the structure ever grow.
 MAX_CAPTURES = 4
 
 
 class CudaGraphLoop:
-    """Captures a ScaleLoop's whole generation (10 scales + decode) as one CUDA graph per sampling setup.
+    """Captures a ScaleLoop's whole generation (10 scales + decode) as one CUDA graph per structure.
 
-    Requests only change buffer contents (labels, seeds, guidance values, edit tokens), so one
-    capture serves every later call with the same batch size, top-k, top-p, more_smooth and edit flag.
+    Requests only change buffer contents (labels, seeds, guidance values, top_k, top_p, edit tokens), so one
+    capture serves every later call with the same batch size, more_smooth and edit flag, whatever its filters.
     """
 
     def __init__(self, loop: ScaleLoop):
@@ -246,32 +263,36 @@ class CudaGraphLoop:
             raise ConfigError(f"the {loop.engine.name} engine's steps cannot be captured in a CUDA graph "
                               f"(they synchronise or leave the current stream); run it without capture")
         self.loop = loop
-        self.graphs = LRU(MAX_CAPTURES)  # a new setup past the bound drops the least recently used graph
+        self.graphs = LRU(MAX_CAPTURES)  # keyed by ScaleLoop.structure
         self.pool = None
 
     @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
-    def run(self, params: SamplingParams, edit: bool = False, on_scale=None) -> None:
-        key = params.key() + (edit,)
+    def run(self, params: Sampling, edit: bool = False, on_scale=None) -> None:
+        key = self.loop.structure(params, edit)
         g = self.graphs.get(key)
         if g is None:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture (lazy init, cuBLAS handles)
-                self.loop.run(params, edit)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self.loop.run(params, edit)
-            self.pool = g.pool()
-            self.graphs.put(key, g)
+            g = self.graphs.put(key, self.capture(params, edit))
         g.replay()
         if on_scale is not None:
             for si in range(self.loop.cfg.num_scales):
                 on_scale(si)
 
+    def capture(self, params: Sampling, edit: bool):
+        """A warm-up run, then the loop captured as a CUDA graph (sharing one memory pool with the others)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside capture (lazy init, cuBLAS handles)
+            self.loop.run(params, edit)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self.loop.run(params, edit)
+        self.pool = g.pool()
+        return g
+
 
 @torch.no_grad()
-def run_scale_loop(var, vae, labels_B: torch.Tensor, seeds_B: torch.Tensor, params: SamplingParams,
+def run_scale_loop(var, vae, labels_B: torch.Tensor, seeds_B: torch.Tensor, params: Sampling,
                    edit: Optional[EditSpec] = None, on_scale: Optional[Callable[[int], None]] = None) -> LoopOutput:
     """One generation with the PyTorch modules (the reference backend), buffers allocated for this call."""
     engine = TorchEngine(var, vae)

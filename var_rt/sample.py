@@ -54,7 +54,8 @@ JOB_FILE = "job.json"
 
 @dataclasses.dataclass(frozen=True)
 class SampleJob:
-    """What decides the images (and so must match on resume)."""
+    """What decides the images (and so must match on resume). The sampling fields are a validated
+    ``validation.Sampling``'s (run_sample builds them from one), kept flat: job.json records them so."""
 
     model: Dict[str, Any]  # every VARPipeline.load argument but progress: preset/config, checkpoints, dtype, ...
     classes: List[int]
@@ -374,7 +375,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
                use_gpu: Optional[bool] = None, npz: Optional[str] = "", progress: bool = True) -> Optional[Path]:
     """Generate the job's missing shards into output_dir, then the .npz (npz='' -> output_dir/samples.npz,
     None -> none). Returns the .npz path. Ray must be initialised by the caller for num_workers > 1."""
-    from var_rt import sampling, validation
+    from var_rt import validation
     from var_rt.pipeline import resolve_config
     mc = resolve_config(pipeline_kwargs.get("model"), pipeline_kwargs.get("config"))
     n_cls = mc.var.num_classes
@@ -395,15 +396,13 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if not 0 <= seed < 2 ** 63 - len(classes) * per_class:
         raise ConfigError(f"--seed {seed} is out of range")
-    validation.filters(top_k, top_p)
-    sampling.guidance_schedule(cfg, cfg_schedule, mc.num_scales)
+    settings = validation.Sampling.check(cfg, cfg_schedule, top_k, top_p, more_smooth, mc.num_scales)
     for key in ("config", "var_ckpt", "vae_ckpt", "engine_dir"):
         p = pipeline_kwargs.get(key)
         if p is not None and not Path(p).exists():
             raise ConfigError(f"--{key.replace('_', '-')} {str(p)!r} does not exist")
     job = SampleJob(model=model_identity(pipeline_kwargs), classes=classes, per_class=per_class, seed=seed,
-                    cfg=float(cfg), cfg_schedule=cfg_schedule, top_k=int(top_k), top_p=float(top_p),
-                    more_smooth=bool(more_smooth), shard_size=shard_size, batch_size=batch_size)
+                    **settings.asdict(), shard_size=shard_size, batch_size=batch_size)
     out_dir = Path(output_dir)
     npz_path = None if npz is None else Path(npz) if npz else out_dir / "samples.npz"
     check_outputs(out_dir, str(output_dir), npz_path, str(npz or npz_path))

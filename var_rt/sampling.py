@@ -23,9 +23,14 @@ the kept set of a row is ``{logit >= tau}``, tau = max(t_k, t_p).
   keeps or drops the whole group together, which also makes the kept set a
   threshold that a fused kernel can find without sorting.
 
-Both thresholds are found with fixed shapes (sorted top-k values plus a count of
-the tied logits beyond k, or a full sort when top-k is off), so the whole step
-runs inside a CUDA graph.
+top_k and top_p are numbers, or 1-element tensors: the scale loop passes the
+values of its request buffer (var_rt.runtime.RequestBuffer), so one captured CUDA
+graph serves every request whatever its filters. Tensors in CPU memory are read
+(free) and the values used as numbers, bit for bit the same results. With numbers
+the thresholds come from the sorted top-k values plus a count of the tied logits
+beyond k (a full sort when top-k is off); from tensors on a GPU, which cannot be
+read without waiting for the device, from a full sort and the k-th value gathered
+on the device (``_device_threshold``: same rule, no host read, fixed shapes).
 
 Sampling itself is the Gumbel-max trick: argmax(logits + Gumbel noise) over the
 kept ids is a draw from their softmax, the same distribution the official
@@ -36,13 +41,13 @@ are off), so it is tied to the token, not to its rank, and does not depend on to
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from var_rt import validation
-from var_rt.validation import DEFAULTS, SamplingDefaults  # noqa: F401 (defined beside their checks, torch-free)
+from var_rt.validation import DEFAULTS, Sampling  # noqa: F401 (defined beside their checks, torch-free)
 
 _M32 = 0xFFFFFFFF
 STREAM_TOKENS, STREAM_SMOOTH, STREAM_LABELS = 1, 2, 3
@@ -116,11 +121,32 @@ def guidance_schedule(cfg: float, schedule: Union[str, Sequence[float]], num_sca
 
 COUNTER_STRIDE = 1 << 20  # counters per position when a filter is on: any bound above the vocabulary
 
+Filter = Union[int, float, torch.Tensor]  # a number, or a 1-element tensor (int64 top_k, float32 top_p)
 
-def threshold(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
-    """tau (B, l, 1) float32: a row's candidates are its logits >= tau (module docstring). None: no filter.
 
-    Fixed shapes only (no host sync). Top-k: t_k = the k-th of the sorted top-k values; ``beyond``
+def _host_filters(top_k: Filter, top_p: Filter) -> Optional[Tuple[int, float]]:
+    """(top_k, top_p) as numbers; None when either is a tensor on a GPU (read there: ``_device_threshold``).
+
+    A tensor in CPU memory is read for nothing, so on the CPU the reference runs on the values as numbers.
+    A GPU tensor is not read: that would wait for the device, and in a CUDA graph capture it would fail
+    (or freeze the first request's values into the graph).
+    """
+    if any(torch.is_tensor(v) and v.device.type != "cpu" for v in (top_k, top_p)):
+        return None
+    return int(top_k), float(top_p)
+
+
+def threshold(logits_BlV: torch.Tensor, top_k: Filter, top_p: Filter) -> Optional[torch.Tensor]:
+    """tau (B, l, 1) float32: a row's candidates are its logits >= tau (module docstring). None: no filter
+    (from GPU tensors, never None: tau = -inf where both filters are off)."""
+    host = _host_filters(top_k, top_p)
+    return _device_threshold(logits_BlV, top_k, top_p)[0] if host is None else _threshold(logits_BlV, *host)
+
+
+def _threshold(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
+    """tau (B, l, 1) float32 from numbers: a row's candidates are its logits >= tau. None: no filter.
+
+    No host sync (the shapes follow top_k). Top-k: t_k = the k-th of the sorted top-k values; ``beyond``
     counts the logits tied with it that topk left out, so they still count in the top-p normalisation.
     """
     V = logits_BlV.shape[-1]
@@ -143,38 +169,75 @@ def threshold(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[to
     return vals.masked_fill(ahead >= top_p, float("inf")).amin(dim=-1, keepdim=True)
 
 
-def candidate_mask(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
+def _device_threshold(logits_BlV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tau (B, l, 1), filtered (1, 1, 1) bool) from 1-element tensors, read on the device: fixed shapes, no
+    host synchronisation, so it runs inside a CUDA graph whatever values the request buffer holds.
+
+    The rule of ``_threshold`` over the full sorted row (top-k's size changes per request, so ``topk``
+    cannot be used): t_k = the k-th sorted value, the top-p mass normalised over every logit >= t_k (ties
+    at the k-th value included), t_p = the smallest value whose mass ahead is < top_p. tau = -inf where
+    both filters are off. The same candidates as from numbers up to float rounding of the mass sums (the
+    normaliser is summed in another order), i.e. except where a mass lies within an ulp of top_p.
+    """
+    V, dev = logits_BlV.shape[-1], logits_BlV.device
+    k = torch.as_tensor(top_k, device=dev).reshape(1, 1, 1).long()  # no copy for the loop's device tensors
+    p = torch.as_tensor(top_p, device=dev).reshape(1, 1, 1).float()
+    k_on, p_on = (k > 0) & (k < V), p > 0
+    vals = logits_BlV.sort(dim=-1, descending=True).values  # (B, l, V)
+    kth = vals.gather(-1, (k.clamp(1, V) - 1).expand(*vals.shape[:-1], 1))
+    t_k = kth.masked_fill(~k_on, float("-inf"))
+    e = (vals - vals[..., :1]).exp().masked_fill(vals < t_k, 0.0)  # the logits top-k keeps
+    probs = e / e.sum(dim=-1, keepdim=True)
+    ahead = probs.cumsum(dim=-1) - probs
+    t_p = vals.masked_fill(ahead >= p, float("inf")).amin(dim=-1, keepdim=True).masked_fill(~p_on, float("-inf"))
+    return torch.maximum(t_k, t_p), k_on | p_on
+
+
+def _candidates(logits_BlV: torch.Tensor, top_k: Filter, top_p: Filter):
+    """(keep (B, l, V) bool or None when every id is a candidate, filtered: bool or (1, 1, 1) bool tensor)."""
+    host = _host_filters(top_k, top_p)
+    if host is None:
+        tau, filtered = _device_threshold(logits_BlV, top_k, top_p)
+        return (logits_BlV >= tau) | ~filtered, filtered
+    tau = _threshold(logits_BlV, *host)
+    return (None, False) if tau is None else (logits_BlV >= tau, True)
+
+
+def candidate_mask(logits_BlV: torch.Tensor, top_k: Filter, top_p: Filter) -> Optional[torch.Tensor]:
     """(B, l, V) bool, True for the candidates; None when both filters are off (every id is one)."""
-    tau = threshold(logits_BlV, top_k, top_p)
-    return None if tau is None else logits_BlV >= tau
+    return _candidates(logits_BlV, top_k, top_p)[0]
 
 
-def _noise(keys_B: torch.Tensor, logits_BlV: torch.Tensor, filtered: bool) -> torch.Tensor:
+def _noise(keys_B: torch.Tensor, logits_BlV: torch.Tensor, filtered) -> torch.Tensor:
     """(B, l, V) Gumbel noise from the counter position * stride + vocabulary id.
 
     stride = COUNTER_STRIDE when a filter is on, so the noise of a token does not depend on top_k;
-    V when both are off.
+    V when both are off. ``filtered``: a bool, or a bool tensor read on the device.
     """
     l, V = logits_BlV.shape[-2:]
     dev = logits_BlV.device
-    stride = COUNTER_STRIDE if filtered else V
+    if torch.is_tensor(filtered):
+        stride = torch.where(filtered, COUNTER_STRIDE, V)
+    else:
+        stride = COUNTER_STRIDE if filtered else V
     counters = (torch.arange(l, device=dev, dtype=torch.int64).view(1, l, 1) * stride
                 + torch.arange(V, device=dev, dtype=torch.int64).view(1, 1, V))
     return gumbel(keys_B, counters)
 
 
-def _perturbed(logits_BlV: torch.Tensor, keys_B: torch.Tensor, top_k: int, top_p: float,
+def _perturbed(logits_BlV: torch.Tensor, keys_B: torch.Tensor, top_k: Filter, top_p: Filter,
                mul: float = 1.0) -> torch.Tensor:
     """logits * mul + Gumbel noise on the candidates, -inf elsewhere (B, l, V).
 
     A fill rather than adding -inf logits, so a removed id can never come out as NaN.
     """
-    keep = candidate_mask(logits_BlV, top_k, top_p)
-    scores = (logits_BlV * mul if mul != 1.0 else logits_BlV) + _noise(keys_B, logits_BlV, keep is not None)
+    keep, filtered = _candidates(logits_BlV, top_k, top_p)
+    scores = (logits_BlV * mul if mul != 1.0 else logits_BlV) + _noise(keys_B, logits_BlV, filtered)
     return scores if keep is None else scores.masked_fill(~keep, float("-inf"))
 
 
-def draw_tokens(logits_BlV: torch.Tensor, keys_B: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def draw_tokens(logits_BlV: torch.Tensor, keys_B: torch.Tensor, top_k: Filter, top_p: Filter) -> torch.Tensor:
     """One token per position, (B, l) int64, from this scale's keys (B,) (a column of request_keys).
 
     The PyTorch reference of ``var_rt.kernels.sampler.sample_fused``.
@@ -189,7 +252,7 @@ def sample_tokens(logits_BlV: torch.Tensor, seeds_B: torch.Tensor, scale: int,
 
 
 def smooth_codes(logits_BlV: torch.Tensor, seeds_B: torch.Tensor, scale: int, ratio: float,
-                 top_k: int, top_p: float, codebook_VC: torch.Tensor) -> torch.Tensor:
+                 top_k: Filter, top_p: Filter, codebook_VC: torch.Tensor) -> torch.Tensor:
     """``more_smooth``: Gumbel-softmax mix of codebook vectors instead of a hard token, (B, l, Cvae).
 
     tau = max(0.27 * (1 - 0.95 ratio), 0.005) on logits * (1 + ratio), over the same candidates as

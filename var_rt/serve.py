@@ -82,7 +82,8 @@ def exported_batch_sizes(engine_dir) -> Optional[List[int]]:
 
 # ---- request parsing (no Ray needed: unit-testable) -------------------------------------------------
 def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
-    """A JSON body -> {labels, seeds, settings (hashable), format}; InputError with a message otherwise.
+    """A JSON body -> {labels, seeds, settings, format}; InputError with a message otherwise. ``settings``: the
+    validated sampling settings as ``validation.Sampling.astuple()`` (hashable: run_groups groups by it).
 
     The values are checked by var_rt.validation, as for the CLI and VARPipeline.generate; this function
     only adds what belongs to the HTTP format (field names, lists, the response format).
@@ -127,8 +128,7 @@ def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
         raise InputError(f"format must be 'png' or 'base64', got {fmt!r}")
     if fmt == "png" and len(labels) != 1:
         raise InputError("format 'png' returns one image: use format 'base64' for several")
-    settings = (v.cfg, v.cfg_schedule, v.top_k, v.top_p, v.more_smooth)
-    return {"labels": labels, "seeds": seeds, "settings": settings, "format": fmt}
+    return {"labels": labels, "seeds": seeds, "settings": v.astuple(), "format": fmt}
 
 
 class Batcher:
@@ -213,18 +213,19 @@ def serving_buckets(pipe, max_batch_size: int) -> Optional[List[int]]:
 
 
 def run_groups(pipe, items: List[tuple], buckets: Optional[List[int]]) -> list:
-    """One batch of (settings, label, seed) -> uint8 images (H, W, 3), one pipeline call per settings group."""
+    """One batch of (settings, label, seed) -> uint8 images (H, W, 3), one pipeline call per settings group
+    (settings: ``validation.Sampling.astuple()``, as parse_request gives them)."""
+    from var_rt.validation import Sampling
     groups: Dict[tuple, List[int]] = {}
     for i, (settings, _, _) in enumerate(items):
         groups.setdefault(settings, []).append(i)
     out: list = [None] * len(items)
-    for (cfg, sched, top_k, top_p, smooth), idx in groups.items():
+    for settings, idx in groups.items():
         try:
             # padded to a bucket: one captured graph / built engine per bucket, not per group size
             bs = pipe.chunk_size(len(idx), buckets=buckets)
             res = pipe.generate(class_labels=[items[i][1] for i in idx], seed=[items[i][2] for i in idx],
-                                cfg=cfg, cfg_schedule=list(sched) if isinstance(sched, tuple) else sched,
-                                top_k=top_k, top_p=top_p, more_smooth=smooth, batch_size=bs, progress=False)
+                                **Sampling(*settings).asdict(), batch_size=bs, progress=False)
             arr = res.numpy()
             for j, i in enumerate(idx):
                 out[i] = arr[j]

@@ -215,39 +215,40 @@ def filters(top_k, top_p, cli: bool = False) -> Tuple[int, float]:
             number(top_p, field_name("top_p", cli), 0, 1, hint="0 turns it off"))
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingDefaults:
-    """The sampling settings every entry point defaults to: VARPipeline.generate, var_rt.edit, the CLI
-    flags, the HTTP fields, ``sample`` and the benchmarks all read them from ``DEFAULTS`` (also exported
-    as ``var_rt.sampling.DEFAULTS``). They live here, beside their checks, because this module imports no
-    torch: the command line builds its flags' defaults and help from them before torch is loaded.
-
-    They are the settings the official code samples its FID images with, so a default run is comparable
-    with published numbers.
-    """
-
-    cfg: float = 1.5
-    cfg_schedule: str = "linear"
-    top_k: int = 900
-    top_p: float = 0.96
-    more_smooth: bool = False
-
-    def asdict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-DEFAULTS = SamplingDefaults()
+def _checked_sampling(cfg, cfg_schedule, top_k, top_p, more_smooth, num_scales: Optional[int], cli: bool) -> dict:
+    name = lambda f: field_name(f, cli)  # noqa: E731
+    top_k, top_p = filters(top_k, top_p, cli)
+    return dict(cfg=number(cfg, name("cfg"), *CFG_RANGE, hint="guidance strength"),
+                cfg_schedule=check_schedule(cfg_schedule, num_scales, name("cfg_schedule")),
+                top_k=top_k, top_p=top_p, more_smooth=flag(more_smooth, name("more_smooth")))
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Validated sampling settings, as VARPipeline.generate takes them."""
+    """A request's sampling settings, the one form every layer uses: VARPipeline.generate, the scale loop
+    (var_rt.runtime, which also knows it as ``SamplingParams``), the CLI flags (var_rt.options), the HTTP
+    fields (var_rt.serve) and ``sample``'s job (var_rt.sample).
 
-    cfg: float
-    cfg_schedule: Union[str, Tuple[float, ...]]
-    top_k: int
-    top_p: float
-    more_smooth: bool
+    Always valid: construction runs the checks of this module (messages name the Python / HTTP fields) and
+    stores each value in its plain type, the schedule as a tuple, so an instance is hashable. ``check``
+    builds one naming the CLI flags instead and, once the model is known, checks the schedule's length.
+
+    The defaults are the settings every entry point defaults to (``DEFAULTS``, also exported as
+    ``var_rt.sampling.DEFAULTS``): the CLI builds its flags' defaults and help from them before torch is
+    loaded, which is why they live here (this module imports no torch). They are the settings the official
+    code samples its FID images with, so a default run is comparable with published numbers.
+    """
+
+    cfg: float = 1.5
+    cfg_schedule: Union[str, Tuple[float, ...]] = "linear"
+    top_k: int = 900
+    top_p: float = 0.96
+    more_smooth: bool = False
+
+    def __post_init__(self):
+        values = _checked_sampling(self.cfg, self.cfg_schedule, self.top_k, self.top_p, self.more_smooth, None, False)
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
 
     @classmethod
     def check(cls, cfg, cfg_schedule, top_k, top_p, more_smooth, num_scales: Optional[int] = None,
@@ -256,8 +257,15 @@ class Sampling:
 
         cli: name the values by their CLI flags in messages.
         """
-        name = lambda f: field_name(f, cli)  # noqa: E731
-        return cls(cfg=number(cfg, name("cfg"), *CFG_RANGE, hint="guidance strength"),
-                   cfg_schedule=check_schedule(cfg_schedule, num_scales, name("cfg_schedule")),
-                   **dict(zip(("top_k", "top_p"), filters(top_k, top_p, cli))),
-                   more_smooth=flag(more_smooth, name("more_smooth")))
+        return cls(**_checked_sampling(cfg, cfg_schedule, top_k, top_p, more_smooth, num_scales, cli))
+
+    def asdict(self) -> dict:
+        """The settings as keyword arguments of VARPipeline.generate."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def astuple(self) -> tuple:
+        """The values in field order (hashable: var_rt.serve groups requests by it); ``Sampling(*t)`` rebuilds."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+DEFAULTS = Sampling()

@@ -11,14 +11,18 @@ One program per (image, position) row, the whole vocabulary in one block:
    subtraction (the float32 ops of ``var_rt.graphs.guide``; compiled without FMA contraction);
 2. top-k threshold without a sort: bisection on the order-preserving int32 image of the float32
    logits for the largest key T with count(key >= T) >= k, which is the k-th largest logit;
-   every logit at or above it stays (ties included);
+   every logit at or above it stays (ties included). With top-k off (0 or >= V) k counts as V,
+   which keeps every id;
 3. top-p threshold, the same way: the smallest key T with mass(kept logits with key > T) / Z <
-   top_p, Z the softmax normaliser over the top-k-kept logits;
+   top_p, Z the softmax normaliser over the top-k-kept logits (its result unused with top-p off);
 4. Gumbel-max over the kept ids with MurmurHash3 fmix32 in uint32 arithmetic, bit for bit the
    int64 computation of ``var_rt.sampling.uniform`` (which only ever holds values below 2^32);
 5. store the id and copy its codebook row.
 
 Each bisection is 32 reductions over the row held in registers; no sort, no scratch memory.
+top_k and top_p are read from 1-element device tensors (the scale loop's request buffer), not
+compiled in: one compiled kernel, and one captured CUDA graph, serve every request's filters.
+Both bisections always run (an off filter's result is not used): no branch on the values.
 """
 from __future__ import annotations
 
@@ -53,10 +57,10 @@ if triton is not None:
         return h ^ (h >> 16)
 
     @triton.jit
-    def _sample_kernel(logits_ptr, c1_ptr, c0_ptr, keys_ptr, keys_stride,
+    def _sample_kernel(logits_ptr, c1_ptr, c0_ptr, keys_ptr, keys_stride, top_k_ptr, top_p_ptr,
                        cb_ptr, cb_s0, cb_s1, ids_ptr, ids_s0, ids_s1, h_ptr, h_s0, h_s1, h_s2,
-                       B, l, V, Cv, top_k, top_p, counter_stride, u_max,
-                       MIX: tl.constexpr, K_ON: tl.constexpr, P_ON: tl.constexpr,
+                       B, l, V, Cv, u_max,
+                       MIX: tl.constexpr, COUNTER_STRIDE: tl.constexpr,
                        BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0)  # b * l + pos
         b = row // l
@@ -70,33 +74,40 @@ if triton is not None:
             x = x * tl.load(c1_ptr) - un * tl.load(c0_ptr)
         x = tl.where(valid, x, float("-inf"))
 
-        key = _order_key(x)
-        kept = valid
-        lo = tl.min(tl.where(valid, key, 2147483647)).to(tl.int64)
-        if K_ON:
-            # Largest T with count(key >= T) >= top_k, in [min, max]: the key of the k-th largest logit.
-            hi = tl.max(tl.where(valid, key, -2147483648)).to(tl.int64)
-            for _ in range(32):
-                mid = lo + (hi - lo + 1) // 2
-                ok = tl.sum(tl.where(valid & (key >= mid), 1, 0)) >= top_k
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
-            kept = valid & (key >= lo)
-        if P_ON:
-            # Smallest T with mass(kept, key > T) / Z < top_p. bad = lo - 1 fails (mass 1, top_p <= 1);
-            # good = the row maximum passes (mass 0 < top_p); bisect between them.
-            e = tl.where(kept, tl.exp(x - tl.max(x)), 0.0)
-            z = tl.sum(e)
-            bad = lo - 1
-            good = tl.max(tl.where(valid, key, -2147483648)).to(tl.int64)
-            for _ in range(32):
-                mid = bad + (good - bad) // 2  # == bad once they are adjacent: then nothing moves
-                ok = tl.sum(tl.where(key > mid, e, 0.0)) / z < top_p
-                good = tl.where(ok, mid, good)
-                bad = tl.where(ok, bad, mid)
-            kept = kept & (key >= good)
+        # The request's filters, read on the device (sampling.threshold's rule: 0 turns each off).
+        top_k = tl.load(top_k_ptr).to(tl.int64)
+        top_p = tl.load(top_p_ptr).to(tl.float32)
+        k_on = (top_k > 0) & (top_k < V)
+        p_on = top_p > 0.0
+        top_k = tl.where(k_on, top_k, V)  # off: every valid id counts, so the bisection keeps them all
 
-        # Gumbel noise of counter pos * counter_stride + id under this image's key (sampling.uniform).
+        key = _order_key(x)
+        # Largest T with count(key >= T) >= top_k, in [min, max]: the key of the k-th largest logit.
+        lo = tl.min(tl.where(valid, key, 2147483647)).to(tl.int64)
+        hi = tl.max(tl.where(valid, key, -2147483648)).to(tl.int64)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            ok = tl.sum(tl.where(valid & (key >= mid), 1, 0)) >= top_k
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        kept = valid & (key >= lo)
+        # Smallest T with mass(kept, key > T) / Z < top_p. bad = lo - 1 fails (mass 1, top_p <= 1);
+        # good = the row maximum passes (mass 0 < top_p, when top-p is on); bisect between them.
+        e = tl.where(kept, tl.exp(x - tl.max(x)), 0.0)
+        z = tl.sum(e)
+        bad = lo - 1
+        good = tl.max(tl.where(valid, key, -2147483648)).to(tl.int64)
+        for _ in range(32):
+            mid = bad + (good - bad) // 2  # == bad once they are adjacent: then nothing moves
+            ok = tl.sum(tl.where(key > mid, e, 0.0)) / z < top_p
+            good = tl.where(ok, mid, good)
+            bad = tl.where(ok, bad, mid)
+        good = tl.where(p_on, good, -2147483648)  # off: below every key, so top-p keeps them all
+        kept = kept & (key >= good)
+
+        # Gumbel noise of counter pos * stride + id under this image's key (sampling.uniform): stride
+        # COUNTER_STRIDE when a filter is on, V when both are off (sampling._noise).
+        counter_stride = tl.where(k_on | p_on, COUNTER_STRIDE, V).to(tl.uint32)
         k32 = tl.load(keys_ptr + b * keys_stride).to(tl.uint32)
         counter = pos.to(tl.uint32) * counter_stride + offs.to(tl.uint32)
         h = _fmix32(_fmix32(counter ^ k32) ^ (k32 * tl.full(k32.shape, 0x27D4EB2F, tl.uint32)))
@@ -111,7 +122,26 @@ if triton is not None:
         tl.store(h_ptr + b * h_s0 + pos * h_s1 + offc * h_s2, vec, mask=cmask)
 
 
-def _check(logits: torch.Tensor, keys: torch.Tensor, top_k: int, top_p: float, codebook: torch.Tensor,
+def _filter_tensors(top_k, top_p, V: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """top_k / top_p as 1-element int64 / float32 tensors on ``device``: the scale loop's request buffer views
+    pass through (metadata checks only: no sync, fine inside a CUDA graph capture); numbers are checked and
+    copied to the device (a copy per call: for direct calls, not for capture)."""
+    if not torch.is_tensor(top_k) and not torch.is_tensor(top_p):
+        if top_k < 0 or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_k must be >= 0 and top_p in [0, 1], got {top_k}, {top_p}")
+        top_k = min(top_k, V)  # >= V keeps every id, as V does
+    out = []
+    for name, v, dtype in (("top_k", top_k, torch.int64), ("top_p", top_p, torch.float32)):
+        if not torch.is_tensor(v):
+            v = torch.tensor([v], dtype=dtype, device=device)
+        if v.numel() != 1 or v.dtype != dtype or v.device != device:
+            raise ValueError(f"{name} must be a number or a 1-element {dtype} tensor on {device}, got "
+                             f"{v.dtype} {tuple(v.shape)} on {v.device}")
+        out.append(v)
+    return out[0], out[1]
+
+
+def _check(logits: torch.Tensor, keys: torch.Tensor, codebook: torch.Tensor,
            ids_out: torch.Tensor, h_out: torch.Tensor,
            guidance: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Shapes, dtypes and devices (metadata only: no sync, fine inside a CUDA graph capture)."""
@@ -130,8 +160,6 @@ def _check(logits: torch.Tensor, keys: torch.Tensor, top_k: int, top_p: float, c
         raise ValueError(f"the fused sampler handles vocabularies up to {MAX_VOCAB}, got {V}")
     if l * sampling.COUNTER_STRIDE + V > 1 << 32:
         raise ValueError(f"{l} positions per scale exceed the 32-bit random-number counters")
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_k must be >= 0 and top_p in [0, 1], got {top_k}, {top_p}")
     want = {"keys": (keys, (B,), torch.int64), "codebook": (codebook, (V, codebook.shape[-1]), torch.float32),
             "ids_out": (ids_out, (B, l), torch.int64), "h_out": (h_out, (B, l, codebook.shape[-1]), torch.float32)}
     for name, (t, shape, dtype) in want.items():
@@ -140,7 +168,7 @@ def _check(logits: torch.Tensor, keys: torch.Tensor, top_k: int, top_p: float, c
                              f"{tuple(t.shape)} on {t.device}")
 
 
-def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k: int, top_p: float, codebook: torch.Tensor,
+def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codebook: torch.Tensor,
                  ids_out: torch.Tensor, h_out: torch.Tensor,
                  guidance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Draw one token per position into ids_out (B, l) int64 and its codebook row into h_out (B, l, Cv).
@@ -149,25 +177,28 @@ def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k: int, top_p: fl
         logits: (B, l, V) float32 contiguous, already guidance-mixed; or, with ``guidance``, the
             (2B, l, V) rows of the step (conditional first) to mix here.
         keys: (B,) int64 keys of this scale (a column of ``sampling.request_keys``; any stride).
-        top_k, top_p: as ``sampling.draw_tokens`` (0 turns each off).
+        top_k, top_p: as ``sampling.draw_tokens`` (0 turns each off): 1-element int64 / float32 tensors on
+            the logits' device, read by the kernel (the scale loop's request buffer: graph-safe, any values
+            under one capture), or numbers (copied to the device here). Values are not checked on the
+            device: validate them first (var_rt.validation).
         codebook: (V, Cv) float32.
         ids_out, h_out: written in place (any strides, e.g. views into larger buffers).
         guidance: ((1 + t), t) as 1-element float32 tensors, read on the device (graph-safe).
 
-    Launches one kernel on the current stream and allocates nothing.
+    Launches one kernel on the current stream and, with tensor filters, allocates nothing.
     """
-    _check(logits, keys, top_k, top_p, codebook, ids_out, h_out, guidance)
+    _check(logits, keys, codebook, ids_out, h_out, guidance)
     rows, l, V = logits.shape
+    top_k, top_p = _filter_tensors(top_k, top_p, V, logits.device)
     B = ids_out.shape[0]
     Cv = codebook.shape[1]
-    k_on, p_on = 0 < top_k < V, top_p > 0
     c1, c0 = guidance if guidance is not None else (logits, logits)  # unread when MIX is off
     block_v = triton.next_power_of_2(V)
     _sample_kernel[(B * l,)](
-        logits, c1, c0, keys, keys.stride(0),
+        logits, c1, c0, keys, keys.stride(0), top_k, top_p,
         codebook, codebook.stride(0), codebook.stride(1),
         ids_out, ids_out.stride(0), ids_out.stride(1), h_out, h_out.stride(0), h_out.stride(1), h_out.stride(2),
-        B, l, V, Cv, top_k, float(top_p), sampling.COUNTER_STRIDE if (k_on or p_on) else V, sampling.U_MAX,
-        MIX=guidance is not None, K_ON=k_on, P_ON=p_on, BLOCK_V=block_v,
+        B, l, V, Cv, sampling.U_MAX,
+        MIX=guidance is not None, COUNTER_STRIDE=sampling.COUNTER_STRIDE, BLOCK_V=block_v,
         BLOCK_C=triton.next_power_of_2(Cv), num_warps=4 if block_v <= 2048 else 8 if block_v <= 8192 else 16,
         enable_fp_fusion=False)
