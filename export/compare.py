@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from var_rt import names
+
 from export.onnx_export import sample_inputs
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
@@ -73,5 +75,5 @@ def compare_export(out_dir: Path, graphs: Dict[str, torch.nn.Module], B: int, pr
     out = []
     for g, module in graphs.items():
         ins = inputs_of(g, module) if inputs_of is not None else None
-        out += compare_graph(Path(out_dir) / "onnx" / f"{g}.b{B}.onnx", module, g, B, precision, run, ins, seed=1)
+        out += compare_graph(Path(out_dir) / names.fixed_file(g, B), module, g, B, precision, run, ins, seed=1)
     return out

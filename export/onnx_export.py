@@ -34,6 +34,8 @@ from export.forms import rewrite_gelu_tanh
 from var_rt.graphs import all_graphs, io_dtype
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
+from var_rt import names
+from var_rt.names import GraphId
 
 WEIGHTS_FILE = "weights.bin"
 EXTERNAL_MIN_BYTES = 1024   # smaller tensors (shape constants, biases of tiny models) stay inline
@@ -218,7 +220,7 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
     dyn_models = {}
     try:
         for i, gname in enumerate(dyn_names):
-            fname, axes = f"{gname}.dyn.onnx", dynamic_axes(graphs, gname)
+            fname, axes = Path(names.dynamic_file(gname)).name, dynamic_axes(graphs, gname)
             on_progress(f"[{i + 1}/{len(dyn_names)}] exporting {fname}")
             module = graphs["step_2"] if gname == "step" else graphs[gname]
             with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=".tmp-") as tmp:
@@ -233,13 +235,13 @@ def export_all(var: VAR, vae: VQVAE, onnx_dir: Path, batch_sizes: List[int], ops
         on_progress(f"writing the fixed-shape graphs for batch {', '.join(map(str, batch_sizes))}")
         for B in batch_sizes:
             for gname, module in graphs.items():
-                si = int(gname.split("_")[1]) if gname.startswith("step_") else None
-                model = specialize(dyn_models["step" if si is not None else gname], module, B, gname)
+                kind, _ = GraphId.parse(gname)
+                model = specialize(dyn_models["step" if kind == "step" else gname], module, B, gname)
                 store.flush()  # folding may read weights written by this export
                 model = fold(model, onnx_dir)
                 store.externalize(model, onnx_dir)  # the folded tensors, once each
                 check_shapes(model, module, B, gname)
-                fname = f"{gname}.b{B}.onnx"
+                fname = Path(names.fixed_file(gname, B)).name  # the manifest adds the folder
                 onnx.save(model, str(onnx_dir / fname))
                 files[fname] = describe(module, gname, B, act_dtype)
     finally:

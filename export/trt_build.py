@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from var_rt import names
 from var_rt.errors import BackendUnavailableError, ConfigError
 
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
@@ -146,7 +147,7 @@ def build_engines(onnx_dir: Path, engine_dir: Path, files: Dict[str, dict], scal
                 for n, s in shapes.items():
                     prof.set_shape(n, s, s, s)  # min = opt = max: each profile is a fixed shape
                 config.add_optimization_profile(prof)
-                profiles.append({"batch": B, "graph": graph if si is None else f"step_{si}",
+                profiles.append({"batch": B, "graph": graph if si is None else names.step(si),
                                  "input_shapes": {n: list(s) for n, s in shapes.items()}})
         plan = builder.build_serialized_network(network, config)
         if plan is None:

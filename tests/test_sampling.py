@@ -256,9 +256,9 @@ def test_request_buffer_packs_one_request(fx256):
     base = req._dev.data_ptr()
     for name, t in req.dev.items():  # every field inside the one buffer
         assert base <= t.data_ptr() < base + req._dev.numel(), name
-    assert loop.session.bufs["labels"].data_ptr() == req.dev["labels"].data_ptr()
+    assert loop.session.buffers.labels.data_ptr() == req.dev["labels"].data_ptr()
     for si in range(K):
-        assert loop.session.bufs[f"cfg_t_{si}"].data_ptr() == req.dev["cfg_t"][si].data_ptr()
+        assert loop.session.buffers.cfg_t[si].data_ptr() == req.dev["cfg_t"][si].data_ptr()
     assert loop.labels.tolist() == [1, 0, 3]
     assert torch.equal(loop.keys, torch.stack([sampling.stream_keys(seeds, k, sampling.STREAM_TOKENS)
                                                for k in range(K)], dim=1))

@@ -27,7 +27,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from var_rt import precision
+from var_rt import names, precision
 from var_rt.models.traceable import area_downsample, with_fp16_convs_traced_in_fp32
 from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
@@ -192,9 +192,9 @@ def all_graphs(var: VAR, vae: VQVAE, export: bool = False) -> Dict[str, nn.Modul
         vae = with_fp16_convs_traced_in_fp32(vae)
     g: Dict[str, nn.Module] = {"condition": ConditionGraph(var)}
     for si in range(K):
-        g[f"step_{si}"] = StepGraph(var, si)
+        g[names.step(si)] = StepGraph(var, si)
     for si in range(K):
-        g[f"transition_{si}"] = TransitionGraph(var, vae, si, export)
+        g[names.transition(si)] = TransitionGraph(var, vae, si, export)
     g["decode"] = DecodeGraph(vae)
     g["encode"] = EncodeGraph(vae, export)
     return g

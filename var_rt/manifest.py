@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from var_rt import names
 from var_rt.config import ModelConfig
 from var_rt.errors import EngineMismatchError
 
@@ -133,7 +134,7 @@ def _unlisted_graphs(m: dict) -> List[str]:
         return ["the manifest lists no fixed-shape graphs (export again with --force)"]
     out = []
     for B in sizes:
-        missing = [f"onnx/{g}.b{B}.onnx" for g in graphs if f"onnx/{g}.b{B}.onnx" not in files]
+        missing = [names.fixed_file(g, B) for g in graphs if names.fixed_file(g, B) not in files]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             out.append(f"batch size {B} is listed but its graphs are not ({shown})")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from var_rt import sampling
 from var_rt.kernels import sampler as fused_sampler
 from var_rt.config import ModelConfig
+from var_rt.engines.base import LoopBuffers
 from var_rt.engines.torch_engine import TorchEngine
 from var_rt.errors import ConfigError
 from var_rt.validation import Sampling
@@ -120,16 +121,12 @@ class ScaleLoop:
         # The request's inputs in one packed buffer; the session reads labels and guidance from it.
         self.request = RequestBuffer(B, K, cfg.num_tokens, dev)
         r = self.request.dev
-        self.session = engine.session(B, preset={"labels": r["labels"],
-                                                 **{f"cfg_t_{si}": r["cfg_t"][si] for si in range(K)}})
-        b = self.session.bufs
+        self.session = engine.session(B, preset=LoopBuffers.preset(r["labels"], list(r["cfg_t"])))
+        b = self.session.buffers
         self.codebook = codebook_VC.to(dev, torch.float32)
         z = lambda *s, dtype: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
-        self.labels, self.image = b["labels"], b["image"]
-        self.cfg_t = [b[f"cfg_t_{si}"] for si in range(K)]      # [1 + t, t] per scale
-        self.logits = [b[f"logits_{si}"] for si in range(K)]    # (B, l, V) guided, float32
-        self.h = [b[f"h_{si}"] for si in range(K)]              # (B, l, Cv) code vectors, float32
-        self.f_hat = [b["f_hat_0"], b["f_hat_1"]]
+        self.labels, self.image = b.labels, b.image
+        self.cfg_t, self.logits, self.h, self.f_hat = b.cfg_t, b.logits, b.h, b.f_hat
         self.seeds = r["seeds"]
         self.keys = r["keys"]  # token-draw keys of every scale, derived once per request
         self.top_k, self.top_p = r["top_k"], r["top_p"]  # the request's filters, read by the sampler

@@ -17,12 +17,14 @@ as ``past_*`` inputs and return ``present_*`` (``ConcatKV`` below, shared by ONN
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
-from var_rt import ops
+from var_rt import names, ops
 from var_rt.errors import InputError
+from var_rt.names import GraphId
 
 
 @runtime_checkable
@@ -64,41 +66,65 @@ def check_io(graph: str, name: str, t: Optional[torch.Tensor], shape: Sequence[i
 
 # ---- sessions ------------------------------------------------------------------------------------
 Spec = Dict[str, Tuple[Sequence[int], torch.dtype]]  # IO name -> (shape, dtype)
+BufferKey = Tuple[str, Optional[int]]  # (role, scale; or which of the two f_hat buffers; None: one buffer)
 
 
-def loop_key(graph: str, name: str, K: int) -> Optional[str]:
+def loop_key(graph: str, name: str, K: int) -> Optional[BufferKey]:
     """The loop buffer a graph's IO name is bound to (None: the session's KV tensors).
 
     The one place that knows how the graphs chain: the condition's ``x`` is step 0's input, transition
     si writes step si+1's ``x``, ``f_hat`` ping-pongs between two buffers (a graph never reads and writes
     the same buffer), the decoder reads the last one.
     """
-    kind, _, si = graph.partition("_")
-    i = int(si) if si else None
+    kind, i = GraphId.parse(graph)
     if name in ("labels", "ada_blocks", "ada_head", "image"):
-        return name
+        return name, None
     if kind == "condition" and name == "x":
-        return "x_0"
+        return "x", 0
     if kind == "step":
-        return {"x": f"x_{i}", "cfg_t": f"cfg_t_{i}", "logits": f"logits_{i}"}.get(name)
+        return {"x": ("x", i), "cfg_t": ("cfg_t", i), "logits": ("logits", i)}.get(name)
     if kind == "transition":
-        return {"f_hat": f"f_hat_{i % 2}", "h": f"h_{i}", "f_hat_out": f"f_hat_{(i + 1) % 2}",
-                "x": f"x_{i + 1}"}.get(name)
+        return {"f_hat": ("f_hat", i % 2), "h": ("h", i), "f_hat_out": ("f_hat", (i + 1) % 2),
+                "x": ("x", i + 1)}.get(name)
     if kind == "decode" and name == "f_hat":
-        return f"f_hat_{K % 2}"
+        return "f_hat", K % 2
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopBuffers:
+    """The session's buffers the scale loop reads and writes, by role (per scale where there is one each)."""
+
+    labels: torch.Tensor        # (B,) class ids
+    cfg_t: List[torch.Tensor]   # per scale (2,): [1 + t, t], the guidance of step si
+    logits: List[torch.Tensor]  # per scale (B, l, V) guided logits, float32
+    h: List[torch.Tensor]       # per scale (B, l, Cv) code vectors the transition reads
+    f_hat: List[torch.Tensor]   # the two ping-pong (B, Cv, P, P) accumulators
+    image: torch.Tensor         # (B, 3, H, W)
+
+    @classmethod
+    def of(cls, bufs: Dict[BufferKey, torch.Tensor], K: int) -> "LoopBuffers":
+        per_scale = lambda role: [bufs[(role, si)] for si in range(K)]  # noqa: E731
+        return cls(bufs[("labels", None)], per_scale("cfg_t"), per_scale("logits"), per_scale("h"),
+                   [bufs[("f_hat", 0)], bufs[("f_hat", 1)]], bufs[("image", None)])
+
+    @staticmethod
+    def preset(labels: torch.Tensor, cfg_t: Sequence[torch.Tensor]) -> Dict[BufferKey, torch.Tensor]:
+        """Caller-owned inputs for ``engine.session(B, preset=...)``: labels and the per-scale guidance."""
+        return {("labels", None): labels, **{("cfg_t", si): t for si, t in enumerate(cfg_t)}}
 
 
 def loop_graphs(K: int) -> List[str]:
     """The graphs one generation runs, in order."""
-    return ["condition"] + [f"{k}_{si}" for si in range(K) for k in ("step", "transition")] + ["decode"]
+    return ["condition"] + [n for si in range(K) for n in (names.step(si), names.transition(si))] + ["decode"]
 
 
 class Session:
     """The loop's buffers for one batch size on one engine, bound once, and the named steps.
 
-    ``bufs`` maps loop keys (``labels``, ``x_{si}``, ``cfg_t_{si}``, ``logits_{si}``, ``h_{si}``,
-    ``f_hat_{0,1}``, ``image``, ...) to tensors allocated here from ``spec(graph) -> (inputs, outputs)``.
+    ``bufs`` maps loop keys (``("labels", None)``, ``("x", si)``, ``("cfg_t", si)``, ``("logits", si)``,
+    ``("h", si)``, ``("f_hat", 0 or 1)``, ``("image", None)``, ...) to tensors allocated here from
+    ``spec(graph) -> (inputs, outputs)``; ``buffers`` gives the loop's by role (``LoopBuffers``).
     Subclasses bind each graph once (``_bind``) and enqueue it (``_launch``); ``extra_io`` adds the KV
     tensors of a step. ``run_graph`` is the one place a graph runs (tools may wrap it, e.g. timing).
     """
@@ -109,11 +135,12 @@ class Session:
                  preset: Optional[Dict[str, torch.Tensor]] = None):
         self.engine, self.B, self.K = engine, B, K
         # Buffers the caller owns (the request's inputs, in one packed buffer); checked against the spec.
-        self.bufs: Dict[str, torch.Tensor] = dict(preset or {})
+        self.bufs: Dict[BufferKey, torch.Tensor] = dict(preset or {})
         self.io: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = {}
         for graph in loop_graphs(K):
             ins, outs = spec(graph)
             self.io[graph] = (self._wire(graph, ins, engine.device), self._wire(graph, outs, engine.device))
+        self.buffers = LoopBuffers.of(self.bufs, K)
 
     def _wire(self, graph: str, spec: Spec, device) -> Dict[str, torch.Tensor]:
         out = {}
@@ -156,11 +183,11 @@ class Session:
         self.run_graph("condition")
 
     def step(self, si: int) -> None:
-        self.run_graph(f"step_{si}")
+        self.run_graph(names.step(si))
         self.after_step(si)
 
     def transition(self, si: int) -> None:
-        self.run_graph(f"transition_{si}")
+        self.run_graph(names.transition(si))
 
     def decode(self) -> None:
         self.run_graph("decode")
@@ -197,7 +224,7 @@ class ConcatKV:
     @classmethod
     def from_spec(cls, spec: Callable[[str], Tuple[Spec, Spec]], K: int, dtype, device) -> "ConcatKV":
         """The layout the step graphs declare: their ``present_k`` shapes (depth, 2B, H, l, c) per scale."""
-        shapes = [spec(f"step_{si}")[1]["present_k"][0] for si in range(K)]
+        shapes = [spec(names.step(si))[1]["present_k"][0] for si in range(K)]
         ranges, b = [], 0
         for sh in shapes:
             ranges.append((b, b + sh[3]))
@@ -232,7 +259,7 @@ def manifest_spec(manifest: dict, B: int) -> Callable[[str], Tuple[Spec, Spec]]:
     files = manifest["onnx"]["files"]
 
     def spec(graph: str):
-        e = files[f"onnx/{graph}.b{B}.onnx"]
+        e = files[names.fixed_file(graph, B)]
         conv = lambda d: {n: (tuple(v["shape"]), getattr(torch, v["dtype"])) for n, v in d.items()}  # noqa: E731
         return conv(e["inputs"]), conv(e["outputs"])
     return spec
@@ -247,7 +274,7 @@ class ExportedSession(Session):
 
     def __init__(self, engine, B: int, preset: Optional[Dict[str, torch.Tensor]] = None):
         spec = manifest_spec(engine.manifest, B)
-        K = sum(1 for g in engine.graph_names() if g.startswith("step_"))
+        K = sum(1 for g in engine.graph_names() if GraphId.parse(g).kind == "step")
         super().__init__(engine, B, K, spec, preset)
         self.capturable = bool(getattr(engine, "capturable", False))
         self.kv = ConcatKV.from_spec(spec, K, engine.act_dtype, engine.device)
@@ -255,8 +282,8 @@ class ExportedSession(Session):
         self.bind_all()
 
     def extra_io(self, graph):
-        kind, _, si = graph.partition("_")
-        return self.kv.io(int(si)) if kind == "step" else ({}, {})
+        kind, si = GraphId.parse(graph)
+        return self.kv.io(si) if kind == "step" else ({}, {})
 
     def _bind(self, graph, inputs, outputs):
         self._handles[graph] = self.engine.bind(graph, inputs, outputs, self.B)
@@ -295,9 +322,9 @@ class ExportedEngine:
         if len(self.batch_sizes) == 1:
             return self.batch_sizes[0]
         files = self.manifest["onnx"]["files"]
-        fits = [B for B in self.batch_sizes if f"onnx/{graph}.b{B}.onnx" in files
+        fits = [B for B in self.batch_sizes if names.fixed_file(graph, B) in files
                 and all(n in inputs and tuple(inputs[n].shape) == tuple(io["shape"])
-                        for n, io in files[f"onnx/{graph}.b{B}.onnx"]["inputs"].items())]
+                        for n, io in files[names.fixed_file(graph, B)]["inputs"].items())]
         if len(fits) != 1:
             raise InputError(f"graph {graph!r}: the inputs' shapes fit {'none' if not fits else 'several'} of the "
                              f"batch sizes {list(self.batch_sizes)} of this export")

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from var_rt import names
 from var_rt.engines.base import ExportedEngine, check_io, concrete_device
 from var_rt.errors import BackendUnavailableError, InputError
 
@@ -106,9 +107,7 @@ class OnnxRuntimeEngine(ExportedEngine):
     # ---- sessions and shared weights ----------------------------------------------------------
     def file_of(self, graph: str, B: int) -> str:
         """The graph file that runs ``graph`` at batch B: the dynamic file of its kind, or the fixed one."""
-        if self.dynamic:
-            return f"onnx/{'step' if graph.startswith('step_') else graph}.dyn.onnx"
-        return f"onnx/{graph}.b{B}.onnx"
+        return names.dynamic_file(graph) if self.dynamic else names.fixed_file(graph, B)
 
     def _session(self, graph: str, B: int):
         f = self.file_of(graph, B)
@@ -150,7 +149,7 @@ class OnnxRuntimeEngine(ExportedEngine):
     def bind(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor], B: int):
         """An IO binding of the graph's inputs and outputs at batch B to these tensors (checked here, once)."""
         self.check_batch(B)
-        spec = self._io.get(f"onnx/{graph}.b{B}.onnx")
+        spec = self._io.get(names.fixed_file(graph, B))
         if spec is None:
             raise InputError(f"graph {graph!r} is not in this export; graphs: {', '.join(self._graph_names)}")
         sess = self._session(graph, B)
@@ -160,7 +159,7 @@ class OnnxRuntimeEngine(ExportedEngine):
         for name, t in self._checked(graph, inputs, spec["inputs"]):
             io.bind_input(name, dev, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         if graph == "step_0" and self.dynamic:  # the dynamic step graph takes a past of length 0
-            spec1 = self._io["onnx/step.dyn.onnx"]["inputs"]["past_k"]["shape"]
+            spec1 = self._io[names.dynamic_file(graph)]["inputs"]["past_k"]["shape"]
             shape = [0 if d == "past" else (2 * B if d == "2B" else d) for d in spec1]
             for name in ("past_k", "past_v"):
                 io.bind_input(name, dev, idx, _NP[self.act_dtype], shape, self._empty.data_ptr())

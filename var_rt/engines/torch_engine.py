@@ -21,6 +21,7 @@ from var_rt.kernels import block as block_kernel_ops
 from var_rt.graphs import DecodeGraph, all_graphs, guide, resolved_spec
 from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
+from var_rt.names import GraphId
 
 
 class KVCache:
@@ -66,7 +67,7 @@ class TorchSession(RunSession):
         self.bind_all()
 
     def extra_io(self, graph):
-        if graph.startswith("step_"):
+        if GraphId.parse(graph).kind == "step":
             return {"cache_k": self.kv.k, "cache_v": self.kv.v}, {}
         return {}, {}
 
@@ -119,9 +120,9 @@ class TorchEngine:
 
     @torch.no_grad()
     def run(self, graph: str, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
-        kind, _, si = graph.partition("_")
+        kind, si = GraphId.parse(graph)
         if kind == "step":
-            self._step(int(si), inputs, outputs)
+            self._step(si, inputs, outputs)
         elif graph == "decode":
             with self._conv_flags():
                 if self._decode is not None:
@@ -129,7 +130,7 @@ class TorchEngine:
                 else:
                     self._run_module(graph, inputs, outputs)
         elif kind == "transition" and self.use_ops:
-            self._transition_fused(int(si), inputs, outputs)
+            self._transition_fused(si, inputs, outputs)
         else:
             self._run_module(graph, inputs, outputs)
 
