@@ -211,3 +211,24 @@ def test_precision_names_bfloat16_and_exports_refuse_it(tmp_path):
     assert load_manifest(tmp_path, None, None, "fp32", None)["precision"] == "fp32"
     with pytest.raises(EngineMismatchError, match=r"exports hold fp16 or fp32 graphs.*bfloat16.*torch"):
         load_manifest(tmp_path, None, None, "bf16", None)
+
+
+def test_capture_is_a_pipeline_option(fx256):
+    """Capture is chosen per pipeline, not by the backend's name: off for the eager reference and ONNX Runtime
+    by default, refused without a GPU; on a GPU the torch backend captured gives the eager run's tokens."""
+    fx = fx256
+    assert not VARPipeline(fx.cfg, copy.deepcopy(fx.var), copy.deepcopy(fx.vae), torch.device("cpu"), torch.float32,
+                           progress=False).capture
+    with pytest.raises(ConfigError, match="capture needs a CUDA GPU"):
+        VARPipeline(fx.cfg, copy.deepcopy(fx.var), copy.deepcopy(fx.vae), torch.device("cpu"), torch.float32,
+                    progress=False, capture=True)
+    if not torch.cuda.is_available():
+        pytest.skip("the captured run needs a CUDA GPU")
+    from var_rt.runtime import CudaGraphLoop
+    runs = {}
+    for capture in (False, True):
+        pipe = VARPipeline(fx.cfg, copy.deepcopy(fx.var), copy.deepcopy(fx.vae), torch.device("cuda"), torch.float32,
+                           progress=False, capture=capture)
+        runs[capture] = pipe.generate(class_labels=[1, 2], seed=0, top_k=1, top_p=0.0, batch_size=2)
+        assert isinstance(pipe._loop(2)[1], CudaGraphLoop) == capture
+    assert all(torch.equal(a, b) for a, b in zip(runs[False].tokens, runs[True].tokens))

@@ -216,7 +216,11 @@ class VARPipeline:
     def __init__(self, cfg: ModelConfig, var: Optional[VAR], vae: Optional[VQVAE], device: torch.device,
                  dtype: torch.dtype, backend: str = "torch", progress: bool = True, compile: Optional[bool] = None,
                  engine_dir: Optional[Union[str, Path]] = None, engine_options: Optional[dict] = None,
-                 codebook: Optional[torch.Tensor] = None):
+                 codebook: Optional[torch.Tensor] = None, capture: Optional[bool] = None):
+        """``capture``: run each generation as one replay of a CUDA graph captured once per batch size
+        (and more_smooth / edit). None: on for the ``cudagraph`` and ``tensorrt`` backends, off for
+        ``torch`` (the eager reference) and ``onnxruntime`` (its sessions synchronise, so they cannot be
+        captured); True where the engine's sessions cannot be captured is a ConfigError."""
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if backend in EXPORTED and engine_dir is None:
@@ -228,6 +232,9 @@ class VARPipeline:
         if backend == "cudagraph" and device.type != "cuda":
             raise ConfigError("backend 'cudagraph' needs a CUDA GPU (--device cuda); use --backend torch on the CPU")
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
+        if capture and device.type != "cuda":
+            raise ConfigError("capture needs a CUDA GPU (--device cuda): CUDA graphs record GPU work")
+        self.capture = backend in ("cudagraph", "tensorrt") if capture is None else bool(capture)
         # Exported backends hold their own weights: the PyTorch modules stay on the CPU (they give the
         # weight hash that the export's manifest is checked against, and the codebook).
         home = torch.device("cpu") if backend in EXPORTED else device
@@ -319,8 +326,7 @@ class VARPipeline:
         if hit is None:
             loop = ScaleLoop(self.engine, self.cfg, B, self.codebook)
             # Capture is not an engine: any session whose steps only enqueue work can be replayed as one graph.
-            capture = self.backend in ("cudagraph", "tensorrt") and loop.session.capturable
-            runner = CudaGraphLoop(loop) if capture else loop
+            runner = CudaGraphLoop(loop) if self.capture else loop  # refuses a session it cannot capture
             hit = self._loops.put(B, (loop, runner))
         return hit
 
@@ -354,7 +360,8 @@ class VARPipeline:
              var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, random_weights: bool = False,
              device: Optional[str] = None, dtype: Optional[str] = None, backend: str = "torch",
              progress: bool = True, weight_seed: int = 0, compile: Optional[bool] = None,
-             engine_dir: Optional[Union[str, Path]] = None, engine_options: Optional[dict] = None) -> "VARPipeline":
+             engine_dir: Optional[Union[str, Path]] = None, engine_options: Optional[dict] = None,
+             capture: Optional[bool] = None) -> "VARPipeline":
         """Build a pipeline from a preset name or JSON config plus checkpoints (or explicit random weights)."""
         cfg = resolve_config(model, config)
         dev = resolve_device(device)
@@ -365,11 +372,11 @@ class VARPipeline:
                                   "weights), or give both to check the export against them")
             # The export holds the weights: run it alone (its manifest checks config and precision).
             return cls(cfg, None, None, dev, dt, backend=backend, progress=progress, compile=compile,
-                       engine_dir=engine_dir, engine_options=engine_options,
+                       engine_dir=engine_dir, engine_options=engine_options, capture=capture,
                        codebook=exported_codebook(engine_dir, cfg, "fp16" if dt == torch.float16 else "fp32"))
         var, vae = build_models(cfg, var_ckpt, vae_ckpt, random_weights, weight_seed)
         return cls(cfg, var, vae, dev, dt, backend=backend, progress=progress, compile=compile, engine_dir=engine_dir,
-                   engine_options=engine_options)
+                   engine_options=engine_options, capture=capture)
 
     # ---- requests -------------------------------------------------------------------------
     def check_labels(self, labels: Sequence[int]) -> List[int]:
