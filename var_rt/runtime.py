@@ -167,28 +167,14 @@ class ScaleLoop:
         buffer's (set_request wrote them), so a replayed capture uses each request's own."""
         sess, K = self.session, self.cfg.num_scales
         smooth, _ = self.structure(params, edit)
-        top_k, top_p = self.top_k, self.top_p
+        sample = self._sampler(smooth)  # chosen once for the whole run
         sess.condition()
         self.f_hat[0].zero_()
         for si in range(K):
             sess.step(si)
-            logits = self.logits[si]
-            if not smooth and logits.is_cuda and fused_sampler.available(logits):
-                # One launch: thresholds, Gumbel-max draw, ids and codebook rows (same tokens as below).
-                fused_sampler.sample_fused(logits, self.keys[:, si], top_k, top_p, self.codebook,
-                                           self.sampled[si], self.h[si])
-                idx, h = self.sampled[si], self.h[si]
-            else:
-                idx = sampling.draw_tokens(logits, self.keys[:, si], top_k, top_p)
-                self.sampled[si].copy_(idx)
-                if smooth:
-                    h = sampling.smooth_codes(logits, self.seeds, si, si / (K - 1), top_k, top_p, self.codebook)
-                else:
-                    h = F.embedding(idx, self.codebook)
+            idx, h = sample(si)
             if edit:
-                keep = self.edit_keep[si]
-                idx = torch.where(keep, self.edit_idx[si], idx)
-                h = torch.where(keep.unsqueeze(-1), F.embedding(self.edit_idx[si], self.codebook), h)
+                idx, h = self._keep_edited(si, idx, h)
             self.tokens[si].copy_(idx)
             if h is not self.h[si]:
                 self.h[si].copy_(h)
@@ -196,6 +182,33 @@ class ScaleLoop:
             if on_scale is not None:
                 on_scale(si)
         sess.decode()
+
+    def _sampler(self, smooth: bool) -> Callable[[int], tuple]:
+        """``sample(si) -> (ids, code vectors)`` from scale si's guided logits: the fused Triton kernel on
+        CUDA (thresholds, Gumbel-max draw, ids and codebook rows in one launch), else the PyTorch reference
+        (the same tokens), which also makes the smooth codes of ``more_smooth``."""
+        K, top_k, top_p = self.cfg.num_scales, self.top_k, self.top_p
+        if not smooth and self.logits[0].is_cuda and fused_sampler.available(self.logits[0]):
+            def fused(si: int):
+                fused_sampler.sample_fused(self.logits[si], self.keys[:, si], top_k, top_p, self.codebook,
+                                           self.sampled[si], self.h[si])
+                return self.sampled[si], self.h[si]
+            return fused
+
+        def reference(si: int):
+            logits = self.logits[si]
+            idx = sampling.draw_tokens(logits, self.keys[:, si], top_k, top_p)
+            self.sampled[si].copy_(idx)
+            if smooth:
+                return idx, sampling.smooth_codes(logits, self.seeds, si, si / (K - 1), top_k, top_p, self.codebook)
+            return idx, F.embedding(idx, self.codebook)
+        return reference
+
+    def _keep_edited(self, si: int, idx: torch.Tensor, h: torch.Tensor) -> tuple:
+        """Where the edit keeps a token, its id and codebook row replace the sampled ones."""
+        keep = self.edit_keep[si]
+        idx = torch.where(keep, self.edit_idx[si], idx)
+        return idx, torch.where(keep.unsqueeze(-1), F.embedding(self.edit_idx[si], self.codebook), h)
 
     def output(self, rows: Optional[int] = None, device=None) -> LoopOutput:
         """Copies of the results (first ``rows`` images), on ``device`` (default: the engine's).
