@@ -1,5 +1,5 @@
-"""Architecture checks. The import graph of var_rt and export: no circle, and the runtime never imports
-export or benchmarks. The sampling defaults: written once, in var_rt.sampling.DEFAULTS.
+"""Architecture checks. The import graph of var_rt and export: no circle, the layers of
+docs/architecture.md's table respected, and the runtime never imports export or benchmarks. The sampling defaults: written once, in var_rt.sampling.DEFAULTS.
 
 Layers point down (CLI and services -> pipeline -> scale loop -> engines -> graphs -> models / sampling /
 ops -> config, errors); a circle means two modules can only be understood, changed and imported together.
@@ -192,3 +192,50 @@ def test_sampling_defaults_are_written_once():
              if str(p.relative_to(REPO)) not in NOT_VAR_SAMPLING | {DEFAULTS_HOME}]
     restated = [hit for p in files for hit in _restated_defaults(p, values)]
     assert not restated, "sampling defaults written again (use var_rt.validation.DEFAULTS): " + ", ".join(restated)
+
+
+# ---- the layers that docs/architecture.md states -------------------------------------------------------
+def documented_layers() -> Dict[str, int]:
+    """var_rt module -> its layer's rank in docs/architecture.md's table (0 = the bottom row). A row's
+    modules are the backticked names outside parentheses of its second column (``kernels/*``: the folder)."""
+    import re
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text[text.index("## Layers"):].split("\n\n")[1]
+    rows = [r for r in table.splitlines() if r.startswith("|") and not set(r) <= set("|- ")][1:]  # header off
+    layers = {}
+    for rank, row in enumerate(reversed(rows)):
+        cell = row.split("|")[2]
+        while re.search(r"\([^()]*\)", cell):  # innermost parentheses first
+            cell = re.sub(r"\([^()]*\)", "", cell)
+        for name in re.findall(r"`([^`]+)`", cell):
+            layers["var_rt." + name.replace("/", ".").replace(".*", "")] = rank
+    return layers
+
+
+def layer_of(module: str, layers: Dict[str, int]) -> Optional[int]:
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):  # var_rt.kernels.block -> var_rt.kernels
+        if ".".join(parts[:n]) in layers:
+            return layers[".".join(parts[:n])]
+    return None
+
+
+def test_imports_follow_the_documented_layers():
+    """Every var_rt module is in docs/architecture.md's layer table, and imports only modules of its own
+    layer or the ones below (a lazy import inside a function counts too)."""
+    layers = documented_layers()
+    graph = import_graph()
+    packages = {m for m, p in repo_modules().items() if p.name == "__init__.py"}
+    own = [m for m in graph if m.startswith("var_rt.") and m != "var_rt.__main__" and m not in packages]
+    missing = sorted(m for m in own if layer_of(m, layers) is None)
+    assert not missing, f"modules missing from docs/architecture.md's layer table: {missing}"
+    upward = sorted(f"{m} -> {w}" for m in own for w in graph[m]
+                    if w.startswith("var_rt.") and layer_of(w, layers) is not None
+                    and layer_of(w, layers) > layer_of(m, layers))
+    assert not upward, "imports of a higher layer than docs/architecture.md allows: " + ", ".join(upward)
+
+
+def test_layer_table_is_read():
+    layers = documented_layers()
+    assert layers["var_rt.pipeline"] > layers["var_rt.runtime"] > layers["var_rt.engines.base"] > layers["var_rt.config"]
+    assert layer_of("var_rt.kernels.block", layers) == layers["var_rt.kernels"]
