@@ -57,15 +57,16 @@ def _load_error(e: Exception, what: str, path: Path) -> CheckpointError:
         f"download it again")
 
 
-def read_state_dict(path: str | Path, what: str) -> Dict[str, torch.Tensor]:
-    """``torch.load(path, weights_only=True)`` with a clear error for missing, truncated or foreign files."""
+def read_state_dict(path: str | Path, what: str, mmap: bool = False) -> Dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)`` with a clear error for missing, truncated or foreign files.
+    ``mmap``: the tensors memory-map the file instead of being read (zip-format checkpoints only)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{what} checkpoint {str(path)!r} is a folder: give the checkpoint file (.pth)")
     if not path.is_file():
         raise CheckpointError(f"{what} checkpoint {str(path)!r} does not exist")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # zip, pickle, EOF and unpickler errors: the file is not a loadable state_dict
         raise _load_error(e, what, path) from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
@@ -224,7 +225,7 @@ def _var_hint(sd: Dict[str, torch.Tensor]) -> str:
         return ""
 
 
-def read_var_checkpoint(path: str | Path, cfg) -> Dict[str, torch.Tensor]:
+def read_var_checkpoint(path: str | Path, cfg, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """A VAR state_dict, compared with ``cfg`` (a ModelConfig) before any module is built.
 
     Every size the config gives is bounded by what the file holds: the fields the file determines
@@ -233,7 +234,7 @@ def read_var_checkpoint(path: str | Path, cfg) -> Dict[str, torch.Tensor]:
     asks for 10^12 blocks, or 10^9 channels, is one error here instead of a model built until memory runs out.
     """
     from var_rt.config import parameter_counts
-    sd = read_state_dict(path, "VAR")
+    sd = read_state_dict(path, "VAR", mmap)
     hint = _var_hint(sd)
     if "class_emb.weight" not in sd:
         raise CheckpointError(f"VAR checkpoint {str(path)!r}: {hint}")
@@ -270,11 +271,11 @@ def _phi_layout(sd: Dict[str, torch.Tensor]) -> tuple:
     return (2, shared) if shared else (0, _count(sd, r"quantize\.quant_resi\.(\d+)\."))
 
 
-def read_vae_checkpoint(path: str | Path, cfg) -> Dict[str, torch.Tensor]:
+def read_vae_checkpoint(path: str | Path, cfg, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """A VQVAE state_dict, compared with ``cfg`` (a VQVAEConfig) before any module is built (see
     read_var_checkpoint)."""
     from var_rt.config import ModelConfig, VARConfig, parameter_counts
-    sd = read_state_dict(path, "VQVAE")
+    sd = read_state_dict(path, "VQVAE", mmap)
     if not any(k.startswith("decoder.") for k in sd):
         hint = describe_var_state_dict(sd) if "class_emb.weight" in sd else ""
         raise CheckpointError(f"VQVAE checkpoint {str(path)!r} has no decoder weights"

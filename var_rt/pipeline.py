@@ -1,7 +1,6 @@
 """VARPipeline: load a model once, generate many times (the object services embed)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -181,29 +180,13 @@ def build_models(cfg: ModelConfig, var_ckpt: Optional[str] = None, vae_ckpt: Opt
 
 
 def _read_checkpoint(read, path, cfg, mmap: bool):
-    """``read(path, cfg)``; with ``mmap``, torch.load memory-maps the file (torch >= 2.5) where it can."""
+    """``read(path, cfg)``; with ``mmap``, memory-mapped where the file allows it (torch.load(mmap=True))."""
     if mmap:
         try:
-            with _torch_load_mmap():
-                return read(path, cfg)
+            return read(path, cfg, mmap=True)
         except VarRtError:  # perhaps only the mmap failed (a legacy non-zip file): the plain read decides
             pass
     return read(path, cfg)
-
-
-@contextlib.contextmanager
-def _torch_load_mmap():
-    """torch.load memory-maps files meanwhile (torch >= 2.5; without that option, reads them whole)."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:
-        yield
-        return
-    before, config.load.mmap = config.load.mmap, True
-    try:
-        yield
-    finally:
-        config.load.mmap = before
 
 
 class VARPipeline:
