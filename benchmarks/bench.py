@@ -679,7 +679,10 @@ def parse_args(argv=None):
 
 
 def backend_arg_value(text: str):
-    """true/false/none, integers and floats as such; anything else (paths) as text."""
+    """true/false/none, integers and floats as such, a JSON object (``{"cuda_graph": true}``) as a dict;
+    anything else (paths) as text."""
+    if text.startswith("{"):
+        return json.loads(text)
     low = text.lower()
     if low in ("true", "false", "none"):
         return {"true": True, "false": False, "none": None}[low]

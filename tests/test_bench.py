@@ -193,3 +193,10 @@ def test_agreement_cli_same_backend_agrees(tmp_path):
     ref, other = json.loads(out.read_text())["models"][0]["runs"]
     assert ref["reference"] and not other["reference"] and other["status"] == "ok"
     assert other["per_scale"] == [1.0] * 10 and other["image_max_abs_diff"] == 0.0
+
+
+def test_backend_arg_values():
+    """--backend-arg values: booleans, numbers, JSON objects (engine_options) and paths."""
+    v = bench.backend_arg_value
+    assert v("true") is True and v("none") is None and v("16") == 16 and v("0.5") == 0.5
+    assert v('{"cuda_graph": true}') == {"cuda_graph": True} and v("build/d16") == "build/d16"
