@@ -127,20 +127,9 @@ def test_bad_statistics_are_refused():
 # ---- the command --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A random-weights state dict for torch-fidelity's InceptionV3 (He-initialised convolutions, so features
-    neither vanish nor explode), saved as a file like the real one."""
-    cls = quality._inception_class()
-    module = __import__("sys").modules[cls.__module__]
-    torch.manual_seed(0)
-    with mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(cls, "load_state_dict", lambda self, sd: None):
-        net = cls("random", ["2048"])
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("w") / "inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    """A random-weights state dict for torch-fidelity's InceptionV3, saved as a file like the real one."""
+    from benchmarks.inception import random_inception_weights
+    return random_inception_weights(tmp_path_factory.mktemp("w") / "inception-random.pth")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Time `python -m var_rt fid`'s feature extraction on a GPU: N random 256 px images, random InceptionV3 weights
 (the speed does not depend on the weights; offline machines cannot fetch the real ones).
 
-    python benchmarks/device/fid_timing.py --images 10000 --out OUT/fid-timing.json
+    PYTHONPATH=$PWD python benchmarks/device/fid_timing.py --images 10000 --out OUT/fid-timing.json
 """
 import argparse
 import json
@@ -9,23 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
-
-def random_weights(path: Path) -> None:
-    from var_rt import quality
-    cls = quality._inception_class()
-    module = sys.modules[cls.__module__]
-    with mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(cls, "load_state_dict", lambda self, sd: None):
-        net = cls("random", ["2048"])
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
+from benchmarks.inception import random_inception_weights
 
 
 def main() -> int:
@@ -38,7 +26,7 @@ def main() -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     w = work / "inception-random.pth"
-    random_weights(w)
+    random_inception_weights(w)
     npz = work / "samples.npz"
     np.savez(npz, arr_0=np.random.default_rng(0).integers(0, 256, (a.images, 256, 256, 3), dtype=np.uint8))
     res = {"device": torch.cuda.get_device_name(0), "images": a.images, "batch_size": a.batch_size, "runs": []}
