@@ -200,6 +200,13 @@ def extension_loaded() -> bool:
     return _ext_path is not None and torch._C._dispatch_has_kernel_for_dispatch_key("var_rt::scale_transition", "CUDA")
 
 
+def runs_on(device) -> bool:
+    """Whether the extension's kernels run on ``device`` (a torch.device or a tensor's): built, loaded, CUDA.
+    The one test of the CUDA fast paths (the fused transition, the KV writes); var_rt.kernels.runs_on is the
+    one test of the Triton ones."""
+    return torch.device(device).type == "cuda" and extension_loaded()
+
+
 def extension_error() -> Optional[str]:
     """Why the last extension load failed, or None."""
     return _ext_error

@@ -29,7 +29,7 @@ class KVCache:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
-        self.fused = k.is_cuda and ops is not None and ops.extension_loaded()  # K and V in one launch
+        self.fused = ops is not None and ops.runs_on(k.device)  # K and V in one launch
 
     @classmethod
     def allocate(cls, depth, rows, heads, tokens, head_dim, dtype, device) -> "KVCache":
@@ -85,7 +85,7 @@ class TorchEngine:
         self._ranges = self.cfg.scale_ranges()
         self._scratch: Dict[tuple, torch.Tensor] = {}  # next-scale tokens of the fused transition, per shape
         # The fused CUDA transition (one launch per scale; any compute dtype, var_rt.precision).
-        self.use_ops = use_ops and ops is not None and ops.extension_loaded() and self.device.type == "cuda"
+        self.use_ops = use_ops and ops is not None and ops.runs_on(self.device)
         self.compiled = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
         # Each step through var_rt.kernels.block (9 launches per block instead of ~15): on by default with
         # compile on CUDA (the cudagraph backend), where it measured faster (benchmarks/NOTES.md).
