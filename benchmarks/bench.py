@@ -342,7 +342,7 @@ def timed_setup(clock: Clock, make) -> tuple:
 def run_backend_model(args, mc, cpu_models, backend: str, clock: Clock, budget: Budget, results, save):
     """All batch sizes of one backend on one model (one pipeline, reused across batch sizes)."""
     from var_rt import pipeline as pl
-    from var_rt.runtime import SamplingParams
+    from var_rt.validation import Sampling
     cases = [new_case("backend", mc.name, backend, B) for B in args.batch_sizes]
     results["cases"].extend(cases)
     avail = getattr(pl, "BACKENDS", ())
@@ -363,7 +363,7 @@ def run_backend_model(args, mc, cpu_models, backend: str, clock: Clock, budget: 
         return pipe, dict(setup_s=round(ms / 1e3, 3), model_load_s=cpu_models[2], weights_gib=weights_gib)
 
     sp = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    params = SamplingParams(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    params = Sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
 
     def body(pipe, c):
         B = c["batch"]

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     from var_rt.config import get_preset
     from var_rt.models.var import VAR
     from var_rt.models.vqvae import VQVAE
-    from var_rt.runtime import SamplingParams
+    from var_rt.validation import Sampling
 
     cfg = get_preset(args.model)
     with torch.device("cpu"):
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     pl.init_random_weights(var0, vae0, 0)
     variants = [parse_variant(v) for v in (args.variant or ["default"])]
     sp = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    params = SamplingParams(**sp)
+    params = Sampling(**sp)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "model": args.model, "dtype": args.dtype, "sampling": sp, "command": "python -m benchmarks.profile "

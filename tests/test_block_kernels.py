@@ -297,12 +297,13 @@ def test_fused_step_gives_the_reference_tokens(name, dtype):
 def test_engine_with_block_kernels_gives_the_reference_tokens(fx256):
     """A whole generation through TorchEngine(block_kernels=True) draws the reference engine's tokens."""
     from var_rt.engines.torch_engine import TorchEngine
-    from var_rt.runtime import SamplingParams, ScaleLoop
+    from var_rt.runtime import ScaleLoop
+    from var_rt.validation import Sampling
 
     from var_rt.kernels import block
     if not block.available(fx256.var.head.weight):
         pytest.skip("the fixture's CPU model needs the Triton interpreter (a GPU machine runs Triton on CUDA)")
-    params = SamplingParams(cfg=1.5, top_k=50, top_p=0.9)
+    params = Sampling(cfg=1.5, top_k=50, top_p=0.9)
     labels, seeds = fx256.cases["labels"][:1], torch.arange(1)  # one image: the interpreter is slow
     out = []
     for kernels in (False, True):

@@ -10,7 +10,8 @@ from var_rt.config import get_preset
 from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
 from var_rt.pipeline import VARPipeline, init_random_weights
-from var_rt.runtime import EditSpec, SamplingParams, ScaleLoop
+from var_rt.runtime import EditSpec, ScaleLoop
+from var_rt.validation import Sampling
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,7 +63,7 @@ def _teacher_forced_logits(cfg, var, vae, dtype, backend, idx, labels):
     B = labels.shape[0]
     loop = ScaleLoop(pipe.engine, cfg, B, pipe.vae.quantize.embedding.weight)
     keep = [torch.ones(1, pn * pn, dtype=torch.bool) for pn in cfg.patch_nums]
-    params = SamplingParams(cfg=1.5, top_k=1, top_p=0.0)
+    params = Sampling(cfg=1.5, top_k=1, top_p=0.0)
     loop.set_request(labels, torch.arange(B), params, EditSpec(idx, keep))
     loop.run(params, edit=True)
     torch.cuda.synchronize()
@@ -112,7 +113,7 @@ def test_fused_transition_fp16_follows_the_pytorch_transition(name):
     g = torch.Generator().manual_seed(3)
     idx = [torch.randint(0, cfg.vae.vocab_size, (B, pn * pn), generator=g) for pn in cfg.patch_nums]
     keep = [torch.ones(1, pn * pn, dtype=torch.bool) for pn in cfg.patch_nums]
-    params = SamplingParams(cfg=1.5, top_k=1, top_p=0.0)
+    params = Sampling(cfg=1.5, top_k=1, top_p=0.0)
     forced, free = {}, {}
     for use_ops in (False, True):
         pipe = VARPipeline(cfg, VAR(cfg), VQVAE(cfg.vae), torch.device("cuda"), torch.float16,
@@ -159,7 +160,7 @@ def test_one_capture_serves_every_filter_on_the_gpu(more_smooth):
     seen = set()
     for k in (0, 1, 5, 40, 900):
         for p in (0.0, 0.3, 0.9, 0.96):
-            params = SamplingParams(cfg=1.5, top_k=k, top_p=p, more_smooth=more_smooth)
+            params = Sampling(cfg=1.5, top_k=k, top_p=p, more_smooth=more_smooth)
             for lp, run in ((loop, runner), (eager, eager)):
                 lp.set_request(labels, seeds, params)
                 run.run(params)

@@ -2,7 +2,8 @@
 import torch
 
 from conftest import token_mismatch
-from var_rt.runtime import SamplingParams, run_scale_loop
+from var_rt.runtime import run_scale_loop
+from var_rt.validation import Sampling
 
 ATOL = 1e-4
 
@@ -44,7 +45,7 @@ def test_greedy_generation(fx):
     c = fx.cases
     labels = c["labels"]
     out = run_scale_loop(fx.var, fx.vae, labels, torch.arange(len(labels)),
-                         SamplingParams(cfg=float(c["greedy_cfg"]), top_k=1, top_p=0.0))
+                         Sampling(cfg=float(c["greedy_cfg"]), top_k=1, top_p=0.0))
     bad, total = token_mismatch(out.tokens, c["greedy_tokens"])
     assert bad <= total * 0.003, f"{bad}/{total} greedy tokens differ"
     assert (out.images - c["greedy_image"]).abs().max() < ATOL

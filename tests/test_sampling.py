@@ -241,7 +241,8 @@ def test_request_buffer_packs_one_request(fx256):
     """The loop's request inputs are views of one packed buffer (one host -> device copy on a GPU): labels
     and guidance rows are the session's own input buffers, keys equal request_keys, edit tokens in place."""
     from var_rt.engines.torch_engine import TorchEngine
-    from var_rt.runtime import EditSpec, SamplingParams, ScaleLoop
+    from var_rt.runtime import EditSpec, ScaleLoop
+    from var_rt.validation import Sampling
 
     cfg = fx256.cfg
     B, K = 3, cfg.num_scales
@@ -250,7 +251,7 @@ def test_request_buffer_packs_one_request(fx256):
     seeds = torch.tensor([5, 2 ** 33 + 1, 7])
     idx = [torch.randint(0, cfg.vae.vocab_size, (B, pn * pn)) for pn in cfg.patch_nums]
     keep = [torch.rand(1, pn * pn) < 0.5 for pn in cfg.patch_nums]
-    params = SamplingParams(cfg=2.5, cfg_schedule="linear", top_k=37, top_p=0.83)
+    params = Sampling(cfg=2.5, cfg_schedule="linear", top_k=37, top_p=0.83)
     loop.set_request(torch.tensor([1, 0, 3]), seeds, params, EditSpec(idx, keep))
 
     base = req._dev.data_ptr()
@@ -273,7 +274,7 @@ def test_request_buffer_packs_one_request(fx256):
     assert loop.top_k.tolist() == [37] and loop.top_p.dtype == torch.float32
     assert loop.top_p.item() == torch.tensor(0.83, dtype=torch.float32).item()
     # A top_k past the vocabulary (valid: it keeps every id) is stored as the vocabulary size.
-    loop.set_request(torch.tensor([1, 0, 3]), seeds, SamplingParams(top_k=10 ** 30, top_p=0.0))
+    loop.set_request(torch.tensor([1, 0, 3]), seeds, Sampling(top_k=10 ** 30, top_p=0.0))
     assert loop.top_k.tolist() == [cfg.vae.vocab_size] and loop.top_p.tolist() == [0.0]
 
 

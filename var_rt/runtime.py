@@ -30,10 +30,6 @@ from var_rt.errors import ConfigError
 from var_rt.validation import Sampling
 
 
-# The request's sampling settings (var_rt.validation.Sampling: validated, defaults from one place) under the
-# name the scale loop's callers (tests, benchmarks) know.
-SamplingParams = Sampling
-
 
 @dataclasses.dataclass
 class EditSpec:
@@ -234,8 +230,8 @@ class ScaleLoop:
 class LRU(collections.OrderedDict):
     """A dict that keeps its ``limit`` most recently used entries (``get`` and ``put`` count as use).
 
-    Bounds what requests can make a replica hold: scale loops (buffers and KV cache per batch size) and
-    captured graphs (per loop structure), whatever sizes and settings clients send.
+    Bounds what requests can make a replica hold: scale loops (buffers and KV cache per batch size, each
+    with its captured graphs), whatever batch sizes clients send.
     """
 
     def __init__(self, limit: int):
@@ -256,11 +252,6 @@ class LRU(collections.OrderedDict):
         return value
 
 
-# Captured graphs kept per loop: one per structure (ScaleLoop.structure: more_smooth on/off x edit on/off), so
-# at most 4 exist; the bound stays as a guard should the structure ever grow.
-MAX_CAPTURES = 4
-
-
 class CudaGraphLoop:
     """Captures a ScaleLoop's whole generation (10 scales + decode) as one CUDA graph per structure.
 
@@ -273,7 +264,8 @@ class CudaGraphLoop:
             raise ConfigError(f"the {loop.engine.name} engine's steps cannot be captured in a CUDA graph "
                               f"(they synchronise or leave the current stream); run it without capture")
         self.loop = loop
-        self.graphs = LRU(MAX_CAPTURES)  # keyed by ScaleLoop.structure
+        # One graph per ScaleLoop.structure (more_smooth on/off x edit on/off): at most 4, whatever requests send.
+        self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
     @torch.no_grad()  # the codebook is a Parameter: without this autograd records every scale
@@ -281,7 +273,7 @@ class CudaGraphLoop:
         key = self.loop.structure(params, edit)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs.put(key, self.capture(params, edit))
+            g = self.graphs[key] = self.capture(params, edit)
         g.replay()
         if on_scale is not None:
             for si in range(self.loop.cfg.num_scales):

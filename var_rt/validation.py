@@ -226,7 +226,7 @@ def _checked_sampling(cfg, cfg_schedule, top_k, top_p, more_smooth, num_scales: 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """A request's sampling settings, the one form every layer uses: VARPipeline.generate, the scale loop
-    (var_rt.runtime, which also knows it as ``SamplingParams``), the CLI flags (var_rt.options), the HTTP
+    (var_rt.runtime), the CLI flags (var_rt.options), the HTTP
     fields (var_rt.serve) and ``sample``'s job (var_rt.sample).
 
     Always valid: construction runs the checks of this module (messages name the Python / HTTP fields) and
