@@ -136,13 +136,6 @@ def _host_filters(top_k: Filter, top_p: Filter) -> Optional[Tuple[int, float]]:
     return int(top_k), float(top_p)
 
 
-def threshold(logits_BlV: torch.Tensor, top_k: Filter, top_p: Filter) -> Optional[torch.Tensor]:
-    """tau (B, l, 1) float32: a row's candidates are its logits >= tau (module docstring). None: no filter
-    (from GPU tensors, never None: tau = -inf where both filters are off)."""
-    host = _host_filters(top_k, top_p)
-    return _device_threshold(logits_BlV, top_k, top_p)[0] if host is None else _threshold(logits_BlV, *host)
-
-
 def _threshold(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
     """tau (B, l, 1) float32 from numbers: a row's candidates are its logits >= tau. None: no filter.
 

@@ -74,7 +74,7 @@ if triton is not None:
             x = x * tl.load(c1_ptr) - un * tl.load(c0_ptr)
         x = tl.where(valid, x, float("-inf"))
 
-        # The request's filters, read on the device (sampling.threshold's rule: 0 turns each off).
+        # The request's filters, read on the device (sampling._threshold's rule: 0 turns each off).
         top_k = tl.load(top_k_ptr).to(tl.int64)
         top_p = tl.load(top_p_ptr).to(tl.float32)
         k_on = (top_k > 0) & (top_k < V)
