@@ -21,16 +21,13 @@ from typing import Dict, List, Optional
 
 import torch
 
+from benchmarks.bench import labels_for  # the benchmark's labels, so the two runs compare
 from var_rt.validation import DEFAULTS
-
-
-def labels_for(B: int, num_classes: int) -> List[int]:
-    return [(i * 97) % num_classes for i in range(B)]
 
 
 def generate_tokens(pipe, B: int, cfg: float, seed: int) -> Dict[str, object]:
     """Greedy generation of B images: per-scale tokens (B, pn^2) on the host, and the images."""
-    out = pipe.generate(class_labels=labels_for(B, pipe.cfg.var.num_classes), seed=seed, cfg=cfg, top_k=1,
+    out = pipe.generate(class_labels=labels_for(B, pipe.cfg.var.num_classes).tolist(), seed=seed, cfg=cfg, top_k=1,
                         top_p=0.0, batch_size=B, progress=False)
     return {"tokens": [t.cpu() for t in out.tokens], "images": out.images.float().cpu()}
 
