@@ -52,7 +52,7 @@ def run(args) -> Dict[str, object]:
     for model in ([None] if args.config else args.model):
         entry = {"model": model or args.config, "reference": args.backends[0], "runs": []}
         result["models"].append(entry)
-        ref = None
+        ref, earlier = None, {}
         for backend in args.backends:
             t0 = time.perf_counter()
             try:
@@ -72,6 +72,9 @@ def run(args) -> Dict[str, object]:
                 ref = got
             else:
                 run.update(compare(ref, got))
+            if len(earlier) > 1:  # the later backends also against each earlier one (e.g. onnxruntime vs cudagraph)
+                run["against"] = {b: compare(e, got) for b, e in earlier.items() if e is not ref}
+            earlier[backend] = got
             run["seconds"] = round(time.perf_counter() - t0, 1)
             entry["runs"].append(run)
             print(f"[agreement] {entry['model']} {json.dumps(run)}", flush=True)

@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
-# The ONNX Runtime CUDA round (issue 23) in one device call, after the onnxruntime-gpu wheel was staged
-# (bash ../shared/device/stage.sh onnxruntime-gpu==1.31.1 here; one call per part, back to back, each
-# carrying .devstage/bin and .devstage/pNN and running bash .devstage/bin/recv.sh). This call carries
-# .devstage/bin and .fixtures. Results under $OUT:
-#   ort-tests.log       the ORT CUDA tests (ordering with the caller's stream, CUDA graphs, greedy fixtures)
-#   agreement-ort.json  greedy tokens per scale, torch FP16 against onnxruntime FP16 (d16, random weights)
-#   bench/              d16 B1/B16: cudagraph, onnxruntime (CUDA EP), onnxruntime with ORT CUDA graphs
+# The ONNX Runtime CUDA round (issue 23), after the onnxruntime-gpu wheel was staged (bash
+# ../shared/device/stage.sh onnxruntime-gpu==1.31.1 here; one device call per part, back to back, each
+# carrying .devstage/bin and .devstage/pNN and running bash .devstage/bin/recv.sh). Two steps, one call each
+# (the machine keeps /tmp between warm calls); both carry .devstage/bin and .fixtures. Results under $OUT:
+#   bash benchmarks/device/ort_cuda.sh bench    export d16 FP16 (B1, B16); bench/ d16 B1/B16: cudagraph,
+#                                               onnxruntime (CUDA EP: dynamic graphs, fixed graphs, ORT CUDA graphs)
+#   bash benchmarks/device/ort_cuda.sh checks   ort-tests.log (the ORT CUDA tests), agreement-ort.json (greedy
+#                                               tokens per scale: torch, cudagraph, onnxruntime FP16, d16, B8),
+#                                               ort-transfers.json (node placement, host copies per generation)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD VAR_RT_FIXTURES=${VAR_RT_FIXTURES:-$PWD/.fixtures}
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
-bash .devstage/bin/recv.sh || exit 1
-python -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" || exit 1
-[ -n "${SKIP_BUILD:-}" ] || bash csrc/build.sh >"$OUT/build.log" 2>&1 || tail -5 "$OUT/build.log"
-timeout 240 python -m pytest -q -rfEs -p no:cacheprovider tests/test_pipeline_backends.py tests/test_engines_onnxruntime.py \
-  -k "cuda" >"$OUT/ort-tests.log" 2>&1; tail -5 "$OUT/ort-tests.log"
 EXP=/tmp/d16-fp16
-t=$(date +%s)
-python -m export.build --model d16 --random-weights --fp16 --batch-size 1 16 --out-dir $EXP --onnx-only --no-progress \
-  >"$OUT/export.log" 2>&1 || { tail -5 "$OUT/export.log"; exit 1; }
-echo "export $(( $(date +%s) - t )) s"
-timeout 150 python -m benchmarks.agreement --model d16 --backends torch onnxruntime --engine-dir $EXP --batch 1 \
-  --out "$OUT/agreement-ort.json" 2>&1 | grep "^\[agreement"
-for opts in '{}' '{"cuda_graph": true}'; do
-  timeout 200 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends onnxruntime --dtype float16 \
-    --iters 10 --warmup 2 --instrument-runs 0 --backend-arg engine_dir=$EXP "engine_options=$opts" \
-    --out-dir "$OUT/bench-ort-$( [ "$opts" = '{}' ] && echo plain || echo graphs )" 2>&1 | grep "^\[bench\]"
+bash .devstage/bin/recv.sh >/dev/null || { echo "wheel not installed"; exit 1; }
+python -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" || exit 1
+ls var_rt/_var_rt_ops*.so >/dev/null 2>&1 || bash csrc/build.sh >"$OUT/build.log" 2>&1 || tail -5 "$OUT/build.log"
+for step in "$@"; do
+  t=$(date +%s)
+  case "$step" in
+    bench)
+      [ -f $EXP/manifest.json ] || python -m export.build --model d16 --random-weights --fp16 --batch-size 1 16 \
+        --out-dir $EXP --onnx-only --no-progress >"$OUT/export.log" 2>&1 || { tail -5 "$OUT/export.log"; exit 1; }
+      echo "export $(( $(date +%s) - t )) s"
+      timeout 150 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends cudagraph --dtype float16 \
+        --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench-cudagraph" 2>&1 | grep "^\[bench\]"
+      for v in 'dynamic={}' 'fixed={"dynamic": false}' 'graphs={"cuda_graph": true}'; do
+        timeout 150 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends onnxruntime --dtype float16 \
+          --iters 10 --warmup 2 --instrument-runs 0 --backend-arg engine_dir=$EXP "engine_options=${v#*=}" \
+          --out-dir "$OUT/bench-ort-${v%%=*}" 2>&1 | grep "^\[bench\]\|Error"
+      done ;;
+    checks)
+      timeout 200 python -m pytest -q -rfEs -p no:cacheprovider tests/test_pipeline_backends.py \
+        tests/test_engines_onnxruntime.py -k "cuda" >"$OUT/ort-tests.log" 2>&1; tail -5 "$OUT/ort-tests.log"
+      timeout 200 python -m benchmarks.agreement --model d16 --backends torch cudagraph onnxruntime --engine-dir $EXP \
+        --dtype float16 --batch 8 --out "$OUT/agreement-ort.json" 2>&1 | grep "^\[agreement" | cut -c1-600
+      timeout 150 python benchmarks/device/ort_transfers.py --engine-dir $EXP --batch 1 --out "$OUT/ort-transfers.json" \
+        2>&1 | grep "^\[" | cut -c1-500 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  echo "step $step: $(( $(date +%s) - t )) s"
 done
-timeout 200 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends cudagraph --dtype float16 \
-  --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench-cudagraph" 2>&1 | grep "^\[bench\]"

@@ -1,0 +1,102 @@
+"""Where ONNX Runtime's CUDA provider runs an export's graphs, and what crosses the PCIe bus in one generation.
+
+    PYTHONPATH=/tmp/site:$PWD python benchmarks/device/ort_transfers.py --engine-dir EXP --batch 1 --out OUT/ort-transfers.json
+
+1. Placement: every graph file of the export opened once with the CUDA provider, its optimised model saved
+   (``optimized_model_filepath``); counted there: Memcpy nodes (a tensor moved between host and device inside
+   the graph) and the nodes left on the CPU provider, by op type (the cause to remove).
+2. Transfers: torch.profiler (CUDA activity; it sees ONNX Runtime's copies too, same process) around one
+   ``generate`` after a warm-up, for the dynamic graphs and the fixed ones: memcpy activities by direction.
+   The request in and the result out are the only host transfers the loop should make.
+"""
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def placement(exp: Path, files, providers) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            try:
+                ort.InferenceSession(str(exp / f), so, providers=providers)
+                m = onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False)
+            except Exception as e:  # one file that cannot open says why; the others are still counted
+                out[f] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            ops = collections.Counter(n.op_type for n in m.graph.node)
+            # the saved model does not record the provider of each node; the CPU-side nodes are the ones
+            # between a MemcpyToHost and a MemcpyFromHost: the consumers of MemcpyToHost outputs.
+            to_host = {o for n in m.graph.node if n.op_type == "MemcpyToHost" for o in n.output}
+            on_cpu = collections.Counter(n.op_type for n in m.graph.node if set(n.input) & to_host)
+            out[f] = {"nodes": sum(ops.values()), "memcpy_to_host": ops.get("MemcpyToHost", 0),
+                      "memcpy_from_host": ops.get("MemcpyFromHost", 0), "consumers_on_cpu": dict(on_cpu),
+                      "fused": {k: v for k, v in ops.items() if k in ("FastGelu", "BiasGelu", "Gelu",
+                                "SkipLayerNormalization", "LayerNormalization", "Attention",
+                                "MultiHeadAttention", "GroupNorm", "FusedMatMul", "FusedConv")}}
+    return out
+
+
+def transfers(exp: Path, batch: int, options: dict) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from var_rt.pipeline import VARPipeline
+
+    name = json.loads((exp / "manifest.json").read_text())["model"]["name"]
+    pipe = VARPipeline.load(name, engine_dir=exp, backend="onnxruntime", device="cuda", dtype="float16",
+                            progress=False, engine_options=options)
+    kw = dict(class_labels=[1] * batch, batch_size=batch, progress=False)
+    pipe.generate(**kw)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        pipe.generate(**kw)
+        torch.cuda.synchronize()
+    copies = collections.Counter()
+    for e in prof.events():
+        name = e.name
+        if name.startswith("Memcpy") or name.startswith("Memset"):
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                copies[name] += 1
+    return {"engine_options": options, "batch": batch, "gpu_copies": dict(copies),
+            "host_transfers": sum(v for k, v in copies.items() if "HtoD" in k or "DtoH" in k)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--engine-dir", required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    exp = Path(a.engine_dir)
+    man = json.loads((exp / "manifest.json").read_text())
+    files = sorted(f for f in man["onnx"]["files"] if f".b{a.batch}." in f or ".dyn." in f)
+    res = {"device": torch.cuda.get_device_name(0), "placement": {}, "transfers": []}
+    providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    res["placement"] = placement(exp, files, providers)
+    for k, v in res["placement"].items():
+        print(f"[placement] {k}: {json.dumps(v)}", flush=True)
+    for options in ({}, {"dynamic": False}, {"cuda_graph": True}):
+        try:
+            r = transfers(exp, a.batch, options)
+        except Exception as e:
+            r = {"engine_options": options, "error": f"{type(e).__name__}: {e}"[:400]}
+        res["transfers"].append(r)
+        print(f"[transfers] {json.dumps(r)}", flush=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
