@@ -31,11 +31,14 @@ for step in "$@"; do
           --out-dir "$OUT/bench-ort-${v%%=*}" 2>&1 | grep "^\[bench\]\|Error"
       done ;;
     checks)
-      timeout 200 python -m pytest -q -rfEs -p no:cacheprovider tests/test_pipeline_backends.py \
+      [ -n "${SKIP_TESTS:-}" ] || timeout 200 python -m pytest -q -rfEs -p no:cacheprovider tests/test_pipeline_backends.py \
         tests/test_engines_onnxruntime.py -k "cuda" >"$OUT/ort-tests.log" 2>&1; tail -5 "$OUT/ort-tests.log"
+      [ -f $EXP/manifest.json ] || python -m export.build --model d16 --random-weights --fp16 --batch-size 1 16 \
+        --out-dir $EXP --onnx-only --no-progress >"$OUT/export.log" 2>&1 || { tail -5 "$OUT/export.log"; exit 1; }
       timeout 200 python -m benchmarks.agreement --model d16 --backends torch cudagraph onnxruntime --engine-dir $EXP \
-        --dtype float16 --batch 8 --out "$OUT/agreement-ort.json" 2>&1 | grep "^\[agreement" | cut -c1-600
-      timeout 150 python benchmarks/device/ort_transfers.py --engine-dir $EXP --batch 1 --out "$OUT/ort-transfers.json" \
+        --dtype float16 --batch 16 --out "$OUT/agreement-ort.json" 2>&1 | grep "^\[agreement" | cut -c1-600
+      timeout 150 python benchmarks/device/ort_transfers.py --engine-dir $EXP --batch 1 --profile-batches 1 16 ${TRANSFER_ARGS:-} \
+        --out "$OUT/ort-transfers.json" \
         2>&1 | grep "^\[" | cut -c1-500 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -13,6 +13,7 @@ import argparse
 import collections
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -63,20 +64,41 @@ def transfers(exp: Path, batch: int, options: dict) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         pipe.generate(**kw)
         torch.cuda.synchronize()
-    copies = collections.Counter()
+    copies, kernel_us, kernel_n = collections.Counter(), collections.Counter(), collections.Counter()
+    issuers = collections.Counter()  # host-side memcpy calls by the PyTorch op that made them (none: ORT's own)
     for e in prof.events():
-        name = e.name
-        if name.startswith("Memcpy") or name.startswith("Memset"):
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                copies[name] += 1
-    return {"engine_options": options, "batch": batch, "gpu_copies": dict(copies),
-            "host_transfers": sum(v for k, v in copies.items() if "HtoD" in k or "DtoH" in k)}
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            if "Memcpy" in e.name and e.name.startswith("cuda"):
+                chain, p = [], e.cpu_parent
+                while p is not None:
+                    chain.append(p.name)
+                    p = p.cpu_parent
+                issuers[f"{e.name} <- {' <- '.join(chain[:3]) or 'no PyTorch op (ONNX Runtime)'}"] += 1
+            continue
+        if e.name.startswith("Memcpy") or e.name.startswith("Memset"):
+            copies[e.name] += 1
+        else:
+            kernel_us[e.name[:90]] += e.time_range.elapsed_us()
+            kernel_n[e.name[:90]] += 1
+    t0 = time.perf_counter()
+    pipe.generate(**kw)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    top = [{"kernel": k, "us": round(v, 1), "n": kernel_n[k]} for k, v in kernel_us.most_common(15)]
+    return {"engine_options": options, "batch": batch, "generate_ms": round(wall * 1e3, 2),
+            "kernels": sum(kernel_n.values()), "kernel_ms": round(sum(kernel_us.values()) / 1e3, 2),
+            "gpu_copies": dict(copies), "host_transfers": sum(v for k, v in copies.items() if "HtoD" in k or "DtoH" in k),
+            "memcpy_calls_by_issuer": dict(issuers), "top_kernels": top}
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--engine-dir", required=True)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="the batch size whose fixed graphs are inspected")
+    p.add_argument("--profile-batches", type=int, nargs="+", default=[1])
+    p.add_argument("--options", nargs="+", default=['{}', '{"dynamic": false}', '{"cuda_graph": true}'],
+                   help="engine_options (JSON) to profile")
+    p.add_argument("--no-placement", action="store_true")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     exp = Path(a.engine_dir)
@@ -84,12 +106,12 @@ def main() -> int:
     files = sorted(f for f in man["onnx"]["files"] if f".b{a.batch}." in f or ".dyn." in f)
     res = {"device": torch.cuda.get_device_name(0), "placement": {}, "transfers": []}
     providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    res["placement"] = placement(exp, files, providers)
+    res["placement"] = {} if a.no_placement else placement(exp, files, providers)
     for k, v in res["placement"].items():
         print(f"[placement] {k}: {json.dumps(v)}", flush=True)
-    for options in ({}, {"dynamic": False}, {"cuda_graph": True}):
+    for options, batch in [(json.loads(o), b) for o in a.options for b in a.profile_batches]:
         try:
-            r = transfers(exp, a.batch, options)
+            r = transfers(exp, batch, options)
         except Exception as e:
             r = {"engine_options": options, "error": f"{type(e).__name__}: {e}"[:400]}
         res["transfers"].append(r)
