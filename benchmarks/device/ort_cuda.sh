@@ -15,13 +15,14 @@ OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 EXP=/tmp/d16-fp16
 bash .devstage/bin/recv.sh >/dev/null || { echo "wheel not installed"; exit 1; }
 python -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" || exit 1
-ls var_rt/_var_rt_ops*.so >/dev/null 2>&1 || bash csrc/build.sh >"$OUT/build.log" 2>&1 || tail -5 "$OUT/build.log"
+# logs under /tmp (the device tool returns at most 8 files from $OUT), shown when a step fails
+ls var_rt/_var_rt_ops*.so >/dev/null 2>&1 || bash csrc/build.sh >/tmp/build.log 2>&1 || tail -5 /tmp/build.log
 for step in "$@"; do
   t=$(date +%s)
   case "$step" in
     bench)
       [ -f $EXP/manifest.json ] || python -m export.build --model d16 --random-weights --fp16 --batch-size 1 16 \
-        --out-dir $EXP --onnx-only --no-progress >"$OUT/export.log" 2>&1 || { tail -5 "$OUT/export.log"; exit 1; }
+        --out-dir $EXP --onnx-only --no-progress >/tmp/export.log 2>&1 || { tail -5 /tmp/export.log; exit 1; }
       echo "export $(( $(date +%s) - t )) s"
       timeout 150 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends cudagraph --dtype float16 \
         --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench-cudagraph" 2>&1 | grep "^\[bench\]"
@@ -34,12 +35,11 @@ for step in "$@"; do
       [ -n "${SKIP_TESTS:-}" ] || timeout 200 python -m pytest -q -rfEs -p no:cacheprovider tests/test_pipeline_backends.py \
         tests/test_engines_onnxruntime.py -k "cuda" >"$OUT/ort-tests.log" 2>&1; tail -5 "$OUT/ort-tests.log"
       [ -f $EXP/manifest.json ] || python -m export.build --model d16 --random-weights --fp16 --batch-size 1 16 \
-        --out-dir $EXP --onnx-only --no-progress >"$OUT/export.log" 2>&1 || { tail -5 "$OUT/export.log"; exit 1; }
+        --out-dir $EXP --onnx-only --no-progress >/tmp/export.log 2>&1 || { tail -5 /tmp/export.log; exit 1; }
       timeout 200 python -m benchmarks.agreement --model d16 --backends torch cudagraph onnxruntime --engine-dir $EXP \
         --dtype float16 --batch 16 --out "$OUT/agreement-ort.json" 2>&1 | grep "^\[agreement" | cut -c1-600
       timeout 150 python benchmarks/device/ort_transfers.py --engine-dir $EXP --batch 1 --profile-batches 1 16 ${TRANSFER_ARGS:-} \
-        --out "$OUT/ort-transfers.json" \
-        2>&1 | grep "^\[" | cut -c1-500 ;;
+        --out "$OUT/ort-transfers.json" 2>&1 | grep "^\[" | cut -c1-700 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "step $step: $(( $(date +%s) - t )) s"
