@@ -72,8 +72,9 @@ def run(args) -> Dict[str, object]:
                 ref = got
             else:
                 run.update(compare(ref, got))
-            if len(earlier) > 1:  # the later backends also against each earlier one (e.g. onnxruntime vs cudagraph)
-                run["against"] = {b: compare(e, got) for b, e in earlier.items() if e is not ref}
+            others = {b: compare(e, got) for b, e in earlier.items() if e is not ref}
+            if others:  # a later backend also against each earlier one but the reference (onnxruntime vs cudagraph)
+                run["against"] = others
             earlier[backend] = got
             run["seconds"] = round(time.perf_counter() - t0, 1)
             entry["runs"].append(run)

@@ -6,14 +6,15 @@
    (``optimized_model_filepath``); counted there: Memcpy nodes (a tensor moved between host and device inside
    the graph) and the nodes left on the CPU provider, by op type (the cause to remove).
 2. Transfers: torch.profiler (CUDA activity; it sees ONNX Runtime's copies too, same process) around one
-   ``generate`` after a warm-up, for the dynamic graphs and the fixed ones: memcpy activities by direction.
-   The request in and the result out are the only host transfers the loop should make.
+   ``generate`` after a warm-up, per engine_options and batch size: kernels per generation and time per
+   kernel family (``benchmarks.profile.kernel_table``, the harness's own count), memcpy activities by
+   direction. The request in and the result out are the only host transfers the loop should make.
 """
 import argparse
 import collections
 import json
+import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -51,44 +52,39 @@ def placement(exp: Path, files, providers) -> dict:
 
 
 def transfers(exp: Path, batch: int, options: dict) -> dict:
+    """One ``generate`` of the exported d16 pipeline after a warm-up: kernels as ``benchmarks.profile`` counts
+    them (its ``kernel_table``: memsets and copies included, as for ``cudagraph``), GPU copies by direction,
+    and the host-side memcpy calls by the PyTorch op that issued them (none above them: ONNX Runtime's own)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.profile import event_ms, kernel_table
     from var_rt.pipeline import VARPipeline
 
     name = json.loads((exp / "manifest.json").read_text())["model"]["name"]
     pipe = VARPipeline.load(name, engine_dir=exp, backend="onnxruntime", device="cuda", dtype="float16",
                             progress=False, engine_options=options)
-    kw = dict(class_labels=[1] * batch, batch_size=batch, progress=False)
-    pipe.generate(**kw)
+    gen = lambda: pipe.generate(class_labels=[1] * batch, batch_size=batch, progress=False)  # noqa: E731
+    gen()
+    table = kernel_table(gen, 1)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        pipe.generate(**kw)
+        gen()
         torch.cuda.synchronize()
-    copies, kernel_us, kernel_n = collections.Counter(), collections.Counter(), collections.Counter()
-    issuers = collections.Counter()  # host-side memcpy calls by the PyTorch op that made them (none: ORT's own)
+    copies, issuers = collections.Counter(), collections.Counter()
     for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            if "Memcpy" in e.name and e.name.startswith("cuda"):
-                chain, p = [], e.cpu_parent
-                while p is not None:
-                    chain.append(p.name)
-                    p = p.cpu_parent
-                issuers[f"{e.name} <- {' <- '.join(chain[:3]) or 'no PyTorch op (ONNX Runtime)'}"] += 1
-            continue
-        if e.name.startswith("Memcpy") or e.name.startswith("Memset"):
-            copies[e.name] += 1
-        else:
-            kernel_us[e.name[:90]] += e.time_range.elapsed_us()
-            kernel_n[e.name[:90]] += 1
-    t0 = time.perf_counter()
-    pipe.generate(**kw)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    top = [{"kernel": k, "us": round(v, 1), "n": kernel_n[k]} for k, v in kernel_us.most_common(15)]
-    return {"engine_options": options, "batch": batch, "generate_ms": round(wall * 1e3, 2),
-            "kernels": sum(kernel_n.values()), "kernel_ms": round(sum(kernel_us.values()) / 1e3, 2),
-            "gpu_copies": dict(copies), "host_transfers": sum(v for k, v in copies.items() if "HtoD" in k or "DtoH" in k),
-            "memcpy_calls_by_issuer": dict(issuers), "top_kernels": top}
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            if e.name.startswith("Memcpy") or e.name.startswith("Memset"):
+                copies[e.name] += 1
+        elif "Memcpy" in e.name and e.name.startswith("cuda"):
+            chain, p = [], e.cpu_parent
+            while p is not None:
+                chain.append(p.name)
+                p = p.cpu_parent
+            issuers[f"{e.name} <- {' <- '.join(chain[:3]) or 'no PyTorch op (ONNX Runtime)'}"] += 1
+    return {"engine_options": options, "batch": batch, "generate_ms": round(statistics.median(event_ms(gen, 3)), 2),
+            **table, "gpu_copies": dict(copies),
+            "host_transfers": sum(v for k, v in copies.items() if "HtoD" in k or "DtoH" in k),
+            "memcpy_calls_by_issuer": dict(issuers)}
 
 
 def main() -> int:
