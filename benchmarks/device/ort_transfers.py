@@ -2,6 +2,9 @@
 
     PYTHONPATH=/tmp/site:$PWD python benchmarks/device/ort_transfers.py --engine-dir EXP --batch 1 --out OUT/ort-transfers.json
 
+Placement works on any export; the generation profile loads the export by its manifest's model name, so it
+needs an export of a preset model (d16, d20, ...; an export of a JSON config gets the preset lookup's error).
+
 1. Placement: every graph file of the export opened once with the CUDA provider, its optimised model saved
    (``optimized_model_filepath``); counted there: Memcpy nodes (a tensor moved between host and device inside
    the graph) and the nodes left on the CPU provider, by op type (the cause to remove).
