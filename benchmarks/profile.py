@@ -39,18 +39,20 @@ import torch
 
 from var_rt.sampling import DEFAULTS
 
-# Kernel families, first match wins (names as CUDA reports them).
+# Kernel families, first match wins (names as CUDA reports them). The order matters: cuDNN's SDPA kernel
+# names hold "fprop", its convolutions "implicit_gemm", Inductor's decoder kernels "convolution" beside
+# "group_norm" (until 2026-12-04 the convolutions were counted as GEMMs and Inductor's norms as convolutions).
 FAMILIES = [
     ("attention", r"sdpa|fmha|flash|attention"),
-    ("gemm", r"nvjet|gemm|gemv|cutlass|sm90_xmma_gemm|splitKreduce|cublas"),
-    ("conv", r"conv|fprop|implicit_gemm|dgrad|wgrad|xmma"),
+    ("norm", r"layer_norm|group_norm|native_layer|native_group|_ln_|_gn_"),
+    ("triton_fused", r"^triton_"),
+    ("conv", r"implicit_gemm|convolve|nhwckrsc|fprop|dgrad|wgrad|conv"),
+    ("gemm", r"nvjet|gemm|gemv|cutlass|splitKreduce|cublas"),
     ("sampler", r"_sample_kernel|topk|sort|radix"),
     ("transition", r"scale_transition|upsample|bicubic|adaptive_avg"),
     ("kv_cache", r"kv_write|kv_append"),
-    ("norm", r"layer_norm|group_norm|native_layer|native_group|_ln_"),
     ("copy_cat", r"copy|CatArray|cat_"),
     ("memset_memcpy", r"^Memset|^Memcpy"),
-    ("triton_fused", r"^triton_"),
     ("elementwise", r"elementwise|vectorized|reduce_kernel|unrolled"),
 ]
 

@@ -200,3 +200,29 @@ def test_backend_arg_values():
     v = bench.backend_arg_value
     assert v("true") is True and v("none") is None and v("16") == 16 and v("0.5") == 0.5
     assert v('{"cuda_graph": true}') == {"cuda_graph": True} and v("build/d16") == "build/d16"
+
+
+@pytest.mark.parametrize("name,fam", [
+    # names from the H200 profiles of 2026-12-03 (benchmarks/results/h200-2026-12-03/profile-d16.json)
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
+     "attention"),
+    ("fmha_cutlassF_f16_aligned_32x128_gmem_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::half_t,",
+     "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize256x96x32_warpgroupsize2x1x1_g1",
+     "conv"),
+    ("nvjet_sm90_hsh_256x128_64x4_1x2_h_bz_coopA_gelubias_TNT", "gemm"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __half, float, __half, false>", "gemm"),
+    ("triton_red_fused__to_copy__unsafe_index_add_arange_clone_convolution_mul_native_group_norm_silu_47",
+     "norm"),
+    ("triton_poi_fused__to_copy__unsafe_index_add_arange_clone_convolution_mul_silu_unsqueeze_51",
+     "triton_fused"),
+    ("_modulated_ln_kernel", "norm"),
+    ("_gn_apply_kernel", "norm"),
+    ("_sample_kernel", "sampler"),
+    ("void var_rt::scale_transition_kernel<1, 1>(var_rt::TransitionParams)", "transition"),
+    ("Memset (Unknown)", "memset_memcpy"),
+])
+def test_profile_kernel_families(name, fam):
+    """Convolutions are not GEMMs, Inductor's fused norms are norms, SDPA is attention."""
+    from benchmarks.profile import family
+    assert family(name) == fam

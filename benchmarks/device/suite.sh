@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite on a GPU machine in N parallel shards (files dealt round-robin), each streaming its
-# log to $OUT/suite-<i>.log as it runs (a killed shard still leaves what it ran). Usage: [FILES=...] suite.sh [N] [timeout_s]
+# log to $OUT/suite-<i>.log as it runs (a killed shard still leaves what it ran).
+# Usage: [FILES=... | FILES_FROM=list] suite.sh [N] [timeout_s]; FILES_FROM: one file or node id per line
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/gpu}; N=${1:-3}; LIMIT=${2:-420}
 mkdir -p "$OUT"
 # FILES (space-separated test files or node ids) to run only those, e.g. the ones a round has not run yet
-if [ -n "${FILES:-}" ]; then read -r -a files <<<"$FILES"; else files=(tests/test_*.py); fi
+if [ -n "${FILES_FROM:-}" ]; then mapfile -t files <"$FILES_FROM"
+elif [ -n "${FILES:-}" ]; then read -r -a files <<<"$FILES"; else files=(tests/test_*.py); fi
 for ((i = 0; i < N; i++)); do
   shard=(); for ((j = i; j < ${#files[@]}; j += N)); do shard+=("${files[j]}"); done
   timeout "$LIMIT" python -m pytest -q -rfE -p no:cacheprovider --durations=8 "${shard[@]}" >"$OUT/suite-$i.log" 2>&1 &

@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - ops.py is part of the package
     ops = None
 from var_rt.engines.base import RunSession
 from var_rt.kernels import block as block_kernel_ops
+from var_rt.kernels.groupnorm import fuse_decoder_norms
 from var_rt.graphs import DecodeGraph, all_graphs, guide, resolved_spec
 from var_rt.models.var import VAR, Condition
 from var_rt.models.vqvae import VQVAE
@@ -76,7 +77,8 @@ class TorchEngine:
     batch_sizes = None
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
-                 block_kernels: Optional[bool] = None, conv_autotune: bool = True):
+                 block_kernels: Optional[bool] = None, conv_autotune: bool = True,
+                 norm_kernels: Optional[bool] = None):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -99,6 +101,7 @@ class TorchEngine:
         self._phi = [ops.transition_params(vae.quantize, si) for si in range(self.cfg.num_scales)] \
             if self.use_ops else None
         self._decode = None
+        self.norm_kernels = False
         if compile and self.device.type == "cuda":
             # Inductor: a channels-last decoder whose GroupNorm/SiLU passes are fused (the decoder is a
             # third of the time at large batch; the blocks use the Triton block kernels). Compiled at the
@@ -110,6 +113,11 @@ class TorchEngine:
             dec = DecodeGraph(own)
             dec.vae.decoder = copy.deepcopy(vae.decoder).to(memory_format=torch.channels_last)
             dec.vae.post_quant_conv = copy.deepcopy(vae.post_quant_conv).to(memory_format=torch.channels_last)
+            # The decoder's norm -> SiLU pairs as streaming Triton kernels over whole pixel rows
+            # (var_rt.kernels.groupnorm) instead of Inductor's strided group reductions.
+            self.norm_kernels = bool(True if norm_kernels is None else norm_kernels)
+            if self.norm_kernels:
+                fuse_decoder_norms(dec.vae.decoder)
             self._decode = torch.compile(dec, dynamic=False)
 
     def graph_names(self) -> List[str]:
