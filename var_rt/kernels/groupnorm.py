@@ -10,8 +10,8 @@ Why: in the compiled decoder (channels-last, Inductor) a norm's statistics are a
 activations at 1-1.7 TB/s (d16 batch 64: ~33 ms of the decoder, benchmarks/NOTES.md). Here every
 program reads whole pixel rows (all channels, contiguous), so every pass is a streaming one:
 
-1. ``_gn_partial_kernel``, one program per (image, run of ``ROWS`` pixels): per-channel count, mean and
-   sum of squared deviations (M2) of its run, tiles merged with Chan et al.'s parallel update;
+1. ``_gn_partial_kernel``, one program per (image, run of ``ROWS`` pixels): per-channel mean and sum of
+   squared deviations (M2) of its run, from sums of deviations from the run's first pixel;
 2. ``_gn_finalize_kernel``, one program per (image, group): the runs' channel statistics merged into the
    group's mean and 1/sqrt(var + eps) (the same update, stable for activations with a large mean);
 3. ``_gn_apply_kernel``, one program per (image, run): normalise, affine, round, SiLU, round, store.
@@ -21,6 +21,8 @@ it as one call in the compiled decoder. Under ``TRITON_INTERPRET=1`` it runs on 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -29,32 +31,31 @@ from var_rt.kernels import runs_on, tl, triton
 if triton is not None:
     @triton.jit
     def _gn_partial_kernel(x_ptr, mean_ptr, m2_ptr, S, C, n_runs,
-                        ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                           ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
         img = tl.program_id(0).to(tl.int64)
         run = tl.program_id(1)
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < C
-        count = tl.zeros([BLOCK_C], dtype=tl.float32)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        # Sums of deviations from the run's first pixel (a shift near the mean keeps the float32 sums
+        # exact enough), accumulated per lane; one reduction at the end, none inside the loop.
+        first = (img * S + run * ROWS) * C
+        k = tl.load(x_ptr + first + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         for t in range(0, ROWS, BLOCK_S):
             rows = run * ROWS + t + tl.arange(0, BLOCK_S)
-            rmask = rows < S
-            mask = rmask[:, None] & cmask[None, :]
+            mask = (rows < S)[:, None] & cmask[None, :]
             offs = (img * S + rows[:, None]) * C + cols[None, :]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            n_t = tl.sum(rmask.to(tl.float32), axis=0)  # 0 for a tile past the image: changes nothing
-            m_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
-            d = tl.where(mask, x - m_t[None, :], 0.0)
-            m2_t = tl.sum(d * d, axis=0)
-            total = count + n_t
-            delta = m_t - mean
-            mean += delta * (n_t / tl.maximum(total, 1.0))
-            m2 += m2_t + delta * delta * (count * n_t / tl.maximum(total, 1.0))
-            count = total
+            d = tl.where(mask, x - k[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        s1 = tl.sum(acc1, axis=0)
+        s2 = tl.sum(acc2, axis=0)
+        n = tl.minimum(S - run * ROWS, ROWS).to(tl.float32)
         out = (img * n_runs + run) * C + cols
-        tl.store(mean_ptr + out, mean, mask=cmask)
-        tl.store(m2_ptr + out, m2, mask=cmask)
+        tl.store(mean_ptr + out, k + s1 / n, mask=cmask)
+        tl.store(m2_ptr + out, tl.maximum(s2 - s1 * s1 / n, 0.0), mask=cmask)
 
     @triton.jit
     def _gn_finalize_kernel(mean_ptr, m2_ptr, stat_ptr, S, C, G, CG, n_runs, eps,
@@ -118,11 +119,20 @@ if triton is not None:
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(C: int):
-    """(BLOCK_C, BLOCK_S, ROWS): all channels of a pixel in one tile, about 4,096 elements per tile."""
+def _tiles(B: int, S: int, C: int):
+    """(BLOCK_C, BLOCK_S, ROWS): all channels of a pixel in one tile of about 4,096 elements; runs of up to
+    32 tiles, shorter when that leaves fewer than about 1,024 programs (small batches)."""
     block_c = triton.next_power_of_2(C)
     block_s = max(1, min(128, 4096 // block_c))
-    return block_c, block_s, 32 * block_s
+    rows = 32 * block_s
+    while rows > block_s and B * triton.cdiv(S, rows) < 1024:
+        rows //= 2
+    return block_c, block_s, rows
+
+
+# Below this many elements the compiled decoder's own (Inductor) norm is used: measured on the H200, the
+# three launches here cost more than they save on small activations (benchmarks/NOTES.md, session 8).
+MIN_ELEMENTS = 1 << 24
 
 
 @torch.library.custom_op("var_rt::group_norm_silu", mutates_args=())
@@ -134,7 +144,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.empty_like(x)
     S, G = H * W, num_groups
-    block_c, block_s, rows = _tiles(C)
+    block_c, block_s, rows = _tiles(B, S, C)
     n_runs = triton.cdiv(S, rows)
     mean = torch.empty(B, n_runs, C, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
@@ -160,27 +170,29 @@ class GroupNormSiLU(nn.Module):
     """A decoder norm whose ``norm -> SiLU`` pair runs the kernels above (its plain ``forward``, used before
     the mid attention, stays the reference). Built from a ``_GroupNorm32`` by ``fuse_decoder_norms``."""
 
-    def __init__(self, norm: nn.GroupNorm):
+    def __init__(self, norm: nn.GroupNorm, min_elements: Optional[int] = None):
         super().__init__()
         self.norm = norm
+        self.min_elements = MIN_ELEMENTS if min_elements is None else min_elements
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
     def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm
-        if x.dtype not in (torch.float16, torch.bfloat16) or not runs_on(x) or x.dim() != 4:
+        if x.dtype not in (torch.float16, torch.bfloat16) or not runs_on(x) or x.dim() != 4 \
+                or x.numel() < self.min_elements:
             return n.forward_silu(x)
         return group_norm_silu(x, n.num_groups, n.weight, n.bias, n.eps)
 
 
-def fuse_decoder_norms(module: nn.Module) -> int:
+def fuse_decoder_norms(module: nn.Module, min_elements: Optional[int] = None) -> int:
     """Replace, in place, every norm of ``module`` that has a ``forward_silu`` by a ``GroupNormSiLU``
     around it; returns how many. For an engine's own copy of the decoder, never a shared one."""
     n = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.GroupNorm) and hasattr(child, "forward_silu"):
-                setattr(parent, name, GroupNormSiLU(child))
+                setattr(parent, name, GroupNormSiLU(child, min_elements))
                 n += 1
     return n
