@@ -58,35 +58,35 @@ if triton is not None:
         tl.store(m2_ptr + out, tl.maximum(s2 - s1 * s1 / n, 0.0), mask=cmask)
 
     @triton.jit
+    def _run_block(mean_ptr, m2_ptr, img, g, r0, S, C, CG, n_runs,
+                   ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr):
+        """Runs r0 .. r0 + BLOCK_R of one (image, group): their pixel counts, channel means and M2s."""
+        r = r0 + tl.arange(0, BLOCK_R)
+        ch = tl.arange(0, BLOCK_CG)
+        mask = (r < n_runs)[:, None] & (ch < CG)[None, :]
+        n_r = tl.minimum(S - r * ROWS, ROWS).to(tl.float32)
+        offs = (img * n_runs + r[:, None]) * C + g * CG + ch[None, :]
+        m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+        q = tl.load(m2_ptr + offs, mask=mask, other=0.0)
+        return n_r, m, q, mask
+
+    @triton.jit
     def _gn_finalize_kernel(mean_ptr, m2_ptr, stat_ptr, S, C, G, CG, n_runs, eps,
-                         ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr):
+                            ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr):
         pid = tl.program_id(0)
         img = (pid // G).to(tl.int64)
         g = pid % G
-        ch = tl.arange(0, BLOCK_CG)
-        chmask = ch < CG
         # pass 1: the group's mean (each run's channel means weighted by the run's pixel count)
         acc = tl.zeros([BLOCK_R, BLOCK_CG], dtype=tl.float32)
         for r0 in range(0, n_runs, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            rmask = r < n_runs
-            n_r = tl.minimum(S - r * ROWS, ROWS).to(tl.float32)
-            mask = rmask[:, None] & chmask[None, :]
-            offs = (img * n_runs + r[:, None]) * C + g * CG + ch[None, :]
-            m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+            n_r, m, q, mask = _run_block(mean_ptr, m2_ptr, img, g, r0, S, C, CG, n_runs, ROWS, BLOCK_R, BLOCK_CG)
             acc += tl.where(mask, m * n_r[:, None], 0.0)
         n_total = (S * CG).to(tl.float32)
         mean = tl.sum(tl.sum(acc, axis=1), axis=0) / n_total
         # pass 2: M2 of the group = sum of the runs' M2 + their count x (run mean - group mean)^2
         acc = tl.zeros([BLOCK_R, BLOCK_CG], dtype=tl.float32)
         for r0 in range(0, n_runs, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            rmask = r < n_runs
-            n_r = tl.minimum(S - r * ROWS, ROWS).to(tl.float32)
-            mask = rmask[:, None] & chmask[None, :]
-            offs = (img * n_runs + r[:, None]) * C + g * CG + ch[None, :]
-            m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-            q = tl.load(m2_ptr + offs, mask=mask, other=0.0)
+            n_r, m, q, mask = _run_block(mean_ptr, m2_ptr, img, g, r0, S, C, CG, n_runs, ROWS, BLOCK_R, BLOCK_CG)
             d = m - mean
             acc += tl.where(mask, q + n_r[:, None] * d * d, 0.0)
         var = tl.sum(tl.sum(acc, axis=1), axis=0) / n_total
@@ -95,7 +95,7 @@ if triton is not None:
 
     @triton.jit
     def _gn_apply_kernel(x_ptr, y_ptr, stat_ptr, w_ptr, b_ptr, S, C, G, CG,
-                      ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
         img = tl.program_id(0).to(tl.int64)
         run = tl.program_id(1)
         cols = tl.arange(0, BLOCK_C)
