@@ -69,3 +69,15 @@ def fx256() -> Fixture:
 def token_mismatch(a_list, b_list) -> tuple[int, int]:
     bad = sum(int((a != b).sum()) for a, b in zip(a_list, b_list))
     return bad, sum(a.numel() for a in a_list)
+
+
+def png_header(path, width, height):
+    """A PNG whose header declares width x height and holds no pixel data (enough for the size checks, a
+    few bytes on disk)."""
+    import struct
+    import zlib
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path

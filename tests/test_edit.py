@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, get_fixture, token_mismatch
+from conftest import REPO, get_fixture, png_header, token_mismatch
 from var_rt.edit import Box, edit, grid_keep, prepare, scale_keep_masks, to_region
 from var_rt.errors import InputError
 from var_rt.images import load_image, save_png, to_uint8
@@ -248,27 +248,16 @@ def test_cli_error_region_options(fx, files, tmp_path):
 
 # ---- issue 13: input files ------------------------------------------------------------------------------
 
-def _png_header(path, width, height):
-    """A PNG whose header declares width x height (no pixel data: enough for the size check, a few bytes)."""
-    import struct
-    import zlib
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + data)))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    return path
-
-
 def test_cli_error_huge_image(fx, tmp_path):
     """20000 x 20000: PIL's own decompression-bomb error becomes one line with our limit."""
-    msg = _bad(fx, tmp_path, "--image", _png_header(tmp_path / "huge.png", 20000, 20000), "--box", 0, 0, .5, .5)
+    msg = _bad(fx, tmp_path, "--image", png_header(tmp_path / "huge.png", 20000, 20000), "--box", 0, 0, .5, .5)
     assert "400,000,000 pixels" in msg and "limit is 67,108,864 pixels (8192x8192)" in msg
 
 
 def test_large_image_refused_before_decoding(tmp_path):
     from var_rt.images import load_image
     with pytest.raises(InputError, match=r"9000x9000 px: the limit is 67,108,864 pixels \(8192x8192\)"):
-        load_image(_png_header(tmp_path / "big.png", 9000, 9000))
+        load_image(png_header(tmp_path / "big.png", 9000, 9000))
 
 
 def test_cli_error_image_is_a_folder(fx, files, tmp_path):

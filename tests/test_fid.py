@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from var_rt import fid, quality  # noqa: E402
 from var_rt.cli import main  # noqa: E402
 from var_rt.errors import InputError  # noqa: E402
+from conftest import png_header  # noqa: E402
 
 N_IMAGES = 4  # the fewest precision/recall accept (k = 3); each InceptionV3 forward costs ~0.3 s on a CPU
 
@@ -252,6 +253,14 @@ def test_bad_inputs_give_one_error_and_write_nothing(images, weights, tmp_path, 
         assert msg in _bad(capsys, tmp_path, d / "images.npz", tmp_path / name, *w), name
     (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
     assert "not an .npz" in _bad(capsys, tmp_path, tmp_path / "x.png", d / "images.npz", *w)
+    huge = tmp_path / "huge"  # a header of 20000 x 20000 px: PIL's own bomb error was a traceback here
+    huge.mkdir()
+    png_header(huge / "a.png", 20000, 20000)
+    assert "400,000,000 pixels: the limit is" in _bad(capsys, tmp_path, huge, d / "images.npz", *w)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG not really")
+    assert "cannot be read as an image" in _bad(capsys, tmp_path, broken, d / "images.npz", *w)
 
 
 def test_weights_missing_offline_or_not_a_state_dict(images, tmp_path, capsys, monkeypatch):

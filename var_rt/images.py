@@ -66,11 +66,11 @@ def png_bytes(array_HW3: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_image(path: str | Path, mode: str = "RGB", what: str = "image") -> np.ndarray:
-    """An image file (PNG, JPEG, ...) -> (H, W, 3) uint8 (mode "L": (H, W)); InputError if it cannot be used.
-
-    Images of more than MAX_INPUT_PIXELS are refused from their header, before decoding: the models
-    work at 256 or 512 px, and decoding a huge (or maliciously small-on-disk) file would take gigabytes.
+def open_image(path: str | Path, what: str = "image"):
+    """An image file opened by PIL with only its header read, after the checks every input image gets; use it
+    as ``with open_image(p) as im``. InputError if it is a folder, missing, not an image, or larger than
+    MAX_INPUT_PIXELS: refused from the header, before decoding (the models work at 256 or 512 px, and
+    decoding a huge, or maliciously small-on-disk, file would take gigabytes).
     """
     from PIL import Image, UnidentifiedImageError
     path = Path(path)
@@ -81,20 +81,33 @@ def load_image(path: str | Path, mode: str = "RGB", what: str = "image") -> np.n
     with warnings.catch_warnings():  # PIL warns (and above 2x its own limit raises) about large images
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as im:
-                pixels = im.size[0] * im.size[1]
-                if pixels <= MAX_INPUT_PIXELS:
-                    return _to_8bit(im, mode)
-                size = f"{im.size[0]}x{im.size[1]} px"
-        except Image.DecompressionBombError as e:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:  # PIL's limit is process-wide: not ours to change
             found = re.search(r"\((\d+) pixels\)", str(e))
             size = f"{int(found.group(1)):,} pixels" if found else f"more than {MAX_INPUT_PIXELS:,} pixels"
         except (UnidentifiedImageError, OSError) as e:
             raise InputError(f"{what} {str(path)!r} cannot be read as an image ({type(e).__name__}): "
                              f"give a PNG or JPEG file") from None
+        else:
+            if im.size[0] * im.size[1] <= MAX_INPUT_PIXELS:
+                return im
+            size = f"{im.size[0]}x{im.size[1]} px"
+            im.close()
     raise InputError(f"{what} {str(path)!r} is {size}: the limit is {MAX_INPUT_PIXELS:,} pixels "
                      f"({MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}); shrink it first (the model works at "
                      f"256 or 512 px)")
+
+
+def load_image(path: str | Path, mode: str = "RGB", what: str = "image") -> np.ndarray:
+    """An image file (PNG, JPEG, ...) -> (H, W, 3) uint8 (mode "L": (H, W)); InputError if it cannot be used
+    (``open_image``'s checks, or a file that fails to decode)."""
+    from PIL import UnidentifiedImageError
+    with open_image(path, what) as im:
+        try:
+            return _to_8bit(im, mode)
+        except (UnidentifiedImageError, OSError) as e:  # a valid header over truncated or corrupt data
+            raise InputError(f"{what} {str(path)!r} cannot be read as an image ({type(e).__name__}): "
+                             f"give a PNG or JPEG file") from None
 
 
 def _to_8bit(im, mode: str) -> np.ndarray:

@@ -93,22 +93,14 @@ def _read_npy_header(f) -> Tuple[tuple, bool, np.dtype]:
 
 
 def _open_folder(what: str, path: Path) -> Side:
-    from PIL import Image, UnidentifiedImageError
-
-    from var_rt.images import MAX_INPUT_PIXELS
+    from var_rt.images import open_image
     files = tuple(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
     if not files:
         raise InputError(f"{what} {str(path)!r} is an empty folder: it holds no .png or .jpg images")
     sizes: Dict[Tuple[int, int], Path] = {}
     for p in files:  # sizes from the headers only: cheap, and mixed sizes are found before any work
-        try:
-            with Image.open(p) as im:
-                size = im.size
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"{what} image {str(p)!r} cannot be read as an image ({type(e).__name__})") from None
-        if size[0] * size[1] > MAX_INPUT_PIXELS:
-            raise InputError(f"{what} image {str(p)!r} is {size[0]}x{size[1]} px, over the input limit of "
-                             f"{MAX_INPUT_PIXELS:,} pixels")
+        with open_image(p, f"{what} image") as im:
+            size = im.size
         sizes.setdefault(size, p)
         if len(sizes) > 1:
             (s1, p1), (s2, p2) = sizes.items()
