@@ -354,3 +354,13 @@ def test_import_var_rt_is_lazy():
             "assert 'torch' in sys.modules; assert set(var_rt.__all__) <= set(dir(var_rt)); print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu:0"])
+def test_error_device_of_another_kind(tmp_path, device):
+    fx = get_fixture("var_tiny_256")
+    out = tmp_path / "never"
+    r = run_cli("generate", *fixture_args(fx), "--device", device, "--output-dir", out, "--no-progress")
+    assert r.returncode == 2 and not out.exists(), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert device in r.stderr and "cpu" in r.stderr and "cuda" in r.stderr

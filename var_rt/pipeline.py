@@ -56,6 +56,8 @@ def resolve_device(device: Optional[str]) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported: var-rt runs on 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible to PyTorch "
