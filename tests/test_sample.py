@@ -294,3 +294,19 @@ def test_sample_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys, no
     (out / MARKER_DIR).mkdir()
     assert prepare_output(out, job, out / "samples.npz") == [0]  # its own: the shard is redone
     assert (out / "job.json").is_file() and (out / "keep.tmp").is_file()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--per-class", str(10 ** 11)), "--per-class"),             # 10^11 images: listing its shards hung
+    (("--per-class", str(10 ** 6), "--classes", "1", "2"), "--per-class"),
+    (("--npz", "x.npz", "--no-npz"), "--no-npz"),                 # conflicting: the --npz was silently dropped
+])
+def test_job_too_large_or_conflicting_is_one_error(tmp_path, capsys, no_model_work, extra, needle):
+    from var_rt.cli import main
+    try:
+        rc = main(_cli_sample(tmp_path / "out", *extra))
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    err = _one_error(capsys, rc)
+    assert needle in err
+    assert list(tmp_path.iterdir()) == []

@@ -97,6 +97,9 @@ class SampleJob:
 
 
 DEFAULT_CHUNK = 32  # images per pipeline call when --batch-size is not given
+# Images of one job: 20x the 50,000 of an FID set (1,000 per ImageNet class; about 200 GB of 256 px PNGs). The job
+# lists its shards and pipeline calls up front, so a mistyped --per-class of 10^11 would hang there instead.
+MAX_SAMPLES = 1_000_000
 
 
 def marker_path(out_dir: Path, k: int) -> Path:
@@ -394,6 +397,9 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
                     ("--num-workers", num_workers)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
+    if len(classes) * per_class > MAX_SAMPLES:
+        raise ConfigError(f"--per-class {per_class} x {len(classes)} classes = {len(classes) * per_class:,} images: at "
+                          f"most {MAX_SAMPLES:,} per job (FID uses 50,000); lower --per-class or the classes")
     if not 0 <= seed < 2 ** 63 - len(classes) * per_class:
         raise ConfigError(f"--seed {seed} is out of range")
     settings = validation.Sampling.check(cfg, cfg_schedule, top_k, top_p, more_smooth, mc.num_scales)
@@ -456,8 +462,9 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=None,
                    help="Ray workers (default: one per GPU, of the cluster given by --address or of this machine); "
                         "1 runs in this process, no Ray")
-    g.add_argument("--npz", default="", help="the .npz to write at the end (default OUTPUT_DIR/samples.npz)")
-    g.add_argument("--no-npz", action="store_true", help="do not write the .npz")
+    npz = g.add_mutually_exclusive_group()
+    npz.add_argument("--npz", default="", help="the .npz to write at the end (default OUTPUT_DIR/samples.npz)")
+    npz.add_argument("--no-npz", action="store_true", help="do not write the .npz")
     g.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--fid-ref", metavar="REF",
