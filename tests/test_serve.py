@@ -414,3 +414,14 @@ def test_failures_after_a_valid_request_are_the_servers():
     for exc in (InputError("batch size 3 is not one the engines were built for"), RuntimeError("boom")):
         status, body, _ = failure_response(exc)
         assert status == 500 and str(exc) in body["error"]
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b'{"class_label": 1, "class_label": 5}', "class_label"),   # was: the last one silently won
+    (b'{"class_label": 1, "seed": 0, "extra": {"a": 1, "a": 2}}', "'a'"),
+])
+def test_duplicate_json_fields_are_a_400(raw, needle):
+    from var_rt.serve import Refusal, decode_json
+    with pytest.raises(Refusal) as e:
+        decode_json(raw)
+    assert e.value.status == 400 and "duplicate" in str(e.value) and needle in str(e.value)

@@ -98,3 +98,15 @@ def test_http_and_python_share_the_checks(pipe):
     req = parse_request({"class_label": 1, "cfg_schedule": [1] * 10, "top_k": 5, "seed": 3}, pipe, 16)
     assert req["settings"] == (1.5, tuple([1.0] * 10), 5, 0.96, False) and req["seeds"] == [3]
     assert math.isfinite(req["settings"][0])
+
+
+@pytest.mark.parametrize("body", [
+    {"class_label": 1, "x" * 60_000: 1},          # the whole name was echoed (a 60 KB message)
+    {"class_label": 1, "a\nb\u202e": 1},           # a newline inside the one error line
+    {"class_label": 1, "format": "x" * 60_000},
+    {"class_label": 10 ** 4000},
+])
+def test_http_messages_echo_short_values_on_one_line(pipe, body):
+    with pytest.raises(InputError) as e:
+        parse_request(body, pipe, 16)
+    assert len(str(e.value)) < 400 and "\n" not in str(e.value)

@@ -93,7 +93,8 @@ def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
         raise InputError("the request body must be a JSON object, e.g. {\"class_label\": 207, \"seed\": 0}")
     unknown = sorted(set(body) - REQUEST_KEYS)
     if unknown:
-        raise InputError(f"unknown field(s) {', '.join(unknown)}: use {', '.join(sorted(REQUEST_KEYS))}")
+        shown = ", ".join(map(validation.show, unknown[:3])) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise InputError(f"unknown field(s) {shown}: use {', '.join(sorted(REQUEST_KEYS))}")
     if "class_label" in body and "class_labels" in body:
         raise InputError("give class_label or class_labels, not both")
     if "class_labels" in body:
@@ -125,7 +126,7 @@ def parse_request(body: Any, pipe, max_images: int) -> Dict[str, Any]:
     v = validation.Sampling.check(**s, num_scales=pipe.cfg.num_scales)
     fmt = body.get("format", "png" if len(labels) == 1 else "base64")
     if fmt not in ("png", "base64"):
-        raise InputError(f"format must be 'png' or 'base64', got {fmt!r}")
+        raise InputError(f"format must be 'png' or 'base64', got {validation.show(fmt)}")
     if fmt == "png" and len(labels) != 1:
         raise InputError("format 'png' returns one image: use format 'base64' for several")
     return {"labels": labels, "seeds": seeds, "settings": v.astuple(), "format": fmt}
@@ -272,11 +273,22 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _object_without_duplicates(pairs: list) -> dict:
+    """A JSON object as a dict; a name given twice (json.loads would keep the last silently) is a ValueError."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        from var_rt.validation import show
+        seen: set = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate field {show(twice)}: give each field once")
+    return out
+
+
 def decode_json(raw: bytes) -> Any:
     """json.loads with every failure a 400: syntax, encoding and over-long integers raise ValueError, and
     deep nesting (``[[[[...``) raises RecursionError, which would otherwise be a 500."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=_object_without_duplicates)
     except ValueError as e:
         raise Refusal(400, f"the request body is not valid JSON ({e})") from None
     except RecursionError:

@@ -136,7 +136,7 @@ def class_ids(labels, num_classes: int, name: str = "class id") -> List[int]:
             raise InputError(f"{name} {show(c)} is not an integer: class ids are whole numbers 0..{n - 1} "
                              f"({n} = the null class, i.e. unconditional)")
         if not 0 <= int(c) <= n:
-            raise InputError(f"{name} {int(c)} is out of range for this model: use 0..{n - 1} "
+            raise InputError(f"{name} {show(int(c))} is out of range for this model: use 0..{n - 1} "
                              f"({n} = the null class, i.e. unconditional)")
         out.append(int(c))
     if not out:
