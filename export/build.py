@@ -27,6 +27,7 @@ import torch
 
 from export.manifest import write_manifest
 from export.onnx_export import export_all, onnx_sizes
+from var_rt import validation
 from var_rt.config import check_weight_source
 from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
 from var_rt.files import check_writable_folder
@@ -116,7 +117,7 @@ def validate(a: argparse.Namespace) -> BuildOptions:
         raise ConfigError(f"opset {a.opset} is not supported: use 13..21 (17 is tested)")
     if not 0 <= a.optimization_level <= 5:
         raise ConfigError(f"--optimization-level {a.optimization_level}: use 0..5")
-    if a.workspace_gb <= 0:
+    if validation.number(a.workspace_gb, "--workspace-gb", hint="GiB") <= 0:
         raise ConfigError("--workspace-gb must be > 0")
     if a.compute_capability:
         from export.trt_build import rtx_targets
@@ -139,6 +140,9 @@ def validate(a: argparse.Namespace) -> BuildOptions:
     if not a.verify:
         check_writable_folder(out if a.engines_only else out.parent, "--out-dir", out)
     if a.timing_cache and not a.verify:
+        if Path(a.timing_cache).is_dir():
+            raise ConfigError(f"--timing-cache {a.timing_cache!r} is a folder: give a file name, e.g. "
+                              f"{str(Path(a.timing_cache) / 'timing.cache')!r}")
         check_writable_folder(Path(a.timing_cache).parent, "--timing-cache", a.timing_cache)
     return BuildOptions(model=a.model, config=a.config, var_ckpt=a.var_ckpt, vae_ckpt=a.vae_ckpt,
                         random_weights=a.random_weights, fp16=a.fp16,

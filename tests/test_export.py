@@ -11,6 +11,7 @@ import atexit
 import copy
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from export import build as build_mod
 from var_rt.manifest import load_manifest
 from export.onnx_export import sample_inputs
 from var_rt.checkpoint import weights_hash
-from var_rt.errors import BackendUnavailableError, ConfigError, EngineMismatchError
+from var_rt.errors import BackendUnavailableError, ConfigError, EngineMismatchError, VarRtError
 from var_rt.graphs import all_graphs
 
 ort = pytest.importorskip("onnxruntime")
@@ -561,3 +562,16 @@ def test_fp16_convolutions_export_as_fp16_conv_nodes(fx256):
         assert convs, g
         for n in convs:
             assert {types[i] for i in n.input} == {onnx.TensorProto.FLOAT16}, (g, n.name, [types[i] for i in n.input])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--workspace-gb", "nan"), "--workspace-gb"),   # was accepted (nan <= 0 is False)
+    (("--workspace-gb", "inf"), "--workspace-gb"),
+    (("--timing-cache", "."), "--timing-cache"),     # a folder: found only when TensorRT writes the cache
+])
+def test_bad_tensorrt_options_are_refused_before_any_work(tmp_path, capsys, extra, needle):
+    out = tmp_path / "x"
+    args = build_mod.parser().parse_args(build_args("var_tiny_256", out, *extra))
+    with pytest.raises(VarRtError, match=re.escape(needle)):
+        build_mod.validate(args)
+    assert not out.exists()
