@@ -110,3 +110,13 @@ def test_http_messages_echo_short_values_on_one_line(pipe, body):
     with pytest.raises(InputError) as e:
         parse_request(body, pipe, 16)
     assert len(str(e.value)) < 400 and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("batch_size, needle", [
+    (0, "batch-size must be in [1, 4096]"),          # was: "class labels must not be empty"
+    (2.5, "batch-size must be an integer"),          # was: TypeError
+    (10 ** 12, "batch-size must be in [1, 4096]"),   # was: MemoryError
+])
+def test_warmup_refuses_bad_batch_sizes(pipe, batch_size, needle):
+    with pytest.raises(InputError, match=re.escape(needle)):
+        pipe.warmup(batch_size=batch_size)

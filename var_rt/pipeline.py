@@ -338,6 +338,7 @@ class VARPipeline:
 
     def warmup(self, batch_size: int = 1, **sampling_kwargs) -> None:
         """Allocate buffers (and capture CUDA graphs) for a batch size before serving requests."""
+        batch_size = validation.integer(batch_size, "batch-size", 1, validation.MAX_IMAGES)
         self.generate(class_labels=[0] * batch_size, batch_size=batch_size, progress=False, **sampling_kwargs)
 
     @classmethod
