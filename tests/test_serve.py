@@ -425,3 +425,23 @@ def test_duplicate_json_fields_are_a_400(raw, needle):
     with pytest.raises(Refusal) as e:
         decode_json(raw)
     assert e.value.status == 400 and "duplicate" in str(e.value) and needle in str(e.value)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--batch-wait-ms", "nan"), ("--batch-wait-ms", "inf"), ("--batch-wait-ms", "-5"),  # were accepted
+    ("--request-timeout-s", "inf"),
+    ("--max-batch-size", "100000"),  # larger than one pipeline call takes: every big batch was a 500
+])
+def test_bad_serving_numbers_are_one_error_before_ray_starts(capsys, monkeypatch, flag, value):
+    import var_rt.serve as serve_mod
+    from var_rt.cli import main
+
+    def no_ray():
+        raise AssertionError("Ray was started before the options were checked")
+
+    monkeypatch.setattr(serve_mod, "import_ray", no_ray)
+    fx = get_fixture("var_tiny_256")
+    rc = main(["serve", "--config", str(fx.config_path), "--var-ckpt", str(fx.var_ckpt), "--vae-ckpt",
+               str(fx.vae_ckpt), "--device", "cpu", "--port", str(_free_port()), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and flag in err, err

@@ -296,10 +296,18 @@ def decode_json(raw: bytes) -> Any:
                            "such as {\"class_label\": 207, \"seed\": 0}") from None
 
 
+def check_max_batch_size(max_batch_size: int) -> None:
+    """ConfigError unless one batch is a size one pipeline call takes (1..validation.MAX_IMAGES)."""
+    from var_rt.validation import MAX_IMAGES
+    if not 1 <= max_batch_size <= MAX_IMAGES:
+        raise ConfigError(f"--max-batch-size must be in 1..{MAX_IMAGES} (the images of one pipeline call), "
+                          f"got {max_batch_size}")
+
+
 def check_limits(request_timeout_s: float, max_body_bytes: int) -> None:
     """ConfigError for a deadline or body limit that would refuse every request."""
-    if not request_timeout_s > 0:  # also refuses NaN
-        raise ConfigError(f"--request-timeout-s must be > 0, got {request_timeout_s}")
+    if not 0 < request_timeout_s < float("inf"):  # also refuses NaN
+        raise ConfigError(f"--request-timeout-s must be a number of seconds > 0, got {request_timeout_s}")
     if max_body_bytes < 1:
         raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
 
@@ -388,8 +396,7 @@ def build_app(pipeline_kwargs: Dict[str, Any], *, num_replicas: int = 1, use_gpu
     if built:
         max_batch_size = max(built) if max_batch_size is None else min(max_batch_size, max(built))
     max_batch_size = max_batch_size or DEFAULT_MAX_BATCH_SIZE
-    if max_batch_size < 1:
-        raise ConfigError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    check_max_batch_size(max_batch_size)
     check_limits(request_timeout_s, max_body_bytes)
     if max_ongoing_requests is None:
         max_ongoing_requests = 8 * max_batch_size
@@ -552,10 +559,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    for flag, v in (("--num-replicas", a.num_replicas), ("--max-batch-size", a.max_batch_size),
-                    ("--max-ongoing-requests", a.max_ongoing_requests)):
+    for flag, v in (("--num-replicas", a.num_replicas), ("--max-ongoing-requests", a.max_ongoing_requests)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
+    if a.max_batch_size is not None:
+        check_max_batch_size(a.max_batch_size)
+    if not 0 <= a.batch_wait_ms < float("inf"):  # also refuses NaN
+        raise ConfigError(f"--batch-wait-ms must be a number of milliseconds >= 0, got {a.batch_wait_ms}")
     check_port(a.host, a.port, check_free=a.address is None)  # with --address the proxy may run elsewhere
     if a.max_queued_requests is not None and a.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests must be >= 0, got {a.max_queued_requests}")
