@@ -364,3 +364,15 @@ def test_error_device_of_another_kind(tmp_path, device):
     assert r.returncode == 2 and not out.exists(), r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert device in r.stderr and "cpu" in r.stderr and "cuda" in r.stderr
+
+
+def test_error_engine_dir_without_an_exported_backend(tmp_path, capsys):
+    """--engine-dir with --backend torch was silently ignored (the run used the checkpoints, not the export)."""
+    from var_rt.cli import main
+    fx = get_fixture("var_tiny_256")
+    out = tmp_path / "never"
+    rc = main(["generate", *map(str, fixture_args(fx)), "--device", "cpu", "--engine-dir", str(tmp_path),
+               "--output-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "--engine-dir" in err and "onnxruntime" in err and not out.exists()

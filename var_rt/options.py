@@ -87,6 +87,9 @@ class ModelOptions:
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "ModelOptions":
         check_weight_source(a.random_weights, a.var_ckpt, a.vae_ckpt)
+        if a.engine_dir is not None and a.backend not in ("onnxruntime", "tensorrt"):
+            raise ConfigError(f"--engine-dir is run by --backend onnxruntime or tensorrt, not {a.backend!r}: add "
+                              f"--backend onnxruntime (or tensorrt), or drop --engine-dir")
         if a.engine_dir is not None and not Path(a.engine_dir).is_dir():
             what = "is a file, not an export folder" if Path(a.engine_dir).exists() else "does not exist"
             raise ConfigError(f"--engine-dir {a.engine_dir!r} {what}: give the folder `python -m export.build` "
