@@ -376,3 +376,22 @@ def test_error_engine_dir_without_an_exported_backend(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "--engine-dir" in err and "onnxruntime" in err and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["grid is an image's name", "a folder has an image's name"])
+def test_error_outputs_that_clash_are_refused_before_generation(tmp_path, capsys, case):
+    """--grid naming one of the PNGs (the grid silently replaced the image) or a folder where a PNG is to go
+    with --overwrite (it failed after generating and left a temporary file): refused before any model work."""
+    from var_rt.cli import main
+    fx = get_fixture("var_tiny_256")
+    out = tmp_path / "out"
+    name = "00000_class3_seed0.png"
+    extra = ["--grid", str(out / name)] if case.startswith("grid") else ["--overwrite"]
+    if case.startswith("a folder"):
+        (out / name).mkdir(parents=True)
+    rc = main(["generate", *map(str, fixture_args(fx)), "--device", "cpu", "--class-labels", "3",
+               "--output-dir", str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert name in err
+    assert [p.name for p in out.rglob("*")] == ([name] if case.startswith("a folder") else [])

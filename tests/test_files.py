@@ -46,3 +46,12 @@ def test_check_writable_folder(tmp_path):
         check_writable_folder(tmp_path / "afile" / "sub", "--output-dir", "given")
     with pytest.raises(ConfigError, match="cannot write in '/proc'"):
         check_writable_folder("/proc/var-rt-x", "--npz", "/proc/var-rt-x/s.npz")
+
+
+def test_a_failed_rename_leaves_no_temporary_file(tmp_path):
+    """A folder where a file is to go fails at the rename: its temporary file was left behind."""
+    (tmp_path / "b.png").mkdir()
+    with pytest.raises(OSError):
+        write_files({tmp_path / "a.png": b"a", tmp_path / "b.png": b"b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    assert (tmp_path / "b.png").is_dir()

@@ -49,7 +49,8 @@ def write_files(files: Dict[Path, Content], durable: bool = False) -> None:
                     f.flush()
                     os.fsync(f.fileno())
         for path in list(temps):
-            os.replace(temps.pop(path), path)
+            os.replace(temps[path], path)
+            del temps[path]  # only once renamed: a failed rename's temporary file is removed below
     except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

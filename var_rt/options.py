@@ -174,10 +174,19 @@ class Outputs:
         return [self.output_dir / name for name in result_names(labels, seeds)]
 
     def refuse_existing(self, labels: Sequence[int], seeds: Sequence[int]) -> None:
-        """Without --overwrite, files that this run would replace are an error."""
+        """Without --overwrite, files that this run would replace are an error; so are, always, a grid named
+        like one of the images (it would replace it) and a folder where an image is to go."""
+        images = self.image_paths(labels, seeds)
+        if self.grid is not None and self.grid.resolve() in {p.resolve() for p in images}:
+            raise ConfigError(f"--grid {str(self.grid)!r} is the name of one of the images in --output-dir: "
+                              f"give the grid another name")
+        folders = [str(p) for p in images if p.is_dir()]
+        if folders:
+            raise ConfigError(f"{folders[0]!r} is a folder, where this run writes an image: move it, or choose "
+                              f"another --output-dir")
         if self.overwrite:
             return
-        paths = self.image_paths(labels, seeds) + ([self.grid] if self.grid is not None else [])
+        paths = images + ([self.grid] if self.grid is not None else [])
         taken = [str(p) for p in paths if p.exists()]
         if taken:
             shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
