@@ -395,3 +395,14 @@ def test_error_outputs_that_clash_are_refused_before_generation(tmp_path, capsys
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert name in err
     assert [p.name for p in out.rglob("*")] == ([name] if case.startswith("a folder") else [])
+
+
+def test_download_into_a_file_is_refused_before_downloading(tmp_path, capsys, monkeypatch):
+    """--dir naming a file: was reported (with huggingface_hub) as 'could not download ... needs internet'."""
+    from var_rt.cli import main
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    (tmp_path / "f").write_text("a file")
+    assert main(["download", "--model", "d16", "--dir", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --dir") and "is a file" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

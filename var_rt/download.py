@@ -6,6 +6,7 @@ from typing import List
 
 from var_rt.config import get_preset
 from var_rt.errors import VarRtError
+from var_rt.files import check_writable_folder
 
 REPO_ID = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
@@ -13,6 +14,7 @@ VAE_FILE = "vae_ch160v4096z32.pth"
 
 def download(model: str, directory: str | Path = "checkpoints") -> List[Path]:
     get_preset(model)  # validates the name
+    check_writable_folder(directory, "--dir", directory)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
