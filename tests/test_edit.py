@@ -280,3 +280,15 @@ def test_cli_edit_outputs_checked_and_not_overwritten(fx, files, tmp_path):
     assert r.returncode == 2 and "g.png" in r.stderr and "--overwrite" in r.stderr, r.stderr
     assert (tmp_path / "g.png").read_bytes() == before
     assert run_cli(*args, "--grid", tmp_path / "g.png", "--overwrite").returncode == 0
+
+
+def test_canvas_placement_errors_say_what_is_wrong(fx, pipe):
+    """--resize with --canvas-place was silently ignored; an image too small to keep one whole token was told
+    'the mask regenerates the whole image ... check --mode' (there is no mask and no mode)."""
+    u8 = to_uint8(fixture_image(fx, 0))[0]
+    for side in (16, 100):
+        with pytest.raises(InputError, match="--resize"):
+            prepare(pipe, u8[:side, :side], canvas_place="center", resize=True)
+    with pytest.raises(InputError, match=r"16x16 px.*no whole token.*larger image") as e:
+        prepare(pipe, u8[:16, :16], canvas_place="center")
+    assert "mask" not in str(e.value) and "--mode" not in str(e.value)

@@ -310,10 +310,14 @@ def prepare(pipe, image: ImageLike, region=None, mode: Optional[str] = None, res
             raise InputError("canvas placement sets the region itself (the image's footprint): leave out the mask/box")
         if mode not in (None, "outpaint"):
             raise InputError("canvas placement is outpainting: leave out --mode or use --mode outpaint")
+        if resize:
+            raise InputError("canvas placement keeps the image's pixel size and --resize scales it to the whole "
+                             "canvas: give one of them")
         img, footprint = place_on_canvas(img, S, canvas_place)
         keep = grid_keep(footprint, "outpaint", P)
-        if strict:
-            check_keep(keep)
+        if strict and not bool(keep.any()):
+            raise InputError(f"the image ({w}x{h} px) covers no whole token ({S // P}x{S // P} px squares) of the "
+                             f"canvas, so none of it would be kept: give a larger image")
         return img, keep
     mode = mode or "inpaint"
     if mode not in MODES:
