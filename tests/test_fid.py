@@ -311,3 +311,20 @@ def test_sample_fid_ref_writes_metrics_beside_the_npz_and_again_after_a_resume(w
     assert json.loads(metrics.read_text())["metrics"] == rep["metrics"]
     bad = list(map(str, args[:-4])) + ["--fid-ref", str(tmp_path / "missing.npz")]
     assert main(bad) == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_save_stats_over_an_input_or_an_unusable_device_is_refused(images, weights, tmp_path, capsys):
+    """--save-stats naming SAMPLES or REF replaced the user's images with statistics; --device meta was a
+    NotImplementedError traceback after the extractor loaded."""
+    d, arr = images
+    src = tmp_path / "samples.npz"
+    np.savez(src, arr_0=arr)
+    before = src.read_bytes()
+    for args in ([src, d / "images.npz", "--save-stats", src], [d / "folder", src, "--save-stats", src],
+                 [src, "--save-stats", str(src).replace("samples.npz", "./samples.npz")]):
+        rc, out, err = _run(capsys, *args, "--inception-weights", weights, "--device", "cpu")
+        assert rc == 2 and err.startswith("error: --save-stats") and err.count("\n") == 1, err
+        assert src.read_bytes() == before
+    rc, out, err = _run(capsys, src, d / "images.npz", "--inception-weights", weights, "--device", "meta")
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "meta" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]

@@ -321,7 +321,8 @@ class Extractor:
             warnings.warn(f"the InceptionV3 weights {str(weights)!r} (sha256 {digest[:16]}...) are not "
                           f"torch-fidelity's converted TensorFlow weights ({WEIGHTS_SHA256_PREFIX}...): these numbers "
                           f"cannot be compared with published ones")
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        from var_rt.pipeline import resolve_device  # the devices var-rt runs on, as for generation
+        dev = str(resolve_device(device))
         try:
             model = model.to(dev)
         except (RuntimeError, AssertionError) as e:
@@ -477,6 +478,11 @@ def cmd_fid(a: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {a.batch_size}")
     json_path = check_output(a.json, "--json", ".json")
     stats_path = check_output(a.save_stats, "--save-stats", ".npz")
+    for flag, out in (("--json", json_path), ("--save-stats", stats_path)):
+        for what, given in (("SAMPLES", a.samples), ("REF", a.ref)):
+            if out is not None and given is not None and out.resolve() == Path(given).resolve():
+                raise ConfigError(f"{flag} {str(out)!r} is {what}: writing it would replace that input; give "
+                                  f"another file name")
     samples = open_side(a.samples, "SAMPLES")
     ref = open_side(a.ref, "REF") if a.ref is not None else None
     if stats_path is not None and samples.stats is not None:
