@@ -310,3 +310,13 @@ def test_job_too_large_or_conflicting_is_one_error(tmp_path, capsys, no_model_wo
     err = _one_error(capsys, rc)
     assert needle in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_npz_target_must_be_an_npz_name(tmp_path, capsys, no_model_work):
+    """--npz out/000000_class7_seed0.png (or x.txt) was accepted: the .npz was written over that file at the end."""
+    from var_rt.cli import main
+    out = tmp_path / "out"
+    for npz in (str(out / "000000_class7_seed0.png"), str(tmp_path / "x.txt")):
+        err = _one_error(capsys, main(_cli_sample(out, "--npz", npz)))
+        assert err.startswith(f"error: --npz {npz!r}") and ".npz" in err, err
+    assert list(tmp_path.iterdir()) == []

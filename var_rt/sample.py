@@ -181,6 +181,9 @@ def check_outputs(out_dir: Path, given_out: str, npz_path: Optional[Path], given
         return
     if npz_path.is_dir():
         raise ConfigError(f"--npz {given_npz!r} is a folder: give a file name, e.g. {str(npz_path / 'samples.npz')!r}")
+    if npz_path.suffix.lower() != ".npz":
+        raise ConfigError(f"--npz {given_npz!r}: give a .npz file name (it is written as an .npz, and could "
+                          f"otherwise replace another file, e.g. one of the PNGs)")
     check_writable_folder(npz_path.parent, "--npz", given_npz)
 
 
