@@ -320,3 +320,19 @@ def test_npz_target_must_be_an_npz_name(tmp_path, capsys, no_model_work):
         err = _one_error(capsys, main(_cli_sample(out, "--npz", npz)))
         assert err.startswith(f"error: --npz {npz!r}") and ".npz" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--device", "meta"), "meta"),
+    (("--backend", "cudagraph"), "cudagraph"),
+    (("--var-ckpt", "GARBAGE"), "not a PyTorch checkpoint"),
+])
+def test_model_errors_come_before_the_output_folder_is_made(tmp_path, capsys, extra, needle):
+    """A model that cannot load was found only by the worker, after job.json and .shards/ were written."""
+    from var_rt.cli import main
+    if "GARBAGE" in extra:
+        (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+        extra = ("--var-ckpt", str(tmp_path / "garbage.pth"))
+    err = _one_error(capsys, main(_cli_sample(tmp_path / "out", *extra)))
+    assert needle in err
+    assert not (tmp_path / "out").exists()

@@ -78,6 +78,37 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_backend(backend: str, device: Optional[torch.device], engine_dir) -> None:
+    """ConfigError for a backend that is unknown, needs an export it is not given, or a GPU it does not have
+    (device None: the device is not known here)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend in EXPORTED and engine_dir is None:
+        raise ConfigError(f"backend {backend!r} runs exported graphs: build them with `python -m export.build` "
+                          f"and pass the directory with --engine-dir")
+    if backend == "cudagraph" and device is not None and device.type != "cuda":
+        raise ConfigError("backend 'cudagraph' needs a CUDA GPU (--device cuda); use --backend torch on the CPU")
+
+
+def check_load(load_kwargs: dict, check_device: bool = True) -> None:
+    """VARPipeline.load's errors for these arguments, without loading: device, dtype, backend, config and
+    checkpoints (the models built on the meta device, the checkpoints read memory-mapped where they can be, so
+    no weights are allocated). For commands that load elsewhere (Ray replicas and workers) or write first
+    (serve, sample): they call it before anything starts or is written. check_device False: the model is
+    loaded on another machine (a Ray cluster), whose devices this one cannot check."""
+    kw = load_kwargs
+    dev = resolve_device(kw.get("device")) if check_device else None
+    if dev is not None:
+        resolve_dtype(kw.get("dtype"), dev)
+    check_backend(kw.get("backend") or "torch", dev, kw.get("engine_dir"))
+    if not kw.get("random_weights") and kw.get("var_ckpt") is None:
+        # an export run alone is checked whole; without one, load raises its "no checkpoint given" ConfigError
+        VARPipeline.load(**kw)
+        return
+    build_models(resolve_config(kw.get("model"), kw.get("config")), kw.get("var_ckpt"), kw.get("vae_ckpt"),
+                 bool(kw.get("random_weights")), meta=True)
+
+
 def available_memory() -> Optional[int]:
     """Bytes of memory this machine can still give a process: MemAvailable from /proc/meminfo (Linux: free
     memory plus caches it can drop), else free physical pages (os.sysconf); None where neither is known."""
@@ -206,16 +237,10 @@ class VARPipeline:
         (and more_smooth / edit). None: on for the ``cudagraph`` and ``tensorrt`` backends, off for
         ``torch`` (the eager reference) and ``onnxruntime`` (its sessions synchronise, so they cannot be
         captured); True where the engine's sessions cannot be captured is a ConfigError."""
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if backend in EXPORTED and engine_dir is None:
-            raise ConfigError(f"backend {backend!r} runs exported graphs: build them with `python -m export.build` "
-                              f"and pass the directory with --engine-dir")
+        check_backend(backend, device, engine_dir)
         self.engine_dir = Path(engine_dir) if engine_dir is not None else None
         # Extra keyword arguments of the exported engine (e.g. onnxruntime's cuda_graph=True).
         self.engine_options = dict(engine_options or {})
-        if backend == "cudagraph" and device.type != "cuda":
-            raise ConfigError("backend 'cudagraph' needs a CUDA GPU (--device cuda); use --backend torch on the CPU")
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
         if capture and device.type != "cuda":
             raise ConfigError("capture needs a CUDA GPU (--device cuda): CUDA graphs record GPU work")

@@ -204,8 +204,8 @@ def foreign_files(out_dir: Path, job: SampleJob, npz_path: Optional[Path]) -> Li
 _NAME = re.compile(r"^(\d+)_class\d+_seed\d+\.png$")
 
 
-def prepare_output(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = None) -> List[int]:
-    """Create or check the output folder; return the shards still to do (markers of damaged shards removed).
+def check_existing(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = None) -> None:
+    """ConfigError unless ``job`` may start or resume in ``out_dir`` (reads only).
 
     A folder with job.json must hold the same job (resumed); one without it is a new job, and is refused
     when it holds files the job would replace, unless it is sample's own (it has the .shards/ markers).
@@ -233,6 +233,13 @@ def prepare_output(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = Non
             raise ConfigError(f"{len(taken)} file(s) this job would replace already exist ({shown}) and "
                               f"{out_dir} holds no {JOB_FILE}, so they are not from `sample`: choose a new or "
                               f"empty --output-dir" + (" and another --npz" if npz_too else ""))
+
+
+def prepare_output(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = None) -> List[int]:
+    """Create or check the output folder (check_existing); return the shards still to do (markers of damaged
+    shards removed)."""
+    check_existing(out_dir, job, npz_path)
+    jf = out_dir / JOB_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER_DIR).mkdir(exist_ok=True)
     if not jf.exists():
@@ -382,7 +389,7 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
     """Generate the job's missing shards into output_dir, then the .npz (npz='' -> output_dir/samples.npz,
     None -> none). Returns the .npz path. Ray must be initialised by the caller for num_workers > 1."""
     from var_rt import validation
-    from var_rt.pipeline import resolve_config
+    from var_rt.pipeline import check_load, resolve_config
     mc = resolve_config(pipeline_kwargs.get("model"), pipeline_kwargs.get("config"))
     n_cls = mc.var.num_classes
     if classes is not None and num_classes is not None:
@@ -424,6 +431,10 @@ def run_sample(pipeline_kwargs: Dict[str, Any], output_dir, *, classes: Optional
     if num_workers > 1 and ray is None:
         raise BackendUnavailableError(f"--num-workers {num_workers} needs Ray: pip install 'var-rt[serve]' "
                                       f"(or use --num-workers 1, which runs in this process)")
+    # a model that cannot load is found here, before the folder is made, not by a worker (whose devices are this
+    # machine's unless it runs on a Ray cluster); another job in the folder is named first
+    check_existing(out_dir, job, npz_path)
+    check_load(pipeline_kwargs, check_device=num_workers == 1 or ray is None or not ray.is_initialized())
     todo = prepare_output(out_dir, job, npz_path)
     kwargs = dict(pipeline_kwargs, progress=False)
     done = job.num_images - sum(len(job.shards()[k]) for k in todo)

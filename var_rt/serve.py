@@ -343,22 +343,17 @@ def check_port(host: str, port: int, check_free: bool = True) -> None:
                               f"address of this machine and a free port") from None
 
 
-def check_model_files(pipeline_kwargs: Dict[str, Any]) -> None:
+def check_model_files(pipeline_kwargs: Dict[str, Any], check_device: bool = True) -> None:
     """Check the config and checkpoints here, before Ray starts, with the same errors VARPipeline.load gives.
 
     A replica that cannot load its model fails only after Ray and Serve have started (tens of seconds) and is
     reported as pages of Ray tracebacks with the CheckpointError buried inside. The models are built on the
     meta device with the checkpoints read memory-mapped where they can be (pipeline.build_models), so this
-    allocates no weights and reads little more than the files' headers.
+    allocates no weights and reads little more than the files' headers. check_device: the replicas run on this
+    machine (not on a Ray cluster given by --address), so its devices are theirs.
     """
-    from var_rt.pipeline import VARPipeline, build_models, resolve_config
-    kw = pipeline_kwargs
-    if not kw.get("random_weights") and kw.get("var_ckpt") is None:
-        # an export run alone is checked whole; without one, load raises its "no checkpoint given" ConfigError
-        VARPipeline.load(**kw)
-        return
-    build_models(resolve_config(kw.get("model"), kw.get("config")), kw.get("var_ckpt"), kw.get("vae_ckpt"),
-                 bool(kw.get("random_weights")), meta=True)
+    from var_rt.pipeline import check_load
+    check_load(pipeline_kwargs, check_device)
 
 
 # ---- the deployment ---------------------------------------------------------------------------------
@@ -571,7 +566,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ConfigError(f"--max-queued-requests must be >= 0, got {a.max_queued_requests}")
     check_limits(a.request_timeout_s, a.max_body_bytes)
     kwargs = ModelOptions.from_args(a).pipeline_kwargs(absolute_paths=True)
-    check_model_files(kwargs)
+    check_model_files(kwargs, check_device=a.address is None)
     ray, serve = import_ray()
     ray.init(address=a.address) if a.address else ray.init()
     serve.start(http_options=http_options(a.host, a.port, a.request_timeout_s))
