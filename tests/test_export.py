@@ -575,3 +575,11 @@ def test_bad_tensorrt_options_are_refused_before_any_work(tmp_path, capsys, extr
     with pytest.raises(VarRtError, match=re.escape(needle)):
         build_mod.validate(args)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("manifest", [{"model": "x"}, {"model": {"var": 5}}, {"onnx": []}, {"batch_sizes": 8}])
+def test_manifest_of_the_wrong_shape_is_one_error(fx256, tmp_path, manifest):
+    """A damaged or foreign manifest.json with the right version: an AttributeError / TypeError traceback."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2, **manifest}))
+    with pytest.raises(EngineMismatchError, match="manifest.json.*export again"):
+        load_manifest(tmp_path, fx256.cfg, None, "fp32", 1)

@@ -69,8 +69,16 @@ def read_manifest(out_dir: str | Path) -> dict:
         raise EngineMismatchError(f"{path} is not valid JSON ({e}): export again with --force") from None
     version = data.get("format_version") if isinstance(data, dict) else None
     if version != FORMAT_VERSION:
-        raise EngineMismatchError(f"{path}: format version {version} is not {FORMAT_VERSION} "
+        raise EngineMismatchError(f"{path}: format version {version!r} is not {FORMAT_VERSION} "
                                   f"(older exports record no file hashes): export again with --force")
+    model = data.get("model", {})
+    shapes = [(k, data[k], kind) for k, kind in (("model", dict), ("onnx", dict), ("batch_sizes", list)) if k in data]
+    shapes += [(f"model.{k}", model[k], dict) for k in ("var", "vae") if isinstance(model, dict) and k in model]
+    for key, value, kind in shapes:
+        if not isinstance(value, kind):
+            raise EngineMismatchError(f"{path}: {key} is {type(value).__name__}, not a JSON "
+                                      f"{'object' if kind is dict else 'list'}: the manifest is damaged or not "
+                                      f"var-rt's; export again with --force")
     return data
 
 
