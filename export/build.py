@@ -29,7 +29,7 @@ from export.manifest import write_manifest
 from export.onnx_export import export_all, onnx_sizes
 from var_rt import validation
 from var_rt.config import check_weight_source
-from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError
+from var_rt.errors import BackendUnavailableError, ConfigError, VarRtError, one_line
 from var_rt.files import check_writable_folder
 from var_rt.options import ArgumentParser
 from var_rt.manifest import (MANIFEST, check_engine_files, check_weights_content, listed_files, load_manifest,
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     try:
         build(validate(parser().parse_args(argv)))
     except VarRtError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -361,8 +361,8 @@ def main(argv=None) -> int:
             print(f"error: could not write the export ({e.strerror}: {e.filename or ''}): check --out-dir, "
                   f"then run again", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # TensorRT parse/build failures
-        print(f"error: {e}", file=sys.stderr)
+    except RuntimeError as e:  # TensorRT parse/build failures (their messages span lines)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # build() has removed an unfinished export
         print("interrupted", file=sys.stderr)

@@ -583,3 +583,16 @@ def test_manifest_of_the_wrong_shape_is_one_error(fx256, tmp_path, manifest):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2, **manifest}))
     with pytest.raises(EngineMismatchError, match="manifest.json.*export again"):
         load_manifest(tmp_path, fx256.cfg, None, "fp32", 1)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("[TRT] parse failed:\n  node 7\tunsupported"),
+                                 ConfigError("bad\nconfig")])
+def test_build_errors_print_one_line(monkeypatch, capsys, exc):
+    """Library messages (TensorRT's span lines) still give one ``error:`` line and exit status 2."""
+    def fail(args):
+        raise exc
+    monkeypatch.setattr(build_mod, "build", fail)
+    monkeypatch.setattr(build_mod, "validate", lambda a: a)
+    assert build_mod.main(["--model", "d16", "--random-weights", "--out-dir", "never-made"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
