@@ -115,7 +115,7 @@ class TorchEngine:
             dec.vae.post_quant_conv = copy.deepcopy(vae.post_quant_conv).to(memory_format=torch.channels_last)
             # The decoder's norm -> SiLU pairs as streaming Triton kernels over whole pixel rows
             # (var_rt.kernels.groupnorm) instead of Inductor's strided group reductions.
-            self.norm_kernels = bool(True if norm_kernels is None else norm_kernels)
+            self.norm_kernels = norm_kernels is None or bool(norm_kernels)
             if self.norm_kernels:
                 fuse_decoder_norms(dec.vae.decoder)
             self._decode = torch.compile(dec, dynamic=False)
