@@ -21,7 +21,7 @@ it as one call in the compiled decoder. Under ``TRITON_INTERPRET=1`` it runs on 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -119,15 +119,32 @@ if triton is not None:
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(B: int, S: int, C: int):
-    """(BLOCK_C, BLOCK_S, ROWS): all channels of a pixel in one tile of about 4,096 elements; runs of up to
-    32 tiles, shorter when that leaves fewer than about 1,024 programs (small batches)."""
+class Tiles(NamedTuple):
+    """Launch shape: pixels per run (one program each), then pixel rows per tile and warps of the
+    statistics pass and of the normalise pass."""
+    rows: int
+    partial_rows: int
+    partial_warps: int
+    apply_rows: int
+    apply_warps: int
+
+    def check(self) -> "Tiles":
+        """Every run a whole number of tiles (a tile that crossed into the next run would count its pixels twice)."""
+        if self.rows % self.partial_rows or self.rows % self.apply_rows:
+            raise ValueError(f"runs of {self.rows} pixels are not whole tiles of {self.partial_rows} and "
+                             f"{self.apply_rows} rows")
+        return self
+
+
+def _tiles(B: int, S: int, C: int) -> Tiles:
+    """All channels of a pixel in one tile of about 4,096 elements; runs of up to 32 tiles, shorter when
+    that leaves fewer than about 1,024 programs (small batches)."""
     block_c = triton.next_power_of_2(C)
     block_s = max(1, min(128, 4096 // block_c))
     rows = 32 * block_s
     while rows > block_s and B * triton.cdiv(S, rows) < 1024:
         rows //= 2
-    return block_c, block_s, rows
+    return Tiles(rows, block_s, 4, block_s, 4)
 
 
 # Below this many elements the compiled decoder's own (Inductor) norm is used: measured on the H200, the
@@ -135,30 +152,48 @@ def _tiles(B: int, S: int, C: int):
 MIN_ELEMENTS = 1 << 24
 
 
+def _statistics(x: torch.Tensor, G: int, eps: float, t: Tiles) -> torch.Tensor:
+    """(B, G, 2) float32 mean and 1/sqrt(var + eps) of channels-last x: the partial and finalize passes."""
+    B, C, H, W = x.shape
+    S = H * W
+    t.check()
+    block_c = triton.next_power_of_2(C)
+    n_runs = triton.cdiv(S, t.rows)
+    mean = torch.empty(B, n_runs, C, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    stat = torch.empty(B, G, 2, device=x.device, dtype=torch.float32)
+    _gn_partial_kernel[(B, n_runs)](x, mean, m2, S, C, n_runs, ROWS=t.rows, BLOCK_S=t.partial_rows,
+                                 BLOCK_C=block_c, num_warps=t.partial_warps)
+    cg = C // G
+    block_cg = triton.next_power_of_2(cg)
+    _gn_finalize_kernel[(B * G,)](mean, m2, stat, S, C, G, cg, n_runs, eps, ROWS=t.rows,
+                               BLOCK_R=max(1, min(triton.next_power_of_2(n_runs), 1024 // block_cg)),
+                               BLOCK_CG=block_cg, num_warps=4)
+    return stat
+
+
+def _apply(x: torch.Tensor, stat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, G: int,
+           t: Tiles) -> torch.Tensor:
+    """The normalise + SiLU pass: y (channels-last, x's dtype) from x and its statistics."""
+    B, C, H, W = x.shape
+    S = H * W
+    t.check()
+    y = torch.empty_like(x)
+    _gn_apply_kernel[(B, triton.cdiv(S, t.rows))](x, y, stat, weight, bias, S, C, G, C // G, ROWS=t.rows,
+                                               BLOCK_S=t.apply_rows, BLOCK_C=triton.next_power_of_2(C),
+                                               num_warps=t.apply_warps)
+    return y
+
+
 @torch.library.custom_op("var_rt::group_norm_silu", mutates_args=())
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                     eps: float) -> torch.Tensor:
     """``silu(group_norm(x))`` of channels-last (B, C, H, W) activations, as ``_GroupNorm32.forward_silu``
-    computes it; the result is channels-last too. ``rows`` of ``_tiles`` pixels per program."""
+    computes it; the result is channels-last too. Launch shapes from ``_tiles``."""
     B, C, H, W = x.shape
     x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.empty_like(x)
-    S, G = H * W, num_groups
-    block_c, block_s, rows = _tiles(B, S, C)
-    n_runs = triton.cdiv(S, rows)
-    mean = torch.empty(B, n_runs, C, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    stat = torch.empty(B, G, 2, device=x.device, dtype=torch.float32)
-    _gn_partial_kernel[(B, n_runs)](x, mean, m2, S, C, n_runs, ROWS=rows, BLOCK_S=block_s, BLOCK_C=block_c,
-                                 num_warps=4)
-    cg = C // G
-    block_cg = triton.next_power_of_2(cg)
-    _gn_finalize_kernel[(B * G,)](mean, m2, stat, S, C, G, cg, n_runs, eps, ROWS=rows,
-                               BLOCK_R=max(1, min(triton.next_power_of_2(n_runs), 1024 // block_cg)),
-                               BLOCK_CG=block_cg, num_warps=4)
-    _gn_apply_kernel[(B, n_runs)](x, y, stat, weight, bias, S, C, G, cg, ROWS=rows, BLOCK_S=block_s,
-                               BLOCK_C=block_c, num_warps=4)
-    return y
+    t = _tiles(B, H * W, C)
+    return _apply(x, _statistics(x, num_groups, eps, t), weight, bias, num_groups, t)
 
 
 @group_norm_silu.register_fake

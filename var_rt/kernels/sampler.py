@@ -86,8 +86,8 @@ if triton is not None:
         lo = tl.min(tl.where(valid, key, 2147483647)).to(tl.int64)
         hi = tl.max(tl.where(valid, key, -2147483648)).to(tl.int64)
         for _ in range(32):
-            mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum(tl.where(valid & (key >= mid), 1, 0)) >= top_k
+            mid = lo + (hi - lo + 1) // 2  # in [lo + 1, hi]: an int32, compared as one
+            ok = tl.sum(tl.where(valid & (key >= mid.to(tl.int32)), 1, 0)) >= top_k
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
         kept = valid & (key >= lo)
@@ -99,7 +99,7 @@ if triton is not None:
         good = tl.max(tl.where(valid, key, -2147483648)).to(tl.int64)
         for _ in range(32):
             mid = bad + (good - bad) // 2  # == bad once they are adjacent: then nothing moves
-            ok = tl.sum(tl.where(key > mid, e, 0.0)) / z < top_p
+            ok = tl.sum(tl.where(key > mid.to(tl.int32), e, 0.0)) / z < top_p
             good = tl.where(ok, mid, good)
             bad = tl.where(ok, bad, mid)
         good = tl.where(p_on, good, -2147483648)  # off: below every key, so top-p keeps them all
@@ -170,7 +170,8 @@ def _check(logits: torch.Tensor, keys: torch.Tensor, codebook: torch.Tensor,
 
 def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codebook: torch.Tensor,
                  ids_out: torch.Tensor, h_out: torch.Tensor,
-                 guidance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+                 guidance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                 num_warps: Optional[int] = None) -> None:
     """Draw one token per position into ids_out (B, l) int64 and its codebook row into h_out (B, l, Cv).
 
     Args:
@@ -184,6 +185,7 @@ def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codeboo
         codebook: (V, Cv) float32.
         ids_out, h_out: written in place (any strides, e.g. views into larger buffers).
         guidance: ((1 + t), t) as 1-element float32 tensors, read on the device (graph-safe).
+        num_warps: warps per row's program; None: ``warps_for(V)``.
 
     Launches one kernel on the current stream and, with tensor filters, allocates nothing.
     """
@@ -200,5 +202,10 @@ def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codeboo
         ids_out, ids_out.stride(0), ids_out.stride(1), h_out, h_out.stride(0), h_out.stride(1), h_out.stride(2),
         B, l, V, Cv, sampling.U_MAX,
         MIX=guidance is not None, COUNTER_STRIDE=sampling.COUNTER_STRIDE, BLOCK_V=block_v,
-        BLOCK_C=triton.next_power_of_2(Cv), num_warps=4 if block_v <= 2048 else 8 if block_v <= 8192 else 16,
-        enable_fp_fusion=False)
+        BLOCK_C=triton.next_power_of_2(Cv), num_warps=num_warps or warps_for(V), enable_fp_fusion=False)
+
+
+def warps_for(V: int) -> int:
+    """Warps per row for a vocabulary of V."""
+    block_v = triton.next_power_of_2(V)
+    return 4 if block_v <= 2048 else 8 if block_v <= 8192 else 16

@@ -1,0 +1,140 @@
+"""Launch shapes of two Triton kernels, swept on the GPU at the shapes a generation gives them.
+
+    python benchmarks/device/kernel_sweep.py --out OUT/kernel-sweep.json
+
+1. The decoder's GroupNorm + SiLU (``var_rt.kernels.groupnorm``): for each activation the d16 decoder
+   hands the kernels (B 16 and 64; 256 px: 160 channels at 256^2 and 128^2, 320 at 128^2 and 64^2), every
+   run length x tile height x warps of the statistics pass and of the normalise pass; each output checked
+   against the current launch shape's (FP16: within one rounding).
+2. The fused sampler (``var_rt.kernels.sampler``): warps per row at every scale of a d16 generation, B 1
+   and 64, with guidance; tokens checked equal to the current setting's.
+
+Times: median of CUDA-event timings over a CUDA graph of ``--reps`` launches (launch overhead amortised
+as in the captured loop). Prints one line per case and writes every timing as JSON.
+"""
+import argparse
+import json
+import statistics
+import sys
+from itertools import product
+
+import torch
+
+from var_rt import sampling
+from var_rt.config import PATCH_NUMS_256
+from var_rt.kernels import groupnorm, sampler
+
+
+def time_us(fn, reps: int, trials: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    out = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(out)
+
+
+def sweep_groupnorm(reps: int) -> list:
+    dev, G = torch.device("cuda"), 32
+    cases = []
+    for B, (C, H) in product((64, 16), ((160, 256), (160, 128), (320, 128), (320, 64))):
+        S = H * H
+        torch.manual_seed(0)
+        x = (torch.randn(B, C, H, H, device=dev) * 2 + 0.5).half().contiguous(memory_format=torch.channels_last)
+        w = torch.randn(C, device=dev).half()
+        b = torch.randn(C, device=dev).half()
+        base = groupnorm._tiles(B, S, C)
+        ref = groupnorm._apply(x, groupnorm._statistics(x, G, 1e-6, base), w, b, G, base)
+        stat = groupnorm._statistics(x, G, 1e-6, base)
+        block_c = 1 << (C - 1).bit_length()
+        case = {"B": B, "C": C, "H": H, "current": base._asdict(),
+                "current_us": {"statistics": time_us(lambda: groupnorm._statistics(x, G, 1e-6, base), reps),
+                               "apply": time_us(lambda: groupnorm._apply(x, stat, w, b, G, base), reps)},
+                "statistics": [], "apply": []}
+        for rows, tr, warps in product((128, 256, 512, 1024, 2048), (4, 8, 16, 32, 64), (4, 8)):
+            if rows % tr or tr * block_c > 16384 or (tr * block_c) // (32 * warps) < 4:
+                continue
+            t = groupnorm.Tiles(rows, tr, warps, tr, warps)
+            st = groupnorm._statistics(x, G, 1e-6, t)
+            y = groupnorm._apply(x, st, w, b, G, t)
+            err = (y.float() - ref.float()).abs().max().item()
+            cfg = {"rows": rows, "tile_rows": tr, "warps": warps, "max_err_vs_current": err}
+            cases_stat = dict(cfg, us=time_us(lambda: groupnorm._statistics(x, G, 1e-6, t), reps))
+            cases_apply = dict(cfg, us=time_us(lambda: groupnorm._apply(x, stat, w, b, G, t), reps))
+            case["statistics"].append(cases_stat)
+            case["apply"].append(cases_apply)
+        bs = min(case["statistics"], key=lambda r: r["us"])
+        ba = min(case["apply"], key=lambda r: r["us"])
+        worst = max(r["max_err_vs_current"] for r in case["statistics"])
+        print(f"[gn] B{B} C{C} {H}^2 current {case['current_us']['statistics']:.0f}+{case['current_us']['apply']:.0f} us;"
+              f" best statistics {bs['us']:.0f} us {bs['rows']}/{bs['tile_rows']}/{bs['warps']},"
+              f" best apply {ba['us']:.0f} us {ba['rows']}/{ba['tile_rows']}/{ba['warps']}; max err {worst:.4g}",
+              flush=True)
+        cases.append(case)
+    return cases
+
+
+def sweep_sampler(reps: int) -> list:
+    dev, V, Cv = torch.device("cuda"), 4096, 32
+    cases = []
+    for B in (1, 64):
+        torch.manual_seed(0)
+        keys = torch.randint(0, 2**32, (B,), device=dev, dtype=torch.int64)
+        cb = torch.randn(V, Cv, device=dev)
+        top_k = torch.tensor([900], device=dev)
+        top_p = torch.tensor([0.96], device=dev, dtype=torch.float32)
+        guid = (torch.tensor([2.5], device=dev), torch.tensor([1.5], device=dev))
+        scales = []
+        for pn in PATCH_NUMS_256:
+            l = pn * pn
+            logits = torch.randn(2 * B, l, V, device=dev) * 3
+            ids = torch.empty(B, l, device=dev, dtype=torch.int64)
+            h = torch.empty(B, l, Cv, device=dev)
+            scales.append((l, logits, ids, h))
+        case = {"B": B, "warps": {}}
+        ref = None
+        for warps in (1, 2, 4, 8, 16):
+            total, got = 0.0, []
+            for l, logits, ids, h in scales:
+                run = lambda: sampler.sample_fused(logits, keys, top_k, top_p, cb, ids, h, guid, num_warps=warps)
+                total += time_us(run, reps)
+                run()
+                got.append(ids.clone())
+            if warps == sampler.warps_for(V):
+                ref = got
+            case["warps"][warps] = {"us_per_generation": total, "ids": got}
+        for warps, r in case["warps"].items():
+            r["tokens_equal_current"] = all(torch.equal(a, b) for a, b in zip(r.pop("ids"), ref))
+            print(f"[sampler] B{B} warps {warps}: {r['us_per_generation']:.0f} us per generation, tokens equal "
+                  f"{r['tokens_equal_current']}", flush=True)
+        cases.append(case)
+    return cases
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--only", choices=["groupnorm", "sampler"])
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "counter_stride": sampling.COUNTER_STRIDE}
+    if a.only != "groupnorm":
+        res["sampler"] = sweep_sampler(a.reps)
+    if a.only != "sampler":
+        res["groupnorm"] = sweep_groupnorm(a.reps)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
