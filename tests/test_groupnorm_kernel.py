@@ -111,9 +111,8 @@ def test_small_activations_keep_the_reference(monkeypatch):
 def test_runs_leave_enough_programs(B, S, C):
     from var_rt.kernels.groupnorm import _tiles
     t = _tiles(B, S, C).check()
-    block_s = t.partial_rows
-    assert block_s <= t.rows <= 32 * block_s
-    assert B * -(-S // t.rows) >= 1024 or t.rows == block_s
+    assert t.stat_tile <= t.stat_run and t.apply_tile <= t.apply_run
+    assert B * -(-S // t.stat_run) >= 256 or t.stat_run == t.stat_tile
 
 
 def test_kernel_reads_its_input_as_channels_last_whatever_its_layout():

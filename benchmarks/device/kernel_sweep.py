@@ -6,8 +6,9 @@
    hands the kernels (B 16 and 64; 256 px: 160 channels at 256^2 and 128^2, 320 at 128^2 and 64^2), every
    run length x tile height x warps of the statistics pass and of the normalise pass; each output checked
    against the current launch shape's (FP16: within one rounding).
-2. The fused sampler (``var_rt.kernels.sampler``): warps per row at every scale of a d16 generation, B 1
-   and 64, with guidance; tokens checked equal to the current setting's.
+2. The fused sampler (``var_rt.kernels.sampler``): search variant (32 rounds; early exit; early exit with
+   paired reductions) x warps per row at every scale of a d16 generation, B 1 and 64, with guidance;
+   tokens checked equal to the 32-round kernel's.
 
 Times: median of CUDA-event timings over a CUDA graph of ``--reps`` launches (launch overhead amortised
 as in the captured loop). Prints one line per case and writes every timing as JSON.
@@ -63,7 +64,7 @@ def sweep_groupnorm(reps: int) -> list:
         for rows, tr, warps in product((128, 256, 512, 1024, 2048), (4, 8, 16, 32, 64), (4, 8)):
             if rows % tr or tr * block_c > 16384 or (tr * block_c) // (32 * warps) < 4:
                 continue
-            t = groupnorm.Tiles(rows, tr, warps, tr, warps)
+            t = groupnorm.Tiles(rows, tr, warps, rows, tr, warps)
             st = groupnorm._statistics(x, G, 1e-6, t)
             y = groupnorm._apply(x, st, w, b, G, t)
             err = (y.float() - ref.float()).abs().max().item()
@@ -100,22 +101,23 @@ def sweep_sampler(reps: int) -> list:
             ids = torch.empty(B, l, device=dev, dtype=torch.int64)
             h = torch.empty(B, l, Cv, device=dev)
             scales.append((l, logits, ids, h))
-        case = {"B": B, "warps": {}}
+        case = {"B": B, "runs": []}
         ref = None
-        for warps in (1, 2, 4, 8, 16):
+        for early, warps in product((0, 1, 2), (1, 2, 4, 8, 16)):
             total, got = 0.0, []
             for l, logits, ids, h in scales:
-                run = lambda: sampler.sample_fused(logits, keys, top_k, top_p, cb, ids, h, guid, num_warps=warps)
+                run = lambda: sampler.sample_fused(logits, keys, top_k, top_p, cb, ids, h, guid, num_warps=warps,
+                                                   early=early)
                 total += time_us(run, reps)
                 run()
                 got.append(ids.clone())
-            if warps == sampler.warps_for(V):
+            if warps == sampler.warps_for(V) and early == 0:
                 ref = got
-            case["warps"][warps] = {"us_per_generation": total, "ids": got}
-        for warps, r in case["warps"].items():
-            r["tokens_equal_current"] = all(torch.equal(a, b) for a, b in zip(r.pop("ids"), ref))
-            print(f"[sampler] B{B} warps {warps}: {r['us_per_generation']:.0f} us per generation, tokens equal "
-                  f"{r['tokens_equal_current']}", flush=True)
+            case["runs"].append({"early": early, "warps": warps, "us_per_generation": total, "ids": got})
+        for r in case["runs"]:
+            r["tokens_equal_32_rounds"] = all(torch.equal(a, b) for a, b in zip(r.pop("ids"), ref))
+            print(f"[sampler] B{B} early {r['early']} warps {r['warps']}: {r['us_per_generation']:.0f} us per "
+                  f"generation, tokens equal {r['tokens_equal_32_rounds']}", flush=True)
         cases.append(case)
     return cases
 

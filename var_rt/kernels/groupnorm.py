@@ -120,31 +120,38 @@ if triton is not None:
 
 
 class Tiles(NamedTuple):
-    """Launch shape: pixels per run (one program each), then pixel rows per tile and warps of the
-    statistics pass and of the normalise pass."""
-    rows: int
-    partial_rows: int
-    partial_warps: int
-    apply_rows: int
+    """Launch shape of each pass: pixels per program (a run), pixel rows per tile, warps."""
+    stat_run: int
+    stat_tile: int
+    stat_warps: int
+    apply_run: int
+    apply_tile: int
     apply_warps: int
 
     def check(self) -> "Tiles":
         """Every run a whole number of tiles (a tile that crossed into the next run would count its pixels twice)."""
-        if self.rows % self.partial_rows or self.rows % self.apply_rows:
-            raise ValueError(f"runs of {self.rows} pixels are not whole tiles of {self.partial_rows} and "
-                             f"{self.apply_rows} rows")
+        if self.stat_run % self.stat_tile or self.apply_run % self.apply_tile:
+            raise ValueError(f"runs of {self.stat_run} / {self.apply_run} pixels are not whole tiles of "
+                             f"{self.stat_tile} / {self.apply_tile} rows")
         return self
 
 
 def _tiles(B: int, S: int, C: int) -> Tiles:
-    """All channels of a pixel in one tile of about 4,096 elements; runs of up to 32 tiles, shorter when
-    that leaves fewer than about 1,024 programs (small batches)."""
+    """The launch shapes that measured fastest on the H200 at the decoder's activations (d16 decoder,
+    batch 16 and 64, 160 and 320 channels: benchmarks/device/kernel_sweep.py, NOTES.md session 9).
+
+    Statistics: with up to 256 (padded) channels, tiles of 32 pixels and 8 warps in runs of 2,048 pixels;
+    with more, tiles of about 2,048 elements and 4 warps in runs of 256; runs halved while that leaves
+    fewer than 256 programs. Normalise: tiles of about 8,192 elements, 4 warps, runs of 128 pixels."""
     block_c = triton.next_power_of_2(C)
-    block_s = max(1, min(128, 4096 // block_c))
-    rows = 32 * block_s
-    while rows > block_s and B * triton.cdiv(S, rows) < 1024:
-        rows //= 2
-    return Tiles(rows, block_s, 4, block_s, 4)
+    if block_c <= 256:
+        stat_tile, stat_warps, stat_run = 32, 8, 2048
+    else:
+        stat_tile, stat_warps, stat_run = max(1, 2048 // block_c), 4, 256
+    while stat_run > stat_tile and B * triton.cdiv(S, stat_run) < 256:
+        stat_run //= 2
+    apply_tile = max(1, 8192 // block_c)
+    return Tiles(stat_run, stat_tile, stat_warps, max(128, apply_tile), apply_tile, 4)
 
 
 # Below this many elements the compiled decoder's own (Inductor) norm is used: measured on the H200, the
@@ -158,15 +165,15 @@ def _statistics(x: torch.Tensor, G: int, eps: float, t: Tiles) -> torch.Tensor:
     S = H * W
     t.check()
     block_c = triton.next_power_of_2(C)
-    n_runs = triton.cdiv(S, t.rows)
+    n_runs = triton.cdiv(S, t.stat_run)
     mean = torch.empty(B, n_runs, C, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     stat = torch.empty(B, G, 2, device=x.device, dtype=torch.float32)
-    _gn_partial_kernel[(B, n_runs)](x, mean, m2, S, C, n_runs, ROWS=t.rows, BLOCK_S=t.partial_rows,
-                                 BLOCK_C=block_c, num_warps=t.partial_warps)
+    _gn_partial_kernel[(B, n_runs)](x, mean, m2, S, C, n_runs, ROWS=t.stat_run, BLOCK_S=t.stat_tile,
+                                 BLOCK_C=block_c, num_warps=t.stat_warps)
     cg = C // G
     block_cg = triton.next_power_of_2(cg)
-    _gn_finalize_kernel[(B * G,)](mean, m2, stat, S, C, G, cg, n_runs, eps, ROWS=t.rows,
+    _gn_finalize_kernel[(B * G,)](mean, m2, stat, S, C, G, cg, n_runs, eps, ROWS=t.stat_run,
                                BLOCK_R=max(1, min(triton.next_power_of_2(n_runs), 1024 // block_cg)),
                                BLOCK_CG=block_cg, num_warps=4)
     return stat
@@ -179,9 +186,9 @@ def _apply(x: torch.Tensor, stat: torch.Tensor, weight: torch.Tensor, bias: torc
     S = H * W
     t.check()
     y = torch.empty_like(x)
-    _gn_apply_kernel[(B, triton.cdiv(S, t.rows))](x, y, stat, weight, bias, S, C, G, C // G, ROWS=t.rows,
-                                               BLOCK_S=t.apply_rows, BLOCK_C=triton.next_power_of_2(C),
-                                               num_warps=t.apply_warps)
+    _gn_apply_kernel[(B, triton.cdiv(S, t.apply_run))](x, y, stat, weight, bias, S, C, G, C // G,
+                                                    ROWS=t.apply_run, BLOCK_S=t.apply_tile,
+                                                    BLOCK_C=triton.next_power_of_2(C), num_warps=t.apply_warps)
     return y
 
 
