@@ -6,42 +6,24 @@
    hands the kernels (B 16 and 64; 256 px: 160 channels at 256^2 and 128^2, 320 at 128^2 and 64^2), every
    run length x tile height x warps of the statistics pass and of the normalise pass; each output checked
    against the current launch shape's (FP16: within one rounding).
-2. The fused sampler (``var_rt.kernels.sampler``): search variant (32 rounds; early exit; early exit with
-   paired reductions) x warps per row at every scale of a d16 generation, B 1 and 64, with guidance;
-   tokens checked equal to the 32-round kernel's.
+2. The fused sampler (``var_rt.kernels.sampler``): warps per row at every scale of a d16 generation, B 1
+   and 64, with guidance; tokens checked equal to the current setting's. (Session 9 also swept search
+   variants since deleted: benchmarks/NOTES.md.)
 
 Times: median of CUDA-event timings over a CUDA graph of ``--reps`` launches (launch overhead amortised
 as in the captured loop). Prints one line per case and writes every timing as JSON.
 """
 import argparse
 import json
-import statistics
 import sys
 from itertools import product
 
 import torch
 
+from benchmarks.device.gemm_shapes import time_us
 from var_rt import sampling
 from var_rt.config import PATCH_NUMS_256
 from var_rt.kernels import groupnorm, sampler
-
-
-def time_us(fn, reps: int, trials: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    out = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(out)
 
 
 def sweep_groupnorm(reps: int) -> list:
@@ -103,21 +85,20 @@ def sweep_sampler(reps: int) -> list:
             scales.append((l, logits, ids, h))
         case = {"B": B, "runs": []}
         ref = None
-        for early, warps in product((0, 1, 2), (1, 2, 4, 8, 16)):
+        for warps in (1, 2, 4, 8, 16):
             total, got = 0.0, []
             for l, logits, ids, h in scales:
-                run = lambda: sampler.sample_fused(logits, keys, top_k, top_p, cb, ids, h, guid, num_warps=warps,
-                                                   early=early)
+                run = lambda: sampler.sample_fused(logits, keys, top_k, top_p, cb, ids, h, guid, num_warps=warps)
                 total += time_us(run, reps)
                 run()
                 got.append(ids.clone())
-            if warps == sampler.warps_for(V) and early == 0:
+            if warps == sampler.warps_for(V):
                 ref = got
-            case["runs"].append({"early": early, "warps": warps, "us_per_generation": total, "ids": got})
+            case["runs"].append({"warps": warps, "us_per_generation": total, "ids": got})
         for r in case["runs"]:
-            r["tokens_equal_32_rounds"] = all(torch.equal(a, b) for a, b in zip(r.pop("ids"), ref))
-            print(f"[sampler] B{B} early {r['early']} warps {r['warps']}: {r['us_per_generation']:.0f} us per "
-                  f"generation, tokens equal {r['tokens_equal_32_rounds']}", flush=True)
+            r["tokens_equal_current"] = all(torch.equal(a, b) for a, b in zip(r.pop("ids"), ref))
+            print(f"[sampler] B{B} warps {r['warps']}: {r['us_per_generation']:.0f} us per generation, tokens "
+                  f"equal {r['tokens_equal_current']}", flush=True)
         cases.append(case)
     return cases
 
