@@ -252,3 +252,12 @@ def test_messages_name_flags_as_typed(tmp_path, capsys):
                                                 fast=False)
     assert "--cfg-schedule: an explicit guidance schedule needs one value per scale (10), got 2" in _refused(
         capsys, tmp_path, *common, "--cfg-schedule", "1,2", fast=False)
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"config": 123}, "config must be the path"),
+                                           ({"model": 16}, "model must be a preset name")])
+def test_load_names_a_wrongly_typed_model_or_config(kwargs, needle):
+    from var_rt.errors import ConfigError
+    from var_rt.pipeline import VARPipeline
+    with pytest.raises(ConfigError, match=needle):
+        VARPipeline.load(random_weights=True, device="cpu", **kwargs)

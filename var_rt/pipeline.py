@@ -504,4 +504,9 @@ def resolve_config(model: Optional[str], config) -> ModelConfig:
         return config
     if (model is None) == (config is None):
         raise ConfigError("give exactly one of --model PRESET or --config JSON")
+    if model is not None and not isinstance(model, str):
+        raise ConfigError(f"model must be a preset name such as 'd16', got {type(model).__name__} {model!r}")
+    if config is not None and not isinstance(config, (str, Path)):
+        raise ConfigError(f"config must be the path of a model JSON file or a ModelConfig, got "
+                          f"{type(config).__name__} {config!r}")
     return get_preset(model) if model is not None else load_config(config)
