@@ -296,6 +296,18 @@ def test_sample_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys, no
     assert (out / "job.json").is_file() and (out / "keep.tmp").is_file()
 
 
+def test_a_folder_at_an_image_name_is_one_error(tmp_path, capsys, no_model_work):
+    """A folder where the job writes a PNG (seen on resume: a traceback from the atomic rename after the
+    shard was generated): one error naming it, before any model work; nothing written."""
+    from var_rt.cli import main
+    out = tmp_path / "out"
+    (out / MARKER_DIR).mkdir(parents=True)
+    (out / "000000_class7_seed0.png").mkdir()
+    err = _one_error(capsys, main(_cli_sample(out)))
+    assert "000000_class7_seed0.png is a folder where this job writes an image" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(["000000_class7_seed0.png", MARKER_DIR])
+
+
 @pytest.mark.parametrize("extra, needle", [
     (("--per-class", str(10 ** 11)), "--per-class"),             # 10^11 images: listing its shards hung
     (("--per-class", str(10 ** 6), "--classes", "1", "2"), "--per-class"),

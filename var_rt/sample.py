@@ -187,15 +187,23 @@ def check_outputs(out_dir: Path, given_out: str, npz_path: Optional[Path], given
     check_writable_folder(npz_path.parent, "--npz", given_npz)
 
 
+def _job_entries(out_dir: Path, job: SampleJob) -> List[os.DirEntry]:
+    """Entries of ``out_dir`` named as one of ``job``'s images. One listing of the folder, whatever the size
+    of the job."""
+    if not out_dir.is_dir():
+        return []
+    out = []
+    for entry in os.scandir(out_dir):
+        m = _NAME.match(entry.name)
+        if m and int(m.group(1)) < job.num_images and job.name(int(m.group(1))) == entry.name:
+            out.append(entry)
+    return out
+
+
 def foreign_files(out_dir: Path, job: SampleJob, npz_path: Optional[Path]) -> List[str]:
     """Existing files that starting ``job`` afresh in ``out_dir`` would replace: PNGs with the names of its
-    images, and the .npz target. One listing of the folder, whatever the size of the job."""
-    names = []
-    if out_dir.is_dir():
-        for entry in os.scandir(out_dir):
-            m = _NAME.match(entry.name)
-            if m and int(m.group(1)) < job.num_images and job.name(int(m.group(1))) == entry.name:
-                names.append(entry.name)
+    images, and the .npz target."""
+    names = [entry.name for entry in _job_entries(out_dir, job)]
     if npz_path is not None and npz_path.exists():
         names.append(str(npz_path))
     return sorted(names)
@@ -212,6 +220,11 @@ def check_existing(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = Non
     """
     jf = out_dir / JOB_FILE
     new = json.loads(json.dumps(job.to_json()))
+    folders = sorted(e.name for e in _job_entries(out_dir, job) if e.is_dir())
+    if folders:
+        raise ConfigError(f"{out_dir / folders[0]} is a folder where this job writes an image"
+                          + (f" ({len(folders) - 1} more such folders)" if len(folders) > 1 else "")
+                          + ": move or remove it, or use a new --output-dir")
     if jf.exists():
         try:
             old = json.loads(jf.read_text())
