@@ -296,6 +296,14 @@ def test_sample_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys, no
     assert (out / "job.json").is_file() and (out / "keep.tmp").is_file()
 
 
+def test_address_with_one_in_process_worker_is_one_error(tmp_path, capsys, no_model_work):
+    """--address (a Ray cluster) with --num-workers 1 (this process) was silently ignored."""
+    from var_rt.cli import main
+    err = _one_error(capsys, main(_cli_sample(tmp_path / "out", "--address", "10.0.0.1:6379")))
+    assert "--address" in err and "--num-workers 1" in err and "drop one" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folder_at_an_image_name_is_one_error(tmp_path, capsys, no_model_work):
     """A folder where the job writes a PNG (seen on resume: a traceback from the atomic rename after the
     shard was generated): one error naming it, before any model work; nothing written."""

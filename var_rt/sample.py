@@ -512,7 +512,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
         reference = prepare_reference(a.fid_ref, a.inception_weights, progress=not a.no_progress)
     elif a.inception_weights is not None:
         raise ConfigError("--inception-weights is used with --fid-ref REF only")
-    if a.address and a.num_workers != 1:
+    if a.address and a.num_workers == 1:
+        raise ConfigError("--address runs the job's workers on a Ray cluster, --num-workers 1 runs it in this "
+                          "process: drop one of them")
+    if a.address:
         try:
             import ray
         except ImportError:
