@@ -78,7 +78,7 @@ class TorchEngine:
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
                  block_kernels: Optional[bool] = None, conv_autotune: bool = True,
-                 norm_kernels: Optional[bool] = None):
+                 norm_kernels: Optional[bool] = None, attention_kernel: bool = False):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -94,6 +94,10 @@ class TorchEngine:
         if block_kernels is None:
             block_kernels = self.compiled
         self.block_kernels = bool(block_kernels) and block_kernel_ops.available(var.head.weight)
+        # Within the block kernels, attention through var_rt.kernels.attention (FP16/BF16) instead of SDPA.
+        # Opt-in: written 2026-12-04 without a GPU; the next GPU session measures it against cuDNN (kernel
+        # sweep, then the profile's A/B) and makes it the default or deletes it (benchmarks/NOTES.md).
+        self.attention_kernel = bool(attention_kernel) and self.block_kernels
         # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
         # heuristics, for this engine's decoder calls only (the process-wide flag is left as it is). Measured:
         # d16 batch 64 decoder convs 33 ms instead of 60 (benchmarks/NOTES.md).
@@ -163,7 +167,8 @@ class TorchEngine:
         kv = KVCache(inputs["cache_k"], inputs["cache_v"]).provider(b, e)
         cond = Condition(inputs["ada_blocks"], inputs["ada_head"], None)
         if self.block_kernels:
-            logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"], inputs["cache_v"], b)
+            logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"], inputs["cache_v"], b,
+                                                 self.attention_kernel)
         else:
             logits = self.var.step(inputs["x"], cond, kv)
         outputs["logits"].copy_(guide(logits, inputs["cfg_t"]))
