@@ -287,6 +287,11 @@ def test_stale_manifest(fx256, tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EngineMismatchError, match="var.depth is 16 in the export, 2 expected"):
         load_manifest(out, fx256.cfg, None, None, None)
+    del m["model"]["vae"]  # one line for a missing section, not one per field
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineMismatchError, match="has no model.vae section") as e:
+        load_manifest(out, fx256.cfg, None, None, None)
+    assert "vae.ch " not in str(e.value)
     (out / "manifest.json").unlink()
     with pytest.raises(EngineMismatchError, match="no manifest.json"):
         load_manifest(out, None, None, None, None)

@@ -100,10 +100,15 @@ def load_manifest(out_dir: str | Path, expected_cfg: Optional[ModelConfig], expe
     m = read_manifest(out_dir)
     problems = []
     if expected_cfg is not None:
-        want, have = expected_cfg.to_dict(), m.get("model", {})
+        want, have = expected_cfg.to_dict(), m.get("model")
         for section in ("var", "vae"):
+            held = have.get(section) if isinstance(have, dict) else None
+            if not isinstance(held, dict):  # one line, not one per missing field
+                problems.append(f"manifest.json has no model.{section} section (it was not written by "
+                                f"export.build, or was edited)")
+                continue
             for key, value in want[section].items():
-                got = have.get(section, {}).get(key)
+                got = held.get(key)
                 got = tuple(got) if isinstance(got, list) else got
                 if got != value:
                     problems.append(f"model {section}.{key} is {got!r} in the export, {value!r} expected")
