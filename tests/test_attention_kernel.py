@@ -70,3 +70,13 @@ def test_bad_inputs_are_refused():
     wide = torch.zeros(1, 2, 6, 32, dtype=torch.float16, device=DEV)
     with pytest.raises(ValueError, match="unit stride"):
         A.attention(q, wide[..., ::2], wide[..., ::2], 1.0)
+
+
+def test_engine_option_needs_the_block_kernels(fx256):
+    """The kernel runs inside the block kernels' step: the option is off without them."""
+    from var_rt.engines.torch_engine import TorchEngine
+    if DEV.type != "cpu":
+        pytest.skip("the fixture's models are on the CPU")
+    assert TorchEngine(fx256.var, fx256.vae, block_kernels=True, attention_kernel=True).attention_kernel
+    assert not TorchEngine(fx256.var, fx256.vae, block_kernels=False, attention_kernel=True).attention_kernel
+    assert not TorchEngine(fx256.var, fx256.vae, block_kernels=True).attention_kernel
