@@ -7,22 +7,14 @@ float32 softmax and accumulation over FP16 products of FP16-rounded probabilitie
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEV.type == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed (pip install triton): attention kernel untested")
+from conftest import DEV, require_kernel
+from var_rt.kernels import attention as A
 
-from var_rt.kernels import attention as A  # noqa: E402
-
-if not A.available(torch.zeros(1, device=DEV, dtype=torch.float16)):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)",
-                allow_module_level=True)
+require_kernel(lambda dev: A.available(torch.zeros(1, device=dev, dtype=torch.float16)))
 
 DTYPES = [torch.float16] + ([torch.bfloat16] if DEV.type == "cuda" else [])
 

@@ -16,13 +16,13 @@ if [ -n "${SKIP_BUILD:-}" ] && ls var_rt/_var_rt_ops*.so >/dev/null 2>&1; then
   echo "extension already built"
 elif ! PYTHON=$PY bash csrc/build.sh >"$OUT/build.log" 2>&1; then tail -30 "$OUT/build.log"; exit 1
 else echo "extension built in $(( $(date +%s) - t0 )) s"; fi
-VARIANTS=${VARIANTS:-"default triton-attn:attention_kernel=1"}
+VARIANTS=${VARIANTS:-"default triton-attn:attention_kernel=1 guide:guide_kernel=1"}
 for step in "$@"; do
   t=$(date +%s)
   case "$step" in
     tests)
       $PY -m pytest -q -x tests/test_ops.py tests/test_cuda_backends.py tests/test_fused_sampler.py \
-        tests/test_sampling.py tests/test_attention_kernel.py tests/test_block_kernels.py \
+        tests/test_sampling.py tests/test_attention_kernel.py tests/test_guidance_kernel.py tests/test_block_kernels.py \
         tests/test_groupnorm_kernel.py -k "not slow" 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     sweep)
       $PY benchmarks/device/kernel_sweep.py --only "${SWEEP:-attention}" --out "$OUT/kernel-sweep-${SWEEP:-attention}.json" \

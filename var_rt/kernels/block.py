@@ -421,7 +421,7 @@ def fused_block_forward(block, x_BlC: torch.Tensor, ada_B6C: torch.Tensor, cache
 
 
 def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: torch.Tensor,
-               begin: int, attn_kernel: bool = False) -> torch.Tensor:
+               begin: int, attn_kernel: bool = False, float_logits: bool = True) -> torch.Tensor:
     """``VAR.step(x, cond, KVCache(cache_k, cache_v).provider(begin, begin + l))`` with the kernels.
 
     Each block's FFN residual is folded into the next block's first modulated LayerNorm, the last
@@ -435,9 +435,11 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
         cache_k, cache_v: (depth, B, H, L, c) static caches.
         begin: the scale's first token position.
         attn_kernel: as ``fused_block_forward``.
+        float_logits: False returns the head's output in its compute dtype (what ``.float()`` casts), for a
+            caller that reads it as float32 itself (``var_rt.kernels.guidance``).
 
     Returns:
-        logits (B, l, V) float32.
+        logits (B, l, V) float32 (or the head's dtype).
     """
     blocks = var.blocks
     ada = cond.ada_blocks
@@ -456,4 +458,5 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
             out_dtype, eps, ada_dt = var.head.weight.dtype, var.head_nm.eps, var.head_nm.ada_lin[1].weight.dtype
         x, h = gated_residual_modulated_ln(x, y, _ada(ada[i], 1), scale, shift, eps, out_dtype, x_out=x,
                                            gamma_dtype=blk.ada_dtype, ada_dtype=ada_dt)
-    return F.linear(h, var.head.weight, var.head.bias).float()
+    logits = F.linear(h, var.head.weight, var.head.bias)
+    return logits.float() if float_logits else logits
