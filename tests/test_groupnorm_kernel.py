@@ -67,7 +67,8 @@ def assert_within_one_ulp(out, ref, norm_ref, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,C,H,W,G,mean", [
     (2, 160, 9, 7, 32, 0.0),     # 160 channels (the d16 decoder's 256 px width), 5 per group
-    (1, 160, 23, 25, 32, 0.0),   # 575 pixels: two runs of 512 and a partial one
+    (1, 160, 23, 25, 32, 0.0),   # 575 pixels: whole runs and a partial one in both passes
+    (2, 320, 6, 5, 32, 0.0),     # more than 256 channels: the other statistics tiling (the decoder's 320/640)
     (3, 24, 5, 3, 8, 0.5),       # 3 channels per group, an offset
     (1, 32, 4, 4, 32, 0.0),      # one channel per group
 ])
@@ -113,6 +114,14 @@ def test_runs_leave_enough_programs(B, S, C):
     t = _tiles(B, S, C).check()
     assert t.stat_tile <= t.stat_run and t.apply_tile <= t.apply_run
     assert B * -(-S // t.stat_run) >= 256 or t.stat_run == t.stat_tile
+
+
+def test_a_run_that_is_not_whole_tiles_is_refused():
+    """A tile crossing into the next run would count its pixels twice: refused before any launch."""
+    from var_rt.kernels.groupnorm import Tiles
+    for bad in (Tiles(100, 32, 8, 128, 32, 4), Tiles(2048, 32, 8, 100, 32, 4)):
+        with pytest.raises(ValueError, match="not whole tiles"):
+            bad.check()
 
 
 def test_kernel_reads_its_input_as_channels_last_whatever_its_layout():
