@@ -200,15 +200,6 @@ def _job_entries(out_dir: Path, job: SampleJob) -> List[os.DirEntry]:
     return out
 
 
-def foreign_files(out_dir: Path, job: SampleJob, npz_path: Optional[Path]) -> List[str]:
-    """Existing files that starting ``job`` afresh in ``out_dir`` would replace: PNGs with the names of its
-    images, and the .npz target."""
-    names = [entry.name for entry in _job_entries(out_dir, job)]
-    if npz_path is not None and npz_path.exists():
-        names.append(str(npz_path))
-    return sorted(names)
-
-
 _NAME = re.compile(r"^(\d+)_class\d+_seed\d+\.png$")
 
 
@@ -220,7 +211,8 @@ def check_existing(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = Non
     """
     jf = out_dir / JOB_FILE
     new = json.loads(json.dumps(job.to_json()))
-    folders = sorted(e.name for e in _job_entries(out_dir, job) if e.is_dir())
+    entries = _job_entries(out_dir, job)
+    folders = sorted(e.name for e in entries if e.is_dir())
     if folders:
         raise ConfigError(f"{out_dir / folders[0]} is a folder where this job writes an image"
                           + (f" ({len(folders) - 1} more such folders)" if len(folders) > 1 else "")
@@ -239,7 +231,9 @@ def check_existing(out_dir: Path, job: SampleJob, npz_path: Optional[Path] = Non
             raise ConfigError(f"{out_dir} holds another sampling job (different {', '.join(diff)}): resume it with "
                               f"the same options, or use a new --output-dir")
     elif not (out_dir / MARKER_DIR).is_dir():
-        taken = foreign_files(out_dir, job, npz_path)
+        # files starting the job afresh would replace: PNGs with the names of its images, and the .npz target
+        taken = sorted([e.name for e in entries] + ([str(npz_path)] if npz_path is not None and npz_path.exists()
+                                                     else []))
         if taken:
             shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
             npz_too = npz_path is not None and str(npz_path) in taken
