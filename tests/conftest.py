@@ -19,6 +19,16 @@ from var_rt.models.var import VAR
 from var_rt.models.vqvae import VQVAE
 
 REPO = Path(__file__).resolve().parents[1]
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Triton kernel tests run
+
+
+def require_kernel(runs) -> None:
+    """Skip the calling test module unless its Triton kernel runs on DEV (``runs(device)``): Triton installed,
+    compiled on CUDA or interpreted on the CPU (TRITON_INTERPRET, set above before triton's first import)."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton): the kernel is untested")
+    if not runs(DEV):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)",
+                    allow_module_level=True)
 
 
 def fixtures_dir() -> Path:

@@ -251,11 +251,13 @@ def test_fused_block_forward(name, dtype):
     assert_rows_close(out, ref, dtype, "block output")
 
 
-@pytest.mark.parametrize("name,dtype", [("var_tiny_256", F32), ("var_tiny_512_saln", F16)])
+@pytest.mark.parametrize("name,dtype,attn", [("var_tiny_256", F32, False), ("var_tiny_512_saln", F16, False),
+                                             ("var_tiny_512_saln", F16, True)])
 @torch.no_grad()
-def test_fused_step_gives_the_reference_tokens(name, dtype):
+def test_fused_step_gives_the_reference_tokens(name, dtype, attn):
     """The first scales of a generation, each from the reference's own sampled tokens: the fused
-    step's logits match VAR.step's and sample the same tokens (same keys, top-k 900 / top-p 0.95)."""
+    step's logits match VAR.step's and sample the same tokens (same keys, top-k 900 / top-p 0.95).
+    attn: with the attention kernel (var_rt.kernels.attention) instead of SDPA."""
     from var_rt import sampling
 
     var = _model(name, dtype)
@@ -274,7 +276,7 @@ def test_fused_step_gives_the_reference_tokens(name, dtype):
     for si in range(num_scales):
         begin, end = cfg.scale_ranges()[si]
         ref = var.step(x, cond, ref_cache.provider(begin, end))
-        out = K.fused_step(var, x, cond, k, v, begin)
+        out = K.fused_step(var, x, cond, k, v, begin, attn_kernel=attn)
         assert out.dtype == F32
         assert_rows_close(out, ref, dtype, f"scale {si} logits")
         if dtype != F32:  # nearly the same roundings: many FP16 logits are bit-equal. fc1's GELU reads the

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call of a GPU round (see benchmarks/NOTES.md): build the CUDA extension, then the named steps.
 #   bash benchmarks/device/gpu_round.sh tests profile bench      # results under $OUT (default out/gpu)
-# Steps: tests (GPU tests of the fused paths), sweep (benchmarks/device/kernel_sweep.py; SWEEP=sampler or
-# groupnorm for one of them), profile (benchmarks.profile, every lever A/B in one process),
+# Steps: tests (GPU tests of the fused paths), sweep (benchmarks/device/kernel_sweep.py; SWEEP=attention,
+# sampler or groupnorm, default attention), profile (benchmarks.profile, every lever A/B in one process),
 # bench (benchmarks.bench, d16 and d30 at batch 1 and 64 with the official-style baseline), suite (all tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,16 +16,16 @@ if [ -n "${SKIP_BUILD:-}" ] && ls var_rt/_var_rt_ops*.so >/dev/null 2>&1; then
   echo "extension already built"
 elif ! PYTHON=$PY bash csrc/build.sh >"$OUT/build.log" 2>&1; then tail -30 "$OUT/build.log"; exit 1
 else echo "extension built in $(( $(date +%s) - t0 )) s"; fi
-VARIANTS=${VARIANTS:-"default no-norm-kernels:norm_kernels=0"}
+VARIANTS=${VARIANTS:-"default triton-attn:attention_kernel=1 guide:guide_kernel=1"}
 for step in "$@"; do
   t=$(date +%s)
   case "$step" in
     tests)
       $PY -m pytest -q -x tests/test_ops.py tests/test_cuda_backends.py tests/test_fused_sampler.py \
-        tests/test_sampling.py tests/test_block_kernels.py \
+        tests/test_sampling.py tests/test_attention_kernel.py tests/test_guidance_kernel.py tests/test_block_kernels.py \
         tests/test_groupnorm_kernel.py -k "not slow" 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     sweep)
-      $PY benchmarks/device/kernel_sweep.py ${SWEEP:+--only $SWEEP} --out "$OUT/kernel-sweep${SWEEP:+-$SWEEP}.json" \
+      $PY benchmarks/device/kernel_sweep.py --only "${SWEEP:-attention}" --out "$OUT/kernel-sweep-${SWEEP:-attention}.json" \
         2>&1 | grep "^\[" ;;
     suite)
       $PY -m pytest -q tests/ 2>&1 | tail -40 | tee "$OUT/suite.log" ;;

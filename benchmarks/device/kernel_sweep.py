@@ -1,4 +1,4 @@
-"""Launch shapes of two Triton kernels, swept on the GPU at the shapes a generation gives them.
+"""Launch shapes of three Triton kernels, swept on the GPU at the shapes a generation gives them.
 
     python benchmarks/device/kernel_sweep.py --out OUT/kernel-sweep.json
 
@@ -6,7 +6,9 @@
    hands the kernels (B 16 and 64; 256 px: 160 channels at 256^2 and 128^2, 320 at 128^2 and 64^2), every
    run length x tile height x warps of the statistics pass and of the normalise pass; each output checked
    against the current launch shape's (FP16: within one rounding).
-2. The fused sampler (``var_rt.kernels.sampler``): warps per row at every scale of a d16 generation, B 1
+2. Step attention (``var_rt.kernels.attention``) against SDPA (cuDNN) at every scale of d16 and d30, B 1
+   and 64: every launch shape, per scale and summed per generation; outputs checked against SDPA's.
+3. The fused sampler (``var_rt.kernels.sampler``): warps per row at every scale of a d16 generation, B 1
    and 64, with guidance; tokens checked equal to the current setting's. (Session 9 also swept search
    variants since deleted: benchmarks/NOTES.md.)
 
@@ -103,13 +105,66 @@ def sweep_sampler(reps: int) -> list:
     return cases
 
 
+def sweep_attention(reps: int, models=("d16", "d30"), batches=(1, 64), dev=None) -> list:
+    """Every scale's attention of a generation (q laid out (2B, l, H, c), k/v views of a (2B, H, L, c)
+    cache), summed per generation and depth: SDPA (cuDNN) against each launch shape of the Triton kernel."""
+    import torch.nn.functional as F
+
+    from var_rt.config import get_preset, load_config
+    from var_rt.kernels import attention as A
+    dev, dt = dev or torch.device("cuda"), torch.float16
+    cases = []
+    for name, B in product(models, batches):
+        cfg = load_config(name) if name.endswith(".json") else get_preset(name)
+        H, c, depth = cfg.var.num_heads, cfg.head_dim, cfg.var.depth
+        torch.manual_seed(0)
+        cache = torch.randn(2, 2 * B, H, cfg.num_tokens, c, device=dev, dtype=dt)
+        shapes = []
+        for b, e in cfg.scale_ranges():
+            q = F.normalize(torch.randn(2 * B, e - b, H, c, device=dev), dim=-1).to(dt).transpose(1, 2)
+            shapes.append((q, cache[0, :, :, :e], cache[1, :, :, :e]))
+        sdpa = [depth * time_us(lambda: F.scaled_dot_product_attention(q, k, v, scale=1.0), reps)
+                for q, k, v in shapes]
+        refs = [F.scaled_dot_product_attention(q, k, v, scale=1.0) for q, k, v in shapes]
+        case = {"model": name, "B": B, "sdpa_us_per_generation": sum(sdpa), "sdpa_us_per_scale": sdpa,
+                "triton": []}
+        for bm, bn, warps, stages in product((32, 64, 128), (64, 128), (4, 8), (2, 3)):
+            conf = A.Config(bm, bn, warps, stages)
+            try:
+                per_scale = [depth * time_us(lambda: A.attention(q, k, v, 1.0, conf), reps) for q, k, v in shapes]
+                err = max((A.attention(q, k, v, 1.0, conf).float() - r.float()).abs().max().item()
+                          for (q, k, v), r in zip(shapes, refs))
+            except Exception as e:  # a launch shape the compiler refuses (shared memory): recorded, not fatal
+                case["triton"].append({"config": conf._asdict(), "error": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            case["triton"].append({"config": conf._asdict(), "us_per_generation": sum(per_scale),
+                                   "us_per_scale": per_scale, "max_err_vs_sdpa": err})
+        ok = [r for r in case["triton"] if "us_per_generation" in r]
+        best = min(ok, key=lambda r: r["us_per_generation"])
+        default = next(r for r in ok if r["config"] == A.DEFAULT._asdict())
+        per_scale_best = [min(ok, key=lambda r: r["us_per_scale"][i]) for i in range(len(shapes))]
+        case["best_per_scale"] = [{"config": r["config"], "us": r["us_per_scale"][i], "sdpa_us": sdpa[i]}
+                                  for i, r in enumerate(per_scale_best)]
+        print(f"[attention] {name} B{B}: SDPA {sum(sdpa):.0f} us per generation; Triton default "
+              f"{default['us_per_generation']:.0f} us, best {best['us_per_generation']:.0f} us {best['config']}, "
+              f"best per scale {sum(r['us'] for r in case['best_per_scale']):.0f} us, "
+              f"max err {max(r['max_err_vs_sdpa'] for r in ok):.3g}", flush=True)
+        for i, r in enumerate(case["best_per_scale"]):
+            print(f"[attention]   scale {i}: SDPA {r['sdpa_us']:.0f} us, best {r['us']:.0f} us "
+                  f"{tuple(r['config'].values())}", flush=True)
+        cases.append(case)
+    return cases
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--only", choices=["groupnorm", "sampler"])
+    p.add_argument("--only", choices=["groupnorm", "sampler", "attention"])
     p.add_argument("--out", required=True)
     a = p.parse_args()
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "counter_stride": sampling.COUNTER_STRIDE}
+    if a.only in (None, "attention"):
+        res["attention"] = sweep_attention(a.reps)
     if a.only in (None, "sampler"):
         res["sampler"] = sweep_sampler(a.reps)
     if a.only in (None, "groupnorm"):

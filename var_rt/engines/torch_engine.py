@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - ops.py is part of the package
     ops = None
 from var_rt.engines.base import RunSession
 from var_rt.kernels import block as block_kernel_ops
+from var_rt.kernels import guidance as guidance_kernel
 from var_rt.kernels.groupnorm import fuse_decoder_norms
 from var_rt.graphs import DecodeGraph, all_graphs, guide, resolved_spec
 from var_rt.models.var import VAR, Condition
@@ -78,7 +79,7 @@ class TorchEngine:
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
                  block_kernels: Optional[bool] = None, conv_autotune: bool = True,
-                 norm_kernels: Optional[bool] = None):
+                 norm_kernels: Optional[bool] = None, attention_kernel: bool = False, guide_kernel: bool = False):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -94,6 +95,13 @@ class TorchEngine:
         if block_kernels is None:
             block_kernels = self.compiled
         self.block_kernels = bool(block_kernels) and block_kernel_ops.available(var.head.weight)
+        # Within the block kernels, attention through var_rt.kernels.attention (FP16/BF16) instead of SDPA.
+        # Opt-in: written 2026-12-04 without a GPU; the next GPU session measures it against cuDNN (kernel
+        # sweep, then the profile's A/B) and makes it the default or deletes it (benchmarks/NOTES.md).
+        self.attention_kernel = bool(attention_kernel) and self.block_kernels
+        # Guidance from the head's FP16/BF16 output in one pass (var_rt.kernels.guidance, the same values as
+        # graphs.guide) instead of cast, two products, difference and copy. Opt-in until measured, as above.
+        self.guide_kernel = bool(guide_kernel) and self.block_kernels and guidance_kernel.available(var.head.weight)
         # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
         # heuristics, for this engine's decoder calls only (the process-wide flag is left as it is). Measured:
         # d16 batch 64 decoder convs 33 ms instead of 60 (benchmarks/NOTES.md).
@@ -163,7 +171,12 @@ class TorchEngine:
         kv = KVCache(inputs["cache_k"], inputs["cache_v"]).provider(b, e)
         cond = Condition(inputs["ada_blocks"], inputs["ada_head"], None)
         if self.block_kernels:
-            logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"], inputs["cache_v"], b)
+            direct = self.guide_kernel and outputs["logits"].is_contiguous() and inputs["cfg_t"].is_contiguous()
+            logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"], inputs["cache_v"], b,
+                                                 self.attention_kernel, float_logits=not direct)
+            if direct:
+                guidance_kernel.guide_into(logits, inputs["cfg_t"], outputs["logits"])
+                return
         else:
             logits = self.var.step(inputs["x"], cond, kv)
         outputs["logits"].copy_(guide(logits, inputs["cfg_t"]))

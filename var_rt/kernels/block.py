@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from var_rt.kernels import INTERPRETED, runs_on, tl, triton
+from var_rt.kernels import attention as attention_kernel
 
 _TL_DTYPES = {}
 if triton is not None:
@@ -364,8 +365,16 @@ def _ada(ada_B6C: torch.Tensor, k: int) -> torch.Tensor:
     return ada_B6C[:, k]
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: bool) -> torch.Tensor:
+    """The step's attention: the Triton kernel (``var_rt.kernels.attention``) when asked for and it runs on q,
+    else PyTorch's SDPA (cuDNN on the H200). Both return q's (B, l, H, c) memory layout."""
+    if kernel and attention_kernel.available(q):
+        return attention_kernel.attention(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, cache_k: torch.Tensor,
-                cache_v: torch.Tensor, begin: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                cache_v: torch.Tensor, begin: int, attn_kernel: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """From the modulated LN ``h`` of x to (x after the attention residual, the FFN's output y)."""
     attn, ffn = block.attn, block.ffn
     B, l, C = x.shape
@@ -378,7 +387,7 @@ def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, 
     q = qk_norm_kv_write(qkv, attn.scale_mul_1H11 if attn.l2_norm else None, H,
                          cache_k, cache_v, begin, q_out)                     # q/k norm + K/V write
     end = begin + l
-    o = F.scaled_dot_product_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], scale=attn.softmax_scale)
+    o = _attend(q, cache_k[:, :, :end], cache_v[:, :, :end], attn.softmax_scale, attn_kernel)
     a = F.linear(o.transpose(1, 2).reshape(B, l, C), attn.proj.weight, attn.proj.bias)
     ada_dt = block.ada_dtype
     x, h2 = residual_modulated_ln(x, a, _ada(ada_B6C, 0), _ada(ada_B6C, 3), _ada(ada_B6C, 5), block.eps,
@@ -388,7 +397,7 @@ def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, 
 
 
 def fused_block_forward(block, x_BlC: torch.Tensor, ada_B6C: torch.Tensor, cache_k: torch.Tensor,
-                        cache_v: torch.Tensor, begin: int) -> torch.Tensor:
+                        cache_v: torch.Tensor, begin: int, attn_kernel: bool = False) -> torch.Tensor:
     """``AdaLNSelfAttn.forward(x, ada, layer, kv)`` of one inference step with the kernels.
 
     Args:
@@ -398,6 +407,7 @@ def fused_block_forward(block, x_BlC: torch.Tensor, ada_B6C: torch.Tensor, cache
         cache_k, cache_v: (B, H, L, c) this layer's static caches (``KVCache.k[layer]``); rows
             [begin, begin + l) are written, [0, begin + l) attended to, as the ``KVCache`` provider does.
         begin: the scale's first token position.
+        attn_kernel: attention through ``var_rt.kernels.attention`` instead of SDPA (where it runs).
 
     Returns:
         the block's output (B, l, C) float32. Within a whole step, ``fused_step`` saves one more launch
@@ -405,13 +415,13 @@ def fused_block_forward(block, x_BlC: torch.Tensor, ada_B6C: torch.Tensor, cache
     """
     h = modulated_ln(x_BlC, _ada(ada_B6C, 2), _ada(ada_B6C, 4), block.eps, block.attn.mat_qkv.weight.dtype,
                      ada_dtype=block.ada_dtype)
-    x, y = _block_body(block, x_BlC, h, ada_B6C, cache_k, cache_v, begin)
+    x, y = _block_body(block, x_BlC, h, ada_B6C, cache_k, cache_v, begin, attn_kernel)
     return gated_residual_modulated_ln(x, y, _ada(ada_B6C, 1), None, None, block.eps, torch.float32,
                                        x_out=x, gamma_dtype=block.ada_dtype)[0]
 
 
 def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: torch.Tensor,
-               begin: int) -> torch.Tensor:
+               begin: int, attn_kernel: bool = False, float_logits: bool = True) -> torch.Tensor:
     """``VAR.step(x, cond, KVCache(cache_k, cache_v).provider(begin, begin + l))`` with the kernels.
 
     Each block's FFN residual is folded into the next block's first modulated LayerNorm, the last
@@ -424,9 +434,12 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
             ``ada_head`` (B, 2, C)).
         cache_k, cache_v: (depth, B, H, L, c) static caches.
         begin: the scale's first token position.
+        attn_kernel: as ``fused_block_forward``.
+        float_logits: False returns the head's output in its compute dtype (what ``.float()`` casts), for a
+            caller that reads it as float32 itself (``var_rt.kernels.guidance``).
 
     Returns:
-        logits (B, l, V) float32.
+        logits (B, l, V) float32 (or the head's dtype).
     """
     blocks = var.blocks
     ada = cond.ada_blocks
@@ -435,7 +448,7 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
                      ada_dtype=first.ada_dtype)
     x = x_BlC
     for i, blk in enumerate(blocks):
-        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin)
+        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin, attn_kernel)
         if i + 1 < len(blocks):
             nxt = blocks[i + 1]
             scale, shift = _ada(ada[i + 1], 2), _ada(ada[i + 1], 4)
@@ -445,4 +458,5 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
             out_dtype, eps, ada_dt = var.head.weight.dtype, var.head_nm.eps, var.head_nm.ada_lin[1].weight.dtype
         x, h = gated_residual_modulated_ln(x, y, _ada(ada[i], 1), scale, shift, eps, out_dtype, x_out=x,
                                            gamma_dtype=blk.ada_dtype, ada_dtype=ada_dt)
-    return F.linear(h, var.head.weight, var.head.bias).float()
+    logits = F.linear(h, var.head.weight, var.head.bias)
+    return logits.float() if float_logits else logits
