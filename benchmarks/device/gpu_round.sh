@@ -6,7 +6,7 @@
 # bench (benchmarks.bench, d16 and d30 at batch 1 and 64 with the official-style baseline), suite (all tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD VAR_RT_FIXTURES=${VAR_RT_FIXTURES:-$PWD/.fixtures}  # carry .fixtures
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -16,7 +16,7 @@ if [ -n "${SKIP_BUILD:-}" ] && ls var_rt/_var_rt_ops*.so >/dev/null 2>&1; then
   echo "extension already built"
 elif ! PYTHON=$PY bash csrc/build.sh >"$OUT/build.log" 2>&1; then tail -30 "$OUT/build.log"; exit 1
 else echo "extension built in $(( $(date +%s) - t0 )) s"; fi
-VARIANTS=${VARIANTS:-"default triton-attn:attention_kernel=1 guide:guide_kernel=1"}
+VARIANTS=${VARIANTS:-"default triton-attn:attention_kernel=1 guide:guide_kernel=1 both:attention_kernel=1,guide_kernel=1"}
 for step in "$@"; do
   t=$(date +%s)
   case "$step" in
