@@ -37,8 +37,8 @@ def test_bad_buffers_are_refused():
 
 
 def test_engine_step_writes_the_same_logits(fx256):
-    """A first scale through TorchEngine with the block kernels, with and without the kernel: the loop's
-    guided logits are equal."""
+    """A first scale through TorchEngine with the block kernels, with the kernel (the default there) and with
+    the separate guide (the engine's switch turned off as set-up): the loop's guided logits are equal."""
     from var_rt.engines.torch_engine import TorchEngine
     from var_rt.runtime import ScaleLoop
     from var_rt.validation import Sampling
@@ -48,8 +48,9 @@ def test_engine_step_writes_the_same_logits(fx256):
     params = Sampling(cfg=2.5, top_k=50, top_p=0.9)
     got = []
     for kernel in (False, True):
-        engine = TorchEngine(fx256.var, fx256.vae, block_kernels=True, guide_kernel=kernel)
-        assert engine.guide_kernel == kernel
+        engine = TorchEngine(fx256.var, fx256.vae, block_kernels=True)
+        assert engine.guide_kernel
+        engine.guide_kernel = kernel
         loop = ScaleLoop(engine, fx256.cfg, 2, fx256.vae.quantize.embedding.weight)
         loop.set_request(torch.tensor([3, 7]), torch.arange(2), params)
         loop.session.condition()

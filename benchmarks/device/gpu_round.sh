@@ -16,7 +16,7 @@ if [ -n "${SKIP_BUILD:-}" ] && ls var_rt/_var_rt_ops*.so >/dev/null 2>&1; then
   echo "extension already built"
 elif ! PYTHON=$PY bash csrc/build.sh >"$OUT/build.log" 2>&1; then tail -30 "$OUT/build.log"; exit 1
 else echo "extension built in $(( $(date +%s) - t0 )) s"; fi
-VARIANTS=${VARIANTS:-"default triton-attn:attention_kernel=1 guide:guide_kernel=1 both:attention_kernel=1,guide_kernel=1"}
+VARIANTS=${VARIANTS:-"default"}
 for step in "$@"; do
   t=$(date +%s)
   case "$step" in

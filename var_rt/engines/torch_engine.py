@@ -95,13 +95,12 @@ class TorchEngine:
         if block_kernels is None:
             block_kernels = self.compiled
         self.block_kernels = bool(block_kernels) and block_kernel_ops.available(var.head.weight)
-        # Within the block kernels, attention through var_rt.kernels.attention (FP16/BF16) instead of SDPA.
-        # Opt-in: written 2026-12-04 without a GPU; the next GPU session measures it against cuDNN (kernel
-        # sweep, then the profile's A/B) and makes it the default or deletes it (benchmarks/NOTES.md).
-        self.attention_kernel = bool(attention_kernel) and self.block_kernels
-        # Guidance from the head's FP16/BF16 output in one pass (var_rt.kernels.guidance, the same values as
-        # graphs.guide) instead of cast, two products, difference and copy. Opt-in until measured, as above.
-        self.guide_kernel = bool(guide_kernel) and self.block_kernels and guidance_kernel.available(var.head.weight)
+        # Within the block kernels: attention through var_rt.kernels.attention (FP16/BF16; SDPA otherwise), and
+        # guidance from the head's output in one pass (var_rt.kernels.guidance, the same values as graphs.guide)
+        # instead of cast, two products, difference and copy. Measured in one process on the H200 (session 10,
+        # benchmarks/NOTES.md): d16 batch 64 replay 169.5 -> 164.4 ms, d30 batch 64 553.3 -> 542.1 ms.
+        self.attention_kernel = self.block_kernels
+        self.guide_kernel = self.block_kernels and guidance_kernel.available(var.head.weight)
         # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
         # heuristics, for this engine's decoder calls only (the process-wide flag is left as it is). Measured:
         # d16 batch 64 decoder convs 33 ms instead of 60 (benchmarks/NOTES.md).
