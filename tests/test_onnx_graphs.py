@@ -165,15 +165,3 @@ def test_ort_fuses_layer_norms_and_gelus(case, tmp_path):
         assert count_fastgelu_forms(model) == depth, name
         assert op_counts(model)["LayerNormalization"] == 2 * depth + 1 and op_counts(model)["ReduceMean"] == 0, name
 
-
-@pytest.mark.parametrize("case", CASES)
-def test_ada_rows_prepared_once_per_step_not_per_block(case):
-    """Every step graph reads its AdaLN rows through one node (one cast, one split and ``+ 1`` for all blocks,
-    var_rt.models.var.prepare_ada): the per-block Gather, Cast, Split, Add and four Casts each block used to
-    spend, at every scale, were ~1,400 of the ~10,200 ONNX Runtime CUDA kernels of a d16 batch-1 generation
-    (benchmarks/NOTES.md, session 7)."""
-    out = export_of(case, "fp16")
-    for f in sorted((out / "onnx").glob("step*.onnx")):
-        readers = [n.op_type for n in load(f).graph.node if "ada_blocks" in n.input]
-        # Cast to the AdaLN dtype, or Unsqueeze where that dtype is float32 (shared AdaLN): never a Gather per block
-        assert len(readers) == 1 and readers[0] in ("Cast", "Unsqueeze"), (f.name, readers)

@@ -28,33 +28,6 @@ from var_rt.precision import linear
 KVProvider = Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
-class BlockAda(NamedTuple):
-    """One block's AdaLN values in the form its ops use them, each (rows, 1, C) (broadcast over tokens):
-    the gates in the AdaLN dtype, ``1 + scale`` rounded to the AdaLN dtype (the official ``scale.add(1)``)
-    then held in float32, the shifts in float32."""
-
-    gamma1: torch.Tensor
-    gamma2: torch.Tensor
-    scale1: torch.Tensor  # float32 values of (1 + scale1) in the AdaLN dtype
-    scale2: torch.Tensor
-    shift1: torch.Tensor  # float32
-    shift2: torch.Tensor
-
-
-def prepare_ada(ada: torch.Tensor, ada_dtype: torch.dtype) -> BlockAda:
-    """(..., 6, C) float32 AdaLN rows (values of ``ada_dtype``: gamma1, gamma2, scale1, scale2, shift1, shift2)
-    -> ``BlockAda`` with a token axis before C, for any leading dims: one block's (rows, 6, C), or every
-    block's (depth, rows, 6, C) at once (``VAR.step``: one cast, split and ``+ 1`` for all blocks, not one
-    per block: in an exported step graph these are kernels, at every scale)."""
-    g1, g2, s1, s2, b1, b2 = ada.to(ada_dtype).unsqueeze(-2).unbind(-3)
-    return BlockAda(g1, g2, s1.add(1).float(), s2.add(1).float(), b1.float(), b2.float())
-
-
-def modulate(n: torch.Tensor, scale_plus_1: torch.Tensor, shift: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """float32 ``n * (1 + scale) + shift`` (both float32, as ``BlockAda`` holds them), cast to out_dtype."""
-    return (n * scale_plus_1 + shift).to(out_dtype)
-
-
 def modulated_layer_norm(x: torch.Tensor, C: int, scale: torch.Tensor, shift: torch.Tensor, eps: float,
                          out_dtype: torch.dtype) -> torch.Tensor:
     """LN(x) * (1 + scale) + shift in float32 (LN has no affine weights in VAR), cast to the next matmul's dtype.
@@ -63,7 +36,8 @@ def modulated_layer_norm(x: torch.Tensor, C: int, scale: torch.Tensor, shift: to
     ``C`` is x's last dimension, a Python int: ONNX export needs LayerNorm's shape as a constant, and
     ``x.shape[-1]`` would be traced as a value of the graph.
     """
-    return modulate(F.layer_norm(x.float(), (C,), eps=eps), scale.add(1).float(), shift.float(), out_dtype)
+    y = F.layer_norm(x.float(), (C,), eps=eps)
+    return (y * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -78,7 +52,8 @@ def residual_modulated_layer_norm(x, y, gamma, C: int, scale, shift, eps: float,
     ``C``: x's last dimension, as in ``modulated_layer_norm``.
     """
     x = x + (y * gamma).to(y.dtype)
-    return x, modulated_layer_norm(x, C, scale, shift, eps, out_dtype)
+    n = F.layer_norm(x.float(), (C,), eps=eps)
+    return x, (n * scale.add(1).float() + shift.float()).to(out_dtype)
 
 
 def split_heads_l2(qkv: torch.Tensor, scale_mul_1H11: torch.Tensor, heads: int):
@@ -178,16 +153,11 @@ class AdaLNSelfAttn(nn.Module):
 
     def forward(self, x_BlC, ada_B6C, layer: int, kv: Optional[KVProvider], attn_bias=None):
         """x (B, l, C) float32 residual stream; ada (B, 6, C) held in float32 (values of ``ada_dtype``)."""
-        return self.forward_prepared(x_BlC, prepare_ada(ada_B6C, self.ada_dtype), layer, kv, attn_bias)
-
-    def forward_prepared(self, x_BlC, ada: BlockAda, layer: int, kv: Optional[KVProvider], attn_bias=None):
-        """``forward`` with the AdaLN values already in their working form (``prepare_ada``)."""
         mm = self.attn.mat_qkv.weight.dtype
-        ln = lambda t: F.layer_norm(t.float(), (self.C,), eps=self.eps)  # noqa: E731
-        h = self.attn(modulate(ln(x_BlC), ada.scale1, ada.shift1, mm), layer, kv, attn_bias)
-        x_BlC = x_BlC + (h * ada.gamma1).to(h.dtype)  # the official in-place mul_: rounded to h's dtype
-        y = modulate(ln(x_BlC), ada.scale2, ada.shift2, mm)
-        return gated_residual(x_BlC, self.ffn(y), ada.gamma2)
+        g1, g2, s1, s2, b1, b2 = ada_B6C.to(self.ada_dtype).unsqueeze(1).unbind(2)  # each (B, 1, C)
+        h = self.attn(modulated_layer_norm(x_BlC, self.C, s1, b1, self.eps, mm), layer, kv, attn_bias)
+        x_BlC, y = residual_modulated_layer_norm(x_BlC, h, g1, self.C, s2, b2, self.eps, mm)
+        return gated_residual(x_BlC, self.ffn(y), g2)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -263,18 +233,9 @@ class VAR(nn.Module):
     # ---- one scale ----------------------------------------------------------------------
     def step(self, x_2BlC: torch.Tensor, cond: Condition, kv: KVProvider) -> torch.Tensor:
         """Blocks + head for one scale. x float32 (2B, l, C). Returns logits (2B, l, V) in float32."""
-        for i, (blk, ada) in enumerate(zip(self.blocks, self.blocks_ada(cond.ada_blocks))):
-            x_2BlC = blk.forward_prepared(x_2BlC, ada, i, kv)
+        for i, blk in enumerate(self.blocks):
+            x_2BlC = blk(x_2BlC, cond.ada_blocks[i], i, kv)
         return self.logits(x_2BlC, cond.ada_head)
-
-    def blocks_ada(self, ada_blocks: torch.Tensor) -> list:
-        """Every block's ``BlockAda`` from (depth, 2B, 6, C): prepared for all blocks at once and split per
-        block (views), when the blocks share their AdaLN dtype (they do in every precision var_rt applies)."""
-        dts = {blk.ada_dtype for blk in self.blocks}
-        if len(dts) != 1:
-            return [prepare_ada(ada_blocks[i], blk.ada_dtype) for i, blk in enumerate(self.blocks)]
-        every = prepare_ada(ada_blocks, dts.pop())
-        return [BlockAda(*vals) for vals in zip(*(t.unbind(0) for t in every))]
 
     def logits(self, x_BlC: torch.Tensor, ada_head: torch.Tensor) -> torch.Tensor:
         """The head in its compute dtype (the official autocast run: an FP16 matmul), returned as float32."""
