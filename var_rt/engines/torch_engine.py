@@ -79,7 +79,7 @@ class TorchEngine:
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
                  block_kernels: Optional[bool] = None, conv_autotune: bool = True,
-                 norm_kernels: Optional[bool] = None, attention_kernel: bool = False, guide_kernel: bool = False):
+                 norm_kernels: Optional[bool] = None):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
