@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from benchmarks.profile import event_ms
 from var_rt.config import get_preset
 from var_rt.models.vqvae import VQVAE
 
@@ -106,19 +107,13 @@ def sync(device) -> None:
 
 def time_calls(fn: Callable[[], object], iters: int, device) -> float:
     """Median milliseconds of ``iters`` calls, each timed alone (CUDA events; host clock on CPU)."""
+    if device.type == "cuda":
+        return statistics.median(event_ms(fn, iters))
     times = []
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
