@@ -18,9 +18,10 @@ operation:
   ``F.gelu(linear(x, fc1), approximate="tanh")``).
 
 ``fused_block_forward`` and ``fused_step`` compose them into ``AdaLNSelfAttn.forward`` and
-``VAR.step`` for inference with a static cache. Nothing calls them by default: they are the hook for
-wiring and timing on a GPU (per block: LN(+residual), qkv GEMM, q/k norm + K/V write, attention,
-proj GEMM, residual + LN, fc1 + GELU, fc2 = 8 launches, down from ~12).
+``VAR.step`` for inference with a static cache; the ``cudagraph`` engine runs them (``TorchEngine`` with
+``block_kernels``, on by default where it compiles), with the step's attention in ``var_rt.kernels.attention``
+for FP16/BF16 (SDPA for float32) and guidance in ``var_rt.kernels.guidance``. Per block: LN(+residual), qkv
+GEMM, q/k norm + K/V write, attention, proj GEMM, residual + LN, fc1 + GELU, fc2 = 8 launches, down from ~12.
 
 Numerics kept from the reference, and why each matters for token parity:
 * LayerNorm statistics in float32 (mean, then the biased variance of the deviations: two passes over
@@ -366,8 +367,8 @@ def _ada(ada_B6C: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: bool) -> torch.Tensor:
-    """The step's attention: the Triton kernel (``var_rt.kernels.attention``) when asked for and it runs on q,
-    else PyTorch's SDPA (cuDNN on the H200). Both return q's (B, l, H, c) memory layout."""
+    """The step's attention: the Triton kernel (``var_rt.kernels.attention``) when asked for and it runs on q
+    (FP16/BF16), else PyTorch's SDPA. Both return q's (B, l, H, c) memory layout."""
     if kernel and attention_kernel.available(q):
         return attention_kernel.attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
