@@ -105,17 +105,17 @@ def sweep_sampler(reps: int) -> list:
     return cases
 
 
-def sweep_attention(reps: int, models=("d16", "d30"), batches=(1, 64), dev=None) -> list:
+def sweep_attention(reps: int, models=("d16", "d30")) -> list:
     """Every scale's attention of a generation (q laid out (2B, l, H, c), k/v views of a (2B, H, L, c)
     cache), summed per generation and depth: SDPA (cuDNN) against each launch shape of the Triton kernel."""
     import torch.nn.functional as F
 
-    from var_rt.config import get_preset, load_config
+    from var_rt.config import get_preset
     from var_rt.kernels import attention as A
-    dev, dt = dev or torch.device("cuda"), torch.float16
+    dev, dt = torch.device("cuda"), torch.float16
     cases = []
-    for name, B in product(models, batches):
-        cfg = load_config(name) if name.endswith(".json") else get_preset(name)
+    for name, B in product(models, (1, 64)):
+        cfg = get_preset(name)
         H, c, depth = cfg.var.num_heads, cfg.head_dim, cfg.var.depth
         torch.manual_seed(0)
         cache = torch.randn(2, 2 * B, H, cfg.num_tokens, c, device=dev, dtype=dt)
