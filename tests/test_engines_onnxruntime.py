@@ -170,3 +170,31 @@ def test_one_engine_serves_every_batch_size_with_the_weights_once(tmp_path):
     one = pipe.generate(class_labels=[1], seed=0, top_k=1, top_p=0.0, batch_size=1)
     assert len({id(loop.engine) for loop, _ in pipe._loops.values()}) == 1  # both loops on the one engine
     assert all(torch.equal(a[:1], b) for a, b in zip(both.tokens, one.tokens))
+
+
+def test_disabled_optimizers_reach_the_sessions(fx256, tmp_path):
+    """``disabled_optimizers`` (on CUDA ["MatMulAddFusion"] by default, measured faster on the H200) names an
+    optimiser ORT knows: with MatMulAddFusion off, a fixed step graph keeps its MatMul + Add instead of Gemms;
+    the engine passes the list to its sessions and still reproduces the fixed graphs' generation. On the CPU
+    every optimiser stays on unless asked."""
+    import onnx
+    import onnxruntime as ort
+
+    out_dir = exported(fx256.name, "fp32")
+    f = str(out_dir / "onnx" / "step_3.b2.onnx")
+    gemms = []
+    for disabled in (None, ["MatMulAddFusion"]):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(f, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        gemms.append(sum(n.op_type == "Gemm" for n in onnx.load(so.optimized_model_filepath,
+                                                                 load_external_data=False).graph.node))
+    assert gemms[0] > 0 and gemms[1] == 0, gemms
+    plain = OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2)
+    split = OnnxRuntimeEngine.from_dir(out_dir, "cpu", batch=2, disabled_optimizers=["MatMulAddFusion"])
+    assert plain._disabled == [] and split._disabled == ["MatMulAddFusion"]
+    labels = fx256.cases["labels"]
+    t1, img1 = greedy_generate(plain, fx256, labels, 1.5)
+    t2, img2 = greedy_generate(split, fx256, labels, 1.5)
+    assert all(torch.equal(a, b) for a, b in zip(t1, t2))
+    assert (img1 - img2).abs().max() < 1e-4

@@ -4,7 +4,9 @@
 # carrying .devstage/bin and .devstage/pNN and running bash .devstage/bin/recv.sh). Two steps, one call each
 # (the machine keeps /tmp between warm calls); both carry .devstage/bin and .fixtures. Results under $OUT:
 #   bash benchmarks/device/ort_cuda.sh bench    export d16 FP16 (B1, B16); bench/ d16 B1/B16: cudagraph,
-#                                               onnxruntime (CUDA EP: dynamic graphs, fixed graphs, ORT CUDA graphs)
+#                                               onnxruntime (CUDA EP: ORT CUDA graphs, the same with every ORT
+#                                               optimiser on, dynamic graphs); ORT_VARIANTS='name={engine
+#                                               options}|...' for others, NO_CUDAGRAPH=1 to leave cudagraph out
 #   bash benchmarks/device/ort_cuda.sh checks   ort-tests.log (the ORT CUDA tests), agreement-ort.json (greedy
 #                                               tokens per scale: torch, cudagraph, onnxruntime FP16, d16, B16),
 #                                               ort-transfers.json (node placement, kernels and host copies per generation)
@@ -29,9 +31,11 @@ for step in "$@"; do
   case "$step" in
     bench)
       export_once  # the official-style baseline once, in the cudagraph process
-      timeout 150 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends cudagraph --dtype float16 \
+      [ -n "${NO_CUDAGRAPH:-}" ] || timeout 150 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends cudagraph --dtype float16 \
         --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench-cudagraph" 2>&1 | grep "^\[bench\]"
-      for v in 'dynamic={}' 'fixed={"dynamic": false}' 'graphs={"cuda_graph": true}'; do
+      variants=('graphs={"cuda_graph": true}' 'graphs-fused={"cuda_graph": true, "disabled_optimizers": []}' 'dynamic={}')
+      [ -z "${ORT_VARIANTS:-}" ] || IFS='|' read -r -a variants <<<"$ORT_VARIANTS"
+      for v in "${variants[@]}"; do
         timeout 150 python -m benchmarks.bench --model d16 --batch-sizes 1 16 --backends onnxruntime --dtype float16 \
           --baselines none --iters 10 --warmup 2 --instrument-runs 0 --backend-arg engine_dir=$EXP "engine_options=${v#*=}" \
           --out-dir "$OUT/bench-ort-${v%%=*}" 2>&1 | grep "^\[bench\]\|Error"

@@ -44,7 +44,8 @@ class OnnxRuntimeEngine(ExportedEngine):
     capturable = False  # ORT runs on its own stream and synchronises it after every run
 
     def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch_sizes: Sequence[int],
-                 providers: Optional[Sequence] = None, dynamic: Optional[bool] = None, cuda_graph: bool = False):
+                 providers: Optional[Sequence] = None, dynamic: Optional[bool] = None, cuda_graph: bool = False,
+                 disabled_optimizers: Optional[Sequence[str]] = None, cuda_options: Optional[dict] = None):
         ort = self._ort = _import_ort()
         if torch.device(device).type == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # onnxruntime-gpu finds the CUDA/cuDNN libraries of the torch install
@@ -64,6 +65,11 @@ class OnnxRuntimeEngine(ExportedEngine):
                 # convolutions in TF32 (seen on the H100: greedy tokens equal, decoded image off by > 1e-3).
                 options = {"device_id": self.device.index, "user_compute_stream": str(self._stream.cuda_stream),
                            "use_tf32": "0" if manifest.get("precision") == "fp32" else "1"}
+                # prefer_nhwc: the decoder's convolutions without NCHW <-> NHWC transposes (H200, d16 FP16,
+                # ORT CUDA graphs: B1 -1.3 ms, B16 -3.2 ms; benchmarks/NOTES.md, session 11). cuda_options
+                # adds to or overrides these provider options.
+                options["prefer_nhwc"] = "1"
+                options.update({k: str(v) for k, v in (cuda_options or {}).items()})
                 if cuda_graph:
                     # ORT captures each session's graph at its first runs and replays it after: it needs
                     # fixed shapes and IO addresses (the fixed-shape files, bound once by a session) and
@@ -73,6 +79,13 @@ class OnnxRuntimeEngine(ExportedEngine):
             else:
                 providers = ["CPUExecutionProvider"]
         self._providers = list(providers)
+        # Graph optimisers ORT skips, by name (InferenceSession's disabled_optimizers). On CUDA by default
+        # "MatMulAddFusion", which in the fixed graphs turns each linear into a GEMM accumulating onto a
+        # broadcast copy of its bias (BroadcastBias 12.4 ms at d16 B16, session 7); without it, H200 d16 FP16
+        # with ORT CUDA graphs: B1 -1.1 to -3.4 ms, B16 -4 to -8 ms (session 11). Pass () to keep every optimiser.
+        if disabled_optimizers is None:
+            disabled_optimizers = ["MatMulAddFusion"] if self.device.type == "cuda" else []
+        self._disabled = list(disabled_optimizers)
         self.cuda_graph = bool(cuda_graph and self.device.type == "cuda")
         if self.cuda_graph and dynamic:
             raise InputError("ONNX Runtime CUDA graphs need the fixed-shape graphs: leave dynamic off")
@@ -93,7 +106,8 @@ class OnnxRuntimeEngine(ExportedEngine):
     def from_dir(cls, out_dir: str | Path, device="cpu", providers: Optional[Sequence] = None,
                  batch: Optional[int] = None, expected_cfg=None, expected_weights_hash: Optional[str] = None,
                  precision: Optional[str] = None, dynamic: Optional[bool] = None,
-                 cuda_graph: bool = False) -> "OnnxRuntimeEngine":
+                 cuda_graph: bool = False, disabled_optimizers: Optional[Sequence[str]] = None,
+                 cuda_options: Optional[dict] = None) -> "OnnxRuntimeEngine":
         """Check the manifest (EngineMismatchError if it differs), then open the export for every batch size
         it was built for, or only ``batch``. ORT sessions are made when a batch size is first used."""
         from var_rt.manifest import check_engine_files, load_manifest
@@ -102,7 +116,8 @@ class OnnxRuntimeEngine(ExportedEngine):
         m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)
         check_engine_files(Path(out_dir), m, list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]])
         sizes = [batch] if batch is not None else m["batch_sizes"]
-        return cls(out_dir, m, torch.device(device), sizes, providers, dynamic, cuda_graph)
+        return cls(out_dir, m, torch.device(device), sizes, providers, dynamic, cuda_graph, disabled_optimizers,
+                   cuda_options)
 
     # ---- sessions and shared weights ----------------------------------------------------------
     def file_of(self, graph: str, B: int) -> str:
@@ -118,7 +133,8 @@ class OnnxRuntimeEngine(ExportedEngine):
             if not self.dynamic:
                 for name, value in self._shared_initializers(f).items():
                     so.add_initializer(name, value)
-            sess = self._by_file[f] = self._ort.InferenceSession(str(self.out_dir / f), so, providers=self._providers)
+            sess = self._by_file[f] = self._ort.InferenceSession(str(self.out_dir / f), so, providers=self._providers,
+                                                                 disabled_optimizers=self._disabled or None)
         return sess
 
     def _shared_initializers(self, f: str) -> Dict[str, object]:
