@@ -2,7 +2,8 @@
 the batch-1 loop (benchmarks/NOTES.md, session 11). Chains of N launches captured in one graph, replayed; per
 launch = replay time / N. Cases: a one-element add (nothing to do), the d16 qkv GEMM at 2 rows (cuBLAS), and a
 copy of that GEMM's weights (the bytes it must read).
-Run on a GPU machine: python benchmarks/device/launch_floor.py [--out FILE]"""
+Run on a GPU machine: PYTHONPATH=. python benchmarks/device/launch_floor.py [--out FILE]
+(Session 11's numbers came from the same chains timed by a loop of its own, 20 replays, mean.)"""
 from __future__ import annotations
 
 import argparse
@@ -11,27 +12,7 @@ import sys
 
 import torch
 
-
-def per_launch_us(fn, n: int = 200, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (reps * n)
+from benchmarks.device.gemm_shapes import time_us
 
 
 def main() -> int:
@@ -45,9 +26,9 @@ def main() -> int:
     b = torch.randn(3072, device=dev, dtype=dt)
     wc = torch.empty_like(w)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "add_1_element_us": per_launch_us(lambda: one.add_(1)),
-           "qkv_gemm_2x1024x3072_us": per_launch_us(lambda: torch.nn.functional.linear(x, w, b)),
-           "copy_6MiB_us": per_launch_us(lambda: wc.copy_(w))}
+           "add_1_element_us": time_us(lambda: one.add_(1), 200),
+           "qkv_gemm_2x1024x3072_us": time_us(lambda: torch.nn.functional.linear(x, w, b), 200),
+           "copy_6MiB_us": time_us(lambda: wc.copy_(w), 200)}
     print("[launch-floor]", json.dumps(res), flush=True)
     if a.out:
         with open(a.out, "w") as f:
