@@ -45,7 +45,7 @@ class OnnxRuntimeEngine(ExportedEngine):
 
     def __init__(self, out_dir: str | Path, manifest: dict, device: torch.device, batch_sizes: Sequence[int],
                  providers: Optional[Sequence] = None, dynamic: Optional[bool] = None, cuda_graph: bool = False,
-                 disabled_optimizers: Optional[Sequence[str]] = None, cuda_options: Optional[dict] = None):
+                 disabled_optimizers: Optional[Sequence[str]] = None):
         ort = self._ort = _import_ort()
         if torch.device(device).type == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # onnxruntime-gpu finds the CUDA/cuDNN libraries of the torch install
@@ -66,14 +66,13 @@ class OnnxRuntimeEngine(ExportedEngine):
                 options = {"device_id": self.device.index, "user_compute_stream": str(self._stream.cuda_stream),
                            "use_tf32": "0" if manifest.get("precision") == "fp32" else "1"}
                 # prefer_nhwc: the decoder's convolutions without NCHW <-> NHWC transposes (H200, d16 FP16,
-                # ORT CUDA graphs: B1 -1.3 ms, B16 -3.2 ms; benchmarks/NOTES.md, session 11). cuda_options
-                # adds to or overrides these provider options.
+                # ORT CUDA graphs: B1 -1.3 ms, B16 -3.2 ms; benchmarks/NOTES.md, session 11). Other provider
+                # options: pass ``providers``.
                 options["prefer_nhwc"] = "1"
-                options.update({k: str(v) for k, v in (cuda_options or {}).items()})
                 if cuda_graph:
                     # ORT captures each session's graph at its first runs and replays it after: it needs
                     # fixed shapes and IO addresses (the fixed-shape files, bound once by a session) and
-                    # every node on the CUDA EP. Written against the documented API; not yet run on a GPU.
+                    # every node on the CUDA EP (run on the H200: benchmarks/NOTES.md, sessions 7 and 11).
                     options["enable_cuda_graph"] = "1"
                 providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
             else:
@@ -106,8 +105,8 @@ class OnnxRuntimeEngine(ExportedEngine):
     def from_dir(cls, out_dir: str | Path, device="cpu", providers: Optional[Sequence] = None,
                  batch: Optional[int] = None, expected_cfg=None, expected_weights_hash: Optional[str] = None,
                  precision: Optional[str] = None, dynamic: Optional[bool] = None,
-                 cuda_graph: bool = False, disabled_optimizers: Optional[Sequence[str]] = None,
-                 cuda_options: Optional[dict] = None) -> "OnnxRuntimeEngine":
+                 cuda_graph: bool = False,
+                 disabled_optimizers: Optional[Sequence[str]] = None) -> "OnnxRuntimeEngine":
         """Check the manifest (EngineMismatchError if it differs), then open the export for every batch size
         it was built for, or only ``batch``. ORT sessions are made when a batch size is first used."""
         from var_rt.manifest import check_engine_files, load_manifest
@@ -116,8 +115,7 @@ class OnnxRuntimeEngine(ExportedEngine):
         m = load_manifest(out_dir, expected_cfg, expected_weights_hash, precision, batch)
         check_engine_files(Path(out_dir), m, list(m["onnx"]["files"]) + [m["onnx"]["weights_file"]])
         sizes = [batch] if batch is not None else m["batch_sizes"]
-        return cls(out_dir, m, torch.device(device), sizes, providers, dynamic, cuda_graph, disabled_optimizers,
-                   cuda_options)
+        return cls(out_dir, m, torch.device(device), sizes, providers, dynamic, cuda_graph, disabled_optimizers)
 
     # ---- sessions and shared weights ----------------------------------------------------------
     def file_of(self, graph: str, B: int) -> str:

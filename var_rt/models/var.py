@@ -52,8 +52,7 @@ def residual_modulated_layer_norm(x, y, gamma, C: int, scale, shift, eps: float,
     ``C``: x's last dimension, as in ``modulated_layer_norm``.
     """
     x = x + (y * gamma).to(y.dtype)
-    n = F.layer_norm(x.float(), (C,), eps=eps)
-    return x, (n * scale.add(1).float() + shift.float()).to(out_dtype)
+    return x, modulated_layer_norm(x, C, scale, shift, eps, out_dtype)
 
 
 def split_heads_l2(qkv: torch.Tensor, scale_mul_1H11: torch.Tensor, heads: int):
