@@ -173,10 +173,10 @@ def test_one_engine_serves_every_batch_size_with_the_weights_once(tmp_path):
 
 
 def test_disabled_optimizers_reach_the_sessions(fx256, tmp_path):
-    """``disabled_optimizers`` (on CUDA ["MatMulAddFusion"] by default, measured faster on the H200) names an
+    """``disabled_optimizers`` (["MatMulAddFusion"] by default with ORT CUDA graphs, measured faster on the H200) names an
     optimiser ORT knows: with MatMulAddFusion off, a fixed step graph keeps its MatMul + Add instead of Gemms;
-    the engine passes the list to its sessions and still reproduces the fixed graphs' generation. On the CPU
-    every optimiser stays on unless asked."""
+    the engine passes the list to its sessions and still reproduces the fixed graphs' generation. Without ORT
+    CUDA graphs (the CPU here) every optimiser stays on unless asked."""
     import onnx
     import onnxruntime as ort
 

@@ -65,27 +65,27 @@ class OnnxRuntimeEngine(ExportedEngine):
                 # convolutions in TF32 (seen on the H100: greedy tokens equal, decoded image off by > 1e-3).
                 options = {"device_id": self.device.index, "user_compute_stream": str(self._stream.cuda_stream),
                            "use_tf32": "0" if manifest.get("precision") == "fp32" else "1"}
-                # prefer_nhwc: the decoder's convolutions without NCHW <-> NHWC transposes (H200, d16 FP16,
-                # ORT CUDA graphs: B1 -1.3 ms, B16 -3.2 ms; benchmarks/NOTES.md, session 11). Other provider
-                # options: pass ``providers``.
-                options["prefer_nhwc"] = "1"
                 if cuda_graph:
                     # ORT captures each session's graph at its first runs and replays it after: it needs
                     # fixed shapes and IO addresses (the fixed-shape files, bound once by a session) and
                     # every node on the CUDA EP (run on the H200: benchmarks/NOTES.md, sessions 7 and 11).
-                    options["enable_cuda_graph"] = "1"
+                    # prefer_nhwc: the decoder's convolutions without NCHW <-> NHWC transposes (H200, d16
+                    # FP16: B1 -1.3 ms, B16 -3.2 ms; session 11); measured with CUDA graphs only, so set only
+                    # here. Other provider options: pass ``providers``.
+                    options.update(enable_cuda_graph="1", prefer_nhwc="1")
                 providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
             else:
                 providers = ["CPUExecutionProvider"]
         self._providers = list(providers)
-        # Graph optimisers ORT skips, by name (InferenceSession's disabled_optimizers). On CUDA by default
-        # "MatMulAddFusion", which in the fixed graphs turns each linear into a GEMM accumulating onto a
-        # broadcast copy of its bias (BroadcastBias 12.4 ms at d16 B16, session 7); without it, H200 d16 FP16
-        # with ORT CUDA graphs: B1 -1.1 to -3.4 ms, B16 -4 to -8 ms (session 11). Pass () to keep every optimiser.
-        if disabled_optimizers is None:
-            disabled_optimizers = ["MatMulAddFusion"] if self.device.type == "cuda" else []
-        self._disabled = list(disabled_optimizers)
         self.cuda_graph = bool(cuda_graph and self.device.type == "cuda")
+        # Graph optimisers ORT skips, by name (InferenceSession's disabled_optimizers). With ORT CUDA graphs by
+        # default "MatMulAddFusion", which in the fixed graphs turns each linear into a GEMM accumulating onto
+        # a broadcast copy of its bias (BroadcastBias 12.4 ms at d16 B16, session 7); without it, H200 d16 FP16
+        # with ORT CUDA graphs: B1 -1.1 to -3.4 ms, B16 -4 to -8 ms (session 11). Not measured without CUDA
+        # graphs, so every optimiser stays on there. Pass () to keep every optimiser.
+        if disabled_optimizers is None:
+            disabled_optimizers = ["MatMulAddFusion"] if self.cuda_graph else []
+        self._disabled = list(disabled_optimizers)
         if self.cuda_graph and dynamic:
             raise InputError("ONNX Runtime CUDA graphs need the fixed-shape graphs: leave dynamic off")
         # On CUDA the dynamic graphs by default (one copy of the weights); with CUDA graphs the fixed ones
