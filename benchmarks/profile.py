@@ -9,8 +9,7 @@ size, on the ``cudagraph`` backend after warm-up:
 - ``generate_ms``: median of ``VARPipeline.generate`` (request in, images and tokens back on the host),
   CUDA events; ``replay_ms``: median of the captured loop alone (``CudaGraphLoop.run``);
   ``host_overhead_ms`` = generate - replay: what the request path and the result copies add;
-  ``set_request_ms``: host time of ``ScaleLoop.set_request`` alone; ``host_timeline``: one ``generate``
-  under torch.profiler, where its host time goes before and after the replay (``host_timeline``).
+  ``set_request_ms``: host time of ``ScaleLoop.set_request`` alone.
 - ``kernels_per_generation``, ``gpu_us_per_generation``: from torch.profiler (CUDA activity) around
   ``--replays`` replays of the captured loop (it sees the kernels inside a graph replay), per replay;
   ``families``: launches and GPU microseconds per kernel family (``FAMILIES``); ``top``: the largest kernels;
@@ -65,27 +64,22 @@ def family(name: str) -> str:
     return "other"
 
 
-def trace_events(fn, activities) -> List[dict]:
-    """The chrome-trace events of one call of ``fn`` under torch.profiler, inside a ``var_rt.call`` range."""
-    from torch.profiler import profile, record_function
+def kernel_table(fn, reps: int) -> Dict[str, object]:
+    """Run ``fn`` ``reps`` times under torch.profiler; kernels per call, GPU us per call, families, top 30."""
+    from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
-        with record_function("var_rt.call"):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
             fn()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            return [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X"]
-
-
-def kernel_table(fn, reps: int) -> Dict[str, object]:
-    """Run ``fn`` ``reps`` times under torch.profiler; kernels per call, GPU us per call, families, top 30."""
-    from torch.profiler import ProfilerActivity
+            events = json.load(f).get("traceEvents", [])
     per: Dict[str, List[float]] = {}
-    for e in trace_events(lambda: [fn() for _ in range(reps)], [ProfilerActivity.CUDA]):
-        if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"):
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"):
             per.setdefault(e["name"], []).append(float(e.get("dur", 0.0)))
     fams: Dict[str, Dict[str, float]] = {}
     for name, durs in per.items():
@@ -100,38 +94,6 @@ def kernel_table(fn, reps: int) -> Dict[str, object]:
                      for k, v in sorted(fams.items(), key=lambda kv: -kv[1]["us"])},
         "top": [[n[:120], round(c, 1), round(us, 1)] for n, c, us in top],
     }
-
-
-def host_timeline(fn) -> Dict[str, object]:
-    """Where the host time of one ``generate`` goes around the replay (one call under torch.profiler, CPU and
-    CUDA; the profiler's own cost per host op inflates the host parts by a few microseconds each):
-    ``before_launch_us`` from the call's start to the graph launch call, ``launch_call_us`` that call's host
-    time, ``gpu_start_us``/``gpu_end_us`` the first and last GPU activity relative to the call's start,
-    ``after_gpu_us`` from the last GPU activity to the call's end, host<->device copies, and the host ops
-    before the launch by total time (nested ops counted in each)."""
-    from torch.profiler import ProfilerActivity
-    ev = trace_events(fn, [ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    span = next(e for e in ev if e["name"] == "var_rt.call")
-    t0, t1 = float(span["ts"]), float(span["ts"]) + float(span["dur"])
-    inside = [e for e in ev if t0 <= float(e["ts"]) <= t1 + 1e6]
-    launch = [e for e in inside if e.get("cat") == "cuda_runtime" and "GraphLaunch" in e["name"]]
-    gpu = [e for e in inside if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    copies = [e for e in gpu if e.get("cat") == "gpu_memcpy"]
-    out: Dict[str, object] = {"generate_us": round(t1 - t0, 1)}
-    if launch:
-        la = launch[0]
-        out.update(before_launch_us=round(float(la["ts"]) - t0, 1), launch_call_us=round(float(la["dur"]), 1))
-        before = [e for e in inside if e.get("cat") == "cpu_op" and float(e["ts"]) < float(la["ts"])]
-        tot: Dict[str, float] = {}
-        for e in before:
-            tot[e["name"]] = tot.get(e["name"], 0.0) + float(e["dur"])
-        out["ops_before_launch"] = [[n[:80], round(us, 1)] for n, us in sorted(tot.items(), key=lambda t: -t[1])[:12]]
-    if gpu:
-        out.update(gpu_start_us=round(min(float(e["ts"]) for e in gpu) - t0, 1),
-                   gpu_end_us=round(max(float(e["ts"]) + float(e["dur"]) for e in gpu) - t0, 1))
-        out["after_gpu_us"] = round(t1 - t0 - out["gpu_end_us"], 1)
-    out["copies"] = [[e["name"][:40], round(float(e["ts"]) - t0, 1), round(float(e["dur"]), 1)] for e in copies]
-    return out
 
 
 def launched_by(fn) -> Dict[str, Dict[str, int]]:
@@ -256,7 +218,6 @@ def main(argv=None) -> int:
                 c["host_overhead_ms"] = round(c["generate_ms"] - c["replay_ms"], 3)
                 c["img_per_s"] = round(B / c["generate_ms"] * 1e3, 2)
                 c.update(kernel_table(lambda: runner.run(params), args.replays))
-                c["host_timeline"] = host_timeline(gen)
                 if args.attribute:
                     by = launched_by(lambda: loop.run(params))
                     c["top_launched_by"] = {n: by.get(n, {}) for n, _, _ in c["top"]}

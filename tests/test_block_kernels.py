@@ -318,32 +318,3 @@ def test_engine_with_block_kernels_gives_the_reference_tokens(fx256):
     ref, fused = out
     assert all(torch.equal(a, b) for a, b in zip(ref.tokens, fused.tokens))
     assert (ref.images - fused.images).abs().max() < 1e-4
-
-
-@torch.no_grad()
-def test_fused_step_with_programmatic_dependent_launch_is_bit_equal():
-    """PDL changes when a kernel is scheduled, never what it computes: the fused step launched with it, in a
-    CUDA graph as the cudagraph backend runs it, gives the logits and cache rows of the plain launches."""
-    from var_rt.kernels import pdl_runs_on
-    if not pdl_runs_on(torch.zeros(1, device=DEV)):
-        pytest.skip("programmatic dependent launch needs compiled Triton with launch_pdl and a GPU of compute "
-                    "capability 9.0 or later (the interpreter has none)")
-    var = _model("var_tiny_512_saln", F16)
-    cfg = var.cfg
-    cond = var.condition(torch.tensor([7, var.num_classes], device=DEV))
-    si = 3
-    begin, end = cfg.scale_ranges()[si]
-    x = torch.randn(2, end - begin, var.C, generator=torch.Generator().manual_seed(5)).to(DEV)
-    caches = _prefilled_caches(var, 2, begin, end, F16, torch.Generator().manual_seed(2))
-    results = []
-    for pdl in (False, True):
-        k, v = caches[0].clone(), caches[1].clone()
-        K.fused_step(var, x, cond, k, v, begin, attn_kernel=True, pdl=pdl)  # compile outside the capture
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = K.fused_step(var, x, cond, k, v, begin, attn_kernel=True, pdl=pdl)
-        g.replay()
-        torch.cuda.synchronize()
-        results.append((out.clone(), k.clone(), v.clone()))
-    for name_, a, b in zip(("logits", "cache_k", "cache_v"), *results):
-        assert torch.equal(a, b), f"{name_} differ with programmatic dependent launch"

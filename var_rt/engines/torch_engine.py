@@ -19,7 +19,6 @@ except ImportError:  # pragma: no cover - ops.py is part of the package
 from var_rt.engines.base import RunSession
 from var_rt.kernels import block as block_kernel_ops
 from var_rt.kernels import guidance as guidance_kernel
-from var_rt.kernels import pdl_runs_on
 from var_rt.kernels.groupnorm import fuse_decoder_norms
 from var_rt.graphs import DecodeGraph, all_graphs, guide, resolved_spec
 from var_rt.models.var import VAR, Condition
@@ -80,7 +79,7 @@ class TorchEngine:
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
                  block_kernels: Optional[bool] = None, conv_autotune: bool = True,
-                 norm_kernels: Optional[bool] = None, pdl: bool = False):
+                 norm_kernels: Optional[bool] = None):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -102,9 +101,6 @@ class TorchEngine:
         # benchmarks/NOTES.md): d16 batch 64 replay 169.5 -> 164.4 ms, d30 batch 64 553.3 -> 542.1 ms.
         self.attention_kernel = self.block_kernels
         self.guide_kernel = self.block_kernels and guidance_kernel.available(var.head.weight)
-        # Programmatic dependent launch for the block kernels (Hopper; var_rt.kernels.pdl_runs_on): an A/B
-        # switch until measured on the H200 (session 12).
-        self.pdl = bool(pdl) and self.block_kernels and pdl_runs_on(var.head.weight)
         # cuDNN picks the decoder's conv algorithms by timing them (cudnn.benchmark) rather than by its
         # heuristics, for this engine's decoder calls only (the process-wide flag is left as it is). Measured:
         # d16 batch 64 decoder convs 33 ms instead of 60 (benchmarks/NOTES.md).
@@ -176,9 +172,9 @@ class TorchEngine:
         if self.block_kernels:
             direct = self.guide_kernel and outputs["logits"].is_contiguous() and inputs["cfg_t"].is_contiguous()
             logits = block_kernel_ops.fused_step(self.var, inputs["x"], cond, inputs["cache_k"], inputs["cache_v"], b,
-                                                 self.attention_kernel, float_logits=not direct, pdl=self.pdl)
+                                                 self.attention_kernel, float_logits=not direct)
             if direct:
-                guidance_kernel.guide_into(logits, inputs["cfg_t"], outputs["logits"], pdl=self.pdl)
+                guidance_kernel.guide_into(logits, inputs["cfg_t"], outputs["logits"])
                 return
         else:
             logits = self.var.step(inputs["x"], cond, kv)

@@ -45,29 +45,3 @@ def runs_on(tensor: torch.Tensor) -> bool:
     if INTERPRETED is None:
         return False
     return (tensor.is_cuda and not INTERPRETED) or (tensor.device.type == "cpu" and INTERPRETED)
-
-
-# Programmatic dependent launch (Hopper and later): a kernel launched with it may be scheduled before the
-# kernel ahead of it on the stream has finished, and waits inside (``gdc_wait``, its first statement here)
-# until that kernel's memory is visible; so what it saves is launch latency, never ordering. Kernels of
-# this package take a ``PDL`` constexpr: off, the branch is not compiled (nor run by the interpreter).
-gdc_wait = gdc_launch_dependents = None
-if triton is not None:
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F811
-    except ImportError:  # an older Triton: no PDL
-        pass
-
-
-def pdl_runs_on(tensor: torch.Tensor) -> bool:
-    """Whether kernels launched on ``tensor`` can use programmatic dependent launch: compiled Triton that
-    has it, and a CUDA device of compute capability 9.0 or later."""
-    if INTERPRETED is not False or gdc_wait is None or not tensor.is_cuda:
-        return False
-    from triton.backends.nvidia.compiler import CUDAOptions
-    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(tensor.device)[0] >= 9
-
-
-def pdl_launch(pdl: bool) -> dict:
-    """The launch keywords of a kernel launched with (or without) programmatic dependent launch."""
-    return {"launch_pdl": True} if pdl else {}

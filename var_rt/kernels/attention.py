@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from var_rt.kernels import gdc_launch_dependents, gdc_wait, pdl_launch, runs_on, tl, triton
+from var_rt.kernels import runs_on, tl, triton
 
 
 class Config(NamedTuple):
@@ -43,11 +43,7 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qk_scale, l, L, H, D,
                           sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PDL: tl.constexpr = False):
-        if PDL:  # programmatic dependent launch (var_rt.kernels)
-            gdc_wait()
-            gdc_launch_dependents()
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -87,11 +83,10 @@ def available(q: torch.Tensor) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              config: Config = DEFAULT, pdl: bool = False) -> torch.Tensor:
+              config: Config = DEFAULT) -> torch.Tensor:
     """softmax(q k^T * scale) v for q (B, H, l, c) and k, v (B, H, L, c), each with unit stride in c (any
     other strides: views of a KV cache, q laid out (B, l, H, c)). Returns (B, H, l, c) whose memory is laid
-    out (B, l, H, c): ``o.transpose(1, 2).reshape(B, l, H * c)`` is a view. pdl: launch with programmatic
-    dependent launch (where ``var_rt.kernels.pdl_runs_on(q)``)."""
+    out (B, l, H, c): ``o.transpose(1, 2).reshape(B, l, H * c)`` is a view."""
     if not available(q):
         raise RuntimeError(f"attention kernel: needs FP16/BF16 tensors on a CUDA device with Triton (or the "
                            f"interpreter on the CPU), got {q.dtype} on {q.device}")
@@ -114,5 +109,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                             BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                             BLOCK_D=max(16, triton.next_power_of_2(c)), num_warps=config.warps,
-                            num_stages=config.stages, PDL=pdl, **pdl_launch(pdl))
+                            num_stages=config.stages)
     return out

@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from var_rt.kernels import INTERPRETED, gdc_launch_dependents, gdc_wait, pdl_launch, runs_on, tl, triton
+from var_rt.kernels import INTERPRETED, runs_on, tl, triton
 from var_rt.kernels import attention as attention_kernel
 
 _TL_DTYPES = {}
@@ -77,11 +77,8 @@ if triton is not None:
     def _modulated_ln_kernel(x_ptr, y_ptr, g_ptr, s_ptr, b_ptr, xo_ptr, h_ptr,
                              l, C, sx_b, sx_l, sy_b, sy_l, sg_b, ss_b, sb_b, sxo_b, sxo_l, sh_b, sh_l, eps,
                              HAS_Y: tl.constexpr, HAS_LN: tl.constexpr, PROD: tl.constexpr,
-                             ADA: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+                             ADA: tl.constexpr, BLOCK_C: tl.constexpr):
         """One (image, token) row: [x += round_PROD(y * gamma)], [h = LN(x) * (1 + scale) + shift]."""
-        if PDL:  # var_rt.kernels: wait for the kernel ahead, let the next one be scheduled
-            gdc_wait()
-            gdc_launch_dependents()
         row = tl.program_id(0)
         b = (row // l).to(tl.int64)
         t = (row % l).to(tl.int64)
@@ -109,12 +106,8 @@ if triton is not None:
     @triton.jit
     def _qk_norm_kv_kernel(qkv_ptr, sm_ptr, q_ptr, k_ptr, v_ptr, l, H, D, begin,
                            s_b, s_l, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                           L2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                           PDL: tl.constexpr = False):
+                           L2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         """One (image, token) row of qkv (3, H, c): q -> q_out, k and v -> the caches at begin + t."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
         row = tl.program_id(0)
         b = (row // l).to(tl.int64)
         t = (row % l).to(tl.int64)
@@ -179,7 +172,7 @@ def _dtype(dt: torch.dtype, name: str):
 # Modulated LayerNorm, with the residual of the attention or of the FFN before it
 # ----------------------------------------------------------------------------------------------
 
-def _launch_ln(x, y, gamma, scale, shift, eps, out_dtype, x_out, h_out, prod_dtype, ada_dtype, what, pdl=False):
+def _launch_ln(x, y, gamma, scale, shift, eps, out_dtype, x_out, h_out, prod_dtype, ada_dtype, what):
     _check_runnable(x, what)
     _need(x.dtype == torch.float32, f"{what}: x (the residual stream) must be float32, got {x.dtype}")
     B, l, C = x.shape
@@ -217,16 +210,14 @@ def _launch_ln(x, y, gamma, scale, shift, eps, out_dtype, x_out, h_out, prod_dty
             dummy if y is None else x_out, dummy if scale is None else h_out,
             l, C, x.stride(0), x.stride(1), *sy, sg, ss, sb, *sxo, *sh, float(eps),
             HAS_Y=y is not None, HAS_LN=scale is not None, PROD=_dtype(prod_dtype, "y * gamma"), ADA=ada,
-            BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 2048 else 8, enable_fp_fusion=False,
-            PDL=pdl, **pdl_launch(pdl))
+            BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 2048 else 8, enable_fp_fusion=False)
     return x_out if y is not None else x, h_out
 
 
 def residual_modulated_ln(x: torch.Tensor, y: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
                           scale: torch.Tensor, shift: torch.Tensor, eps: float, out_dtype: torch.dtype,
                           x_out: Optional[torch.Tensor] = None, h_out: Optional[torch.Tensor] = None,
-                          ada_dtype: Optional[torch.dtype] = None, pdl: bool = False
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+                          ada_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The attention residual and the FFN's modulated LayerNorm in one launch.
 
     ``x_out = x + (y * gamma).to(y.dtype)``; ``h_out = (LN(x_out) * scale.add(1) + shift).to(out_dtype)``
@@ -242,29 +233,27 @@ def residual_modulated_ln(x: torch.Tensor, y: Optional[torch.Tensor], gamma: Opt
         x_out, h_out: preallocated outputs, or None to allocate; ``x_out`` may be ``x`` (in place).
         ada_dtype: the dtype the AdaLN values are held in by the reference (``block.ada_dtype``) when
             gamma/scale/shift are float32 copies; default their own dtype.
-        pdl: launch with programmatic dependent launch (only where ``var_rt.kernels.pdl_runs_on(x)``).
 
     Returns:
         (x_out, h_out).
     """
     prod = y.dtype if y is not None else torch.float32
     return _launch_ln(x, y, gamma, scale, shift, eps, out_dtype, x_out, h_out, prod, ada_dtype,
-                      "residual_modulated_ln", pdl)
+                      "residual_modulated_ln")
 
 
 def modulated_ln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out_dtype: torch.dtype,
-                 h_out: Optional[torch.Tensor] = None, ada_dtype: Optional[torch.dtype] = None,
-                 pdl: bool = False) -> torch.Tensor:
+                 h_out: Optional[torch.Tensor] = None, ada_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``(LN(x) * scale.add(1) + shift).to(out_dtype)``: reference ``modulated_layer_norm`` (arguments as
     ``residual_modulated_ln``)."""
-    return residual_modulated_ln(x, None, None, scale, shift, eps, out_dtype, None, h_out, ada_dtype, pdl)[1]
+    return residual_modulated_ln(x, None, None, scale, shift, eps, out_dtype, None, h_out, ada_dtype)[1]
 
 
 def gated_residual_modulated_ln(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor,
                                 scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], eps: float,
                                 out_dtype: torch.dtype, x_out: Optional[torch.Tensor] = None,
                                 h_out: Optional[torch.Tensor] = None, gamma_dtype: Optional[torch.dtype] = None,
-                                ada_dtype: Optional[torch.dtype] = None, pdl: bool = False
+                                ada_dtype: Optional[torch.dtype] = None
                                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Block i's FFN residual and block i+1's first modulated LayerNorm in one launch.
 
@@ -283,15 +272,15 @@ def gated_residual_modulated_ln(x: torch.Tensor, y: torch.Tensor, gamma: torch.T
     prod = torch.promote_types(y.dtype, gdt)
     if scale is None:
         return _launch_ln(x, y, gamma, None, None, eps, out_dtype, x_out, None, prod, gdt,
-                          "gated_residual_modulated_ln", pdl)[0], None
+                          "gated_residual_modulated_ln")[0], None
     if gdt == (ada_dtype or scale.dtype):
         return _launch_ln(x, y, gamma, scale, shift, eps, out_dtype, x_out, h_out, prod, gdt,
-                          "gated_residual_modulated_ln", pdl)
+                          "gated_residual_modulated_ln")
     # The kernel holds one AdaLN dtype; gamma's differing from the next LN's (no VAR config mixes
     # them within a model, but the head's ada_lin may) costs a second launch.
     x_out = _launch_ln(x, y, gamma, None, None, eps, out_dtype, x_out, None, prod, gdt,
-                       "gated_residual_modulated_ln", pdl)[0]
-    return x_out, modulated_ln(x_out, scale, shift, eps, out_dtype, h_out, ada_dtype, pdl)
+                       "gated_residual_modulated_ln")[0]
+    return x_out, modulated_ln(x_out, scale, shift, eps, out_dtype, h_out, ada_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +289,7 @@ def gated_residual_modulated_ln(x: torch.Tensor, y: torch.Tensor, gamma: torch.T
 
 def qk_norm_kv_write(qkv: torch.Tensor, scale_mul: Optional[torch.Tensor], heads: int,
                      cache_k: torch.Tensor, cache_v: torch.Tensor, begin: int,
-                     q_out: Optional[torch.Tensor] = None, pdl: bool = False) -> torch.Tensor:
+                     q_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Split the qkv GEMM output into heads, writing q to ``q_out`` and k, v into the static cache.
 
     With ``scale_mul`` (cosine attention, reference ``split_heads_l2``): q and k L2-normalised in
@@ -315,7 +304,6 @@ def qk_norm_kv_write(qkv: torch.Tensor, scale_mul: Optional[torch.Tensor], heads
         cache_k, cache_v: (B, H, L, c) of qkv's dtype (one layer of ``KVCache``), unit channel stride.
         begin: first cache position written; begin + l <= L.
         q_out: (B, H, l, c) of qkv's dtype, unit channel stride, or None to allocate.
-        pdl: as ``residual_modulated_ln``.
 
     Returns:
         q_out.
@@ -348,7 +336,7 @@ def qk_norm_kv_write(qkv: torch.Tensor, scale_mul: Optional[torch.Tensor], heads
             cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
             cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
             L2=scale_mul is not None, BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(c),
-            num_warps=4, enable_fp_fusion=False, PDL=pdl, **pdl_launch(pdl))
+            num_warps=4, enable_fp_fusion=False)
     return q_out
 
 
@@ -378,18 +366,16 @@ def _ada(ada_B6C: torch.Tensor, k: int) -> torch.Tensor:
     return ada_B6C[:, k]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: bool,
-            pdl: bool = False) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: bool) -> torch.Tensor:
     """The step's attention: the Triton kernel (``var_rt.kernels.attention``) when asked for and it runs on q
     (FP16/BF16), else PyTorch's SDPA. Both return q's (B, l, H, c) memory layout."""
     if kernel and attention_kernel.available(q):
-        return attention_kernel.attention(q, k, v, scale, pdl=pdl)
+        return attention_kernel.attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, cache_k: torch.Tensor,
-                cache_v: torch.Tensor, begin: int, attn_kernel: bool = False,
-                pdl: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                cache_v: torch.Tensor, begin: int, attn_kernel: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """From the modulated LN ``h`` of x to (x after the attention residual, the FFN's output y)."""
     attn, ffn = block.attn, block.ffn
     B, l, C = x.shape
@@ -400,13 +386,13 @@ def _block_body(block, x: torch.Tensor, h: torch.Tensor, ada_B6C: torch.Tensor, 
     # back to (B, l, C) for proj is a view instead of a copy (measured: d16 B1 -0.6 ms, B64 -4 ms).
     q_out = torch.empty((B, l, H, C // H), dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
     q = qk_norm_kv_write(qkv, attn.scale_mul_1H11 if attn.l2_norm else None, H,
-                         cache_k, cache_v, begin, q_out, pdl)                # q/k norm + K/V write
+                         cache_k, cache_v, begin, q_out)                     # q/k norm + K/V write
     end = begin + l
-    o = _attend(q, cache_k[:, :, :end], cache_v[:, :, :end], attn.softmax_scale, attn_kernel, pdl)
+    o = _attend(q, cache_k[:, :, :end], cache_v[:, :, :end], attn.softmax_scale, attn_kernel)
     a = F.linear(o.transpose(1, 2).reshape(B, l, C), attn.proj.weight, attn.proj.bias)
     ada_dt = block.ada_dtype
     x, h2 = residual_modulated_ln(x, a, _ada(ada_B6C, 0), _ada(ada_B6C, 3), _ada(ada_B6C, 5), block.eps,
-                                  w.dtype, ada_dtype=ada_dt, pdl=pdl)       # residual + LN
+                                  w.dtype, ada_dtype=ada_dt)                # residual + LN
     f = fc1_gelu(h2, ffn.fc1)                                               # fc1 + GELU
     return x, F.linear(f, ffn.fc2.weight, ffn.fc2.bias)                    # fc2
 
@@ -436,7 +422,7 @@ def fused_block_forward(block, x_BlC: torch.Tensor, ada_B6C: torch.Tensor, cache
 
 
 def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: torch.Tensor,
-               begin: int, attn_kernel: bool = False, float_logits: bool = True, pdl: bool = False) -> torch.Tensor:
+               begin: int, attn_kernel: bool = False, float_logits: bool = True) -> torch.Tensor:
     """``VAR.step(x, cond, KVCache(cache_k, cache_v).provider(begin, begin + l))`` with the kernels.
 
     Each block's FFN residual is folded into the next block's first modulated LayerNorm, the last
@@ -452,7 +438,6 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
         attn_kernel: as ``fused_block_forward``.
         float_logits: False returns the head's output in its compute dtype (what ``.float()`` casts), for a
             caller that reads it as float32 itself (``var_rt.kernels.guidance``).
-        pdl: the Triton kernels launched with programmatic dependent launch (``var_rt.kernels.pdl_runs_on``).
 
     Returns:
         logits (B, l, V) float32 (or the head's dtype).
@@ -461,10 +446,10 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
     ada = cond.ada_blocks
     first = blocks[0]
     h = modulated_ln(x_BlC, _ada(ada[0], 2), _ada(ada[0], 4), first.eps, first.attn.mat_qkv.weight.dtype,
-                     ada_dtype=first.ada_dtype, pdl=pdl)
+                     ada_dtype=first.ada_dtype)
     x = x_BlC
     for i, blk in enumerate(blocks):
-        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin, attn_kernel, pdl)
+        x, y = _block_body(blk, x, h, ada[i], cache_k[i], cache_v[i], begin, attn_kernel)
         if i + 1 < len(blocks):
             nxt = blocks[i + 1]
             scale, shift = _ada(ada[i + 1], 2), _ada(ada[i + 1], 4)
@@ -473,6 +458,6 @@ def fused_step(var, x_BlC: torch.Tensor, cond, cache_k: torch.Tensor, cache_v: t
             scale, shift = cond.ada_head[:, 0], cond.ada_head[:, 1]
             out_dtype, eps, ada_dt = var.head.weight.dtype, var.head_nm.eps, var.head_nm.ada_lin[1].weight.dtype
         x, h = gated_residual_modulated_ln(x, y, _ada(ada[i], 1), scale, shift, eps, out_dtype, x_out=x,
-                                           gamma_dtype=blk.ada_dtype, ada_dtype=ada_dt, pdl=pdl)
+                                           gamma_dtype=blk.ada_dtype, ada_dtype=ada_dt)
     logits = F.linear(h, var.head.weight, var.head.bias)
     return logits.float() if float_logits else logits

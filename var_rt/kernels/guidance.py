@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from var_rt.kernels import gdc_launch_dependents, gdc_wait, pdl_launch, runs_on, tl, triton
+from var_rt.kernels import runs_on, tl, triton
 
 BLOCK = 2048
 
 if triton is not None:
     @triton.jit
-    def _guide_kernel(raw_ptr, cfg_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        if PDL:  # programmatic dependent launch (var_rt.kernels)
-            gdc_wait()
-            gdc_launch_dependents()
+    def _guide_kernel(raw_ptr, cfg_ptr, out_ptr, N, BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < N
         cond = tl.load(raw_ptr + i, mask=m, other=0.0).to(tl.float32)
@@ -33,11 +30,10 @@ if triton is not None:
 available = runs_on  # Triton importable and a CUDA tensor, or the interpreter and a CPU tensor
 
 
-def guide_into(raw: torch.Tensor, cfg_t: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def guide_into(raw: torch.Tensor, cfg_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = guide(raw.float(), cfg_t)``: raw (2B, l, V) contiguous, conditional rows first, any float dtype;
     cfg_t (2,) float32 [1 + t, t] on raw's device (read there: graph-safe); out (B, l, V) float32 contiguous.
-    One launch on the current stream; allocates nothing. pdl: programmatic dependent launch
-    (``var_rt.kernels.pdl_runs_on``)."""
+    One launch on the current stream; allocates nothing."""
     if not available(raw):
         raise RuntimeError(f"guide kernel: needs a CUDA tensor with Triton (or the interpreter on the CPU), got "
                            f"{raw.device}")
@@ -53,5 +49,5 @@ def guide_into(raw: torch.Tensor, cfg_t: torch.Tensor, out: torch.Tensor, pdl: b
     n = out.numel()
     if n:
         _guide_kernel[(triton.cdiv(n, BLOCK),)](raw, cfg_t, out, n, BLOCK=BLOCK, num_warps=8,
-                                                enable_fp_fusion=False, PDL=pdl, **pdl_launch(pdl))
+                                                enable_fp_fusion=False)
     return out
