@@ -3,6 +3,7 @@
 # log to $OUT/suite-<i>.log as it runs (a killed shard still leaves what it ran).
 # Usage: [FILES=... | FILES_FROM=list] suite.sh [N] [timeout_s]; FILES_FROM: one file or node id per line
 set -uo pipefail
+export PYTHONUNBUFFERED=1  # a shard killed by the timeout keeps what it printed (block-buffered output is lost)
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/gpu}; N=${1:-3}; LIMIT=${2:-420}
 mkdir -p "$OUT"

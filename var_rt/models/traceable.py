@@ -7,7 +7,8 @@ with PyTorch's kernels. Neither traces well, so the graphs built for export
 - Area downsampling is adaptive average pooling. ONNX has none; the exporter handles only sizes that
   divide (16 -> 13 or 32 -> 24 do not) and fails where it cannot see the input size (the encoder's
   residual loop). ``area_downsample(..., as_matmul=True)`` is ``A_h @ x @ A_w^T`` with two small
-  constant averaging matrices, which computes the same averages for any sizes.
+  constant averaging matrices (both on the right of a product: ``(x^T A_h^T)^T A_w^T``), which computes
+  the same averages for any sizes.
 - PyTorch's CPU FP16 convolution is hundreds of times slower than FP32 on CPUs without AVX512-FP16
   (measured with oneDNN limited to AVX2: a 160-channel 128 x 128 conv took 142 s in FP16, 0.44 s in
   FP32; each 256 x 256 convolution of the real decoder would take about ten minutes), and tracing
@@ -48,7 +49,11 @@ def area_downsample(x: torch.Tensor, size: Union[int, Tuple[int, int]], as_matmu
     # int(): the input sizes are constants of the graph (the tracer would record them as values).
     a_h = area_matrix(oh, int(x.shape[-2]), x.dtype, x.device)
     a_w = area_matrix(ow, int(x.shape[-1]), x.dtype, x.device)
-    return a_h @ x @ a_w.T
+    # a_h @ x computed as (x^T @ a_h^T)^T: the same products and sums, but the constant on the right. ONNX
+    # Runtime's CUDA MatMul runs a constant on the left broadcast over the batch as a batched GEMM whose
+    # pointer arrays it copies from the host on every run (3 host -> device copies per transition graph,
+    # measured on the H200, benchmarks/NOTES.md session 12); with the batch on the left it is one GEMM.
+    return (x.transpose(-1, -2) @ a_h.T).transpose(-1, -2) @ a_w.T
 
 
 class _HalfConv2d(torch.autograd.Function):
