@@ -47,8 +47,11 @@ def server():
         # 32 requests at once on a shared 2-core machine can take longer than the default deadline
         main = build_app(_kwargs(fx), max_batch_size=16, num_cpus=1, batch_wait_timeout_s=0.2, request_timeout_s=300)
         small = build_app(_kwargs(fx), max_batch_size=1, max_ongoing_requests=1, num_cpus=1, name="VARServerSmall")
-        # a deadline no request can meet (the batch wait alone is longer): every request times out
-        hasty = build_app(_kwargs(fx), max_batch_size=1, request_timeout_s=0.01, num_cpus=0, name="VARServerHasty")
+        # a deadline no request can meet: one image waits up to 2 s for a second to fill its batch of 2, so every
+        # lone request times out whatever the generation takes (with batches of 1 there is no wait, and a fast
+        # machine generated the tiny model's image within the 0.01 s: seen once in CI)
+        hasty = build_app(_kwargs(fx), max_batch_size=2, batch_wait_timeout_s=2.0, request_timeout_s=0.01, num_cpus=0,
+                          name="VARServerHasty")
         serve.run(main, name="main", route_prefix="/")
         serve.run(small, name="small", route_prefix="/small")
         serve.run(hasty, name="hasty", route_prefix="/hasty")
