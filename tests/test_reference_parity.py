@@ -6,6 +6,10 @@ from var_rt.runtime import run_scale_loop
 from var_rt.validation import Sampling
 
 ATOL = 1e-4
+# The decoded image: torch's float32 CPU GroupNorm sums a group's statistics in an order that depends on the
+# thread count, and at 512 px (one 512x512 channel per group) one thread puts the image 2.2e-4 from the official
+# output (two threads 8e-5, float64 8e-6; measured 2026-12-04). Still 1/35 of one 8-bit level (2/255).
+IMAGE_ATOL = 5e-4
 
 
 @torch.no_grad()
@@ -29,7 +33,7 @@ def test_fhat_and_decoded_image(fx):
     f_hat = fx.vae.quantize.idx_to_fhat(c["gt_idx"])
     assert (f_hat - c["fhat_from_idx"]).abs().max() < ATOL
     img = fx.vae.decode_fhat(f_hat)
-    assert (img - c["image_from_idx"]).abs().max() < ATOL
+    assert (img - c["image_from_idx"]).abs().max() < IMAGE_ATOL
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@
 # Usage: [FILES=... | FILES_FROM=list] suite.sh [N] [timeout_s]; FILES_FROM: one file or node id per line
 set -uo pipefail
 export PYTHONUNBUFFERED=1  # a shard killed by the timeout keeps what it printed (block-buffered output is lost)
+# One CPU thread per shard unless told: 10 shards of 16 threads each on 16 cores did not finish in 540 s
+# (2026-12-04, session 13); with one thread each, 12 shards ran the whole suite in 189 s.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/gpu}; N=${1:-3}; LIMIT=${2:-420}
 mkdir -p "$OUT"
