@@ -30,6 +30,21 @@ double cubic(double x) {  // A = -0.75
   return 0;
 }
 
+// conv3x3(u, w, padding 1)[co][Y][X] + bias[co] in double; u points at one image's (Cv, P, P) values.
+template <typename T>
+double conv_at(const T* u, const std::vector<float>& w, const std::vector<float>& bias, int Cv, int P, int co, int Y,
+               int X) {
+  double s = bias[co];
+  for (int ci = 0; ci < Cv; ++ci)
+    for (int dy = -1; dy <= 1; ++dy)
+      for (int dx = -1; dx <= 1; ++dx) {
+        const int y = Y + dy, x = X + dx;
+        if (y < 0 || y >= P || x < 0 || x >= P) continue;
+        s += (double)w[((size_t)co * Cv + ci) * 9 + (dy + 1) * 3 + dx + 1] * u[((size_t)ci * P + y) * P + x];
+      }
+  return s;
+}
+
 // u = bicubic(h) (B, Cv, P, P); f += (1 - r) u + r conv(u); next = area(f).
 void reference(std::vector<double>& f, const std::vector<float>& h, const std::vector<float>& w,
                const std::vector<float>& bias, double r, int B, int Cv, int P, int pn, int pn_next,
@@ -59,14 +74,7 @@ void reference(std::vector<double>& f, const std::vector<float>& h, const std::v
     for (int co = 0; co < Cv; ++co)
       for (int Y = 0; Y < P; ++Y)
         for (int X = 0; X < P; ++X) {
-          double conv = bias[co];
-          for (int ci = 0; ci < Cv; ++ci)
-            for (int dy = -1; dy <= 1; ++dy)
-              for (int dx = -1; dx <= 1; ++dx) {
-                const int y = Y + dy, x = X + dx;
-                if (y < 0 || y >= P || x < 0 || x >= P) continue;
-                conv += (double)w[((size_t)co * Cv + ci) * 9 + (dy + 1) * 3 + dx + 1] * u[((size_t)ci * P + y) * P + x];
-              }
+          const double conv = conv_at(u.data(), w, bias, Cv, P, co, Y, X);
           f[(((size_t)b * Cv + co) * P + Y) * P + X] += (1 - r) * u[((size_t)co * P + Y) * P + X] + r * conv;
         }
     const int n = pn_next;
@@ -99,18 +107,9 @@ std::vector<float> conv_of(const std::vector<float>& u, const std::vector<float>
   for (int b = 0; b < B; ++b)
     for (int co = 0; co < Cv; ++co)
       for (int Y = 0; Y < P; ++Y)
-        for (int X = 0; X < P; ++X) {
-          double s = bias[co];
-          for (int ci = 0; ci < Cv; ++ci)
-            for (int dy = -1; dy <= 1; ++dy)
-              for (int dx = -1; dx <= 1; ++dx) {
-                const int y = Y + dy, x = X + dx;
-                if (y < 0 || y >= P || x < 0 || x >= P) continue;
-                s += (double)w[((size_t)co * Cv + ci) * 9 + (dy + 1) * 3 + dx + 1] *
-                     u[(((size_t)b * Cv + ci) * P + y) * P + x];
-              }
-          out[(((size_t)b * Cv + co) * P + Y) * P + X] = (float)s;
-        }
+        for (int X = 0; X < P; ++X)
+          out[(((size_t)b * Cv + co) * P + Y) * P + X] =
+              (float)conv_at(u.data() + (size_t)b * Cv * P * P, w, bias, Cv, P, co, Y, X);
   return out;
 }
 
