@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call of a GPU round (see benchmarks/NOTES.md): build the CUDA extension, then the named steps.
 #   bash benchmarks/device/gpu_round.sh tests profile bench      # results under $OUT (default out/gpu)
-# Steps: tests (GPU tests of the fused paths), sweep (benchmarks/device/kernel_sweep.py; SWEEP=attention,
+# Steps: selftest (csrc/kernels_selftest.cu against its float64 reference), tests (GPU tests of the fused
+# paths; TESTS_K narrows them with pytest -k), sweep (benchmarks/device/kernel_sweep.py; SWEEP=attention,
 # sampler or groupnorm, default attention), profile (benchmarks.profile, every lever A/B in one process),
 # bench (benchmarks.bench, d16 and d30 at batch 1 and 64 with the official-style baseline), suite (all tests).
 set -uo pipefail
@@ -20,10 +21,13 @@ VARIANTS=${VARIANTS:-"default"}
 for step in "$@"; do
   t=$(date +%s)
   case "$step" in
+    selftest)
+      nvcc -std=c++17 -arch=sm_90 -O2 -o /tmp/var_rt_selftest csrc/kernels_selftest.cu && /tmp/var_rt_selftest \
+        | tee "$OUT/selftest.log" | grep -v "^ok" ;;
     tests)
       $PY -m pytest -q -x tests/test_ops.py tests/test_cuda_backends.py tests/test_fused_sampler.py \
         tests/test_sampling.py tests/test_attention_kernel.py tests/test_guidance_kernel.py tests/test_block_kernels.py \
-        tests/test_groupnorm_kernel.py -k "not slow" 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+        tests/test_groupnorm_kernel.py -k "${TESTS_K:-not slow}" 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     sweep)
       $PY benchmarks/device/kernel_sweep.py --only "${SWEEP:-attention}" --out "$OUT/kernel-sweep-${SWEEP:-attention}.json" \
         2>&1 | grep "^\[" ;;
