@@ -218,6 +218,21 @@ def test_precision_names_bfloat16_and_exports_refuse_it(tmp_path):
         load_manifest(tmp_path, None, None, "bf16", None)
 
 
+def test_unknown_engine_option_is_one_clear_error(fx256):
+    """A misspelt engine option fails when the pipeline is made, naming the engine's options (not a TypeError
+    at the first generation)."""
+    fx = fx256
+    with pytest.raises(ConfigError, match=r"no option 'use_op'.*use_ops.*cudnn_transition"):
+        VARPipeline(fx.cfg, copy.deepcopy(fx.var), copy.deepcopy(fx.vae), torch.device("cpu"), torch.float32,
+                    progress=False, engine_options={"use_op": False})
+    with pytest.raises(ConfigError, match=r"no option 'cuda_graphs'.*cuda_graph"):
+        VARPipeline(fx.cfg, None, None, torch.device("cpu"), torch.float32, backend="onnxruntime",
+                    engine_dir=".", progress=False, engine_options={"cuda_graphs": True})
+    pipe = VARPipeline(fx.cfg, copy.deepcopy(fx.var), copy.deepcopy(fx.vae), torch.device("cpu"), torch.float32,
+                       progress=False, engine_options={"use_ops": False})
+    assert pipe.engine.use_ops is False
+
+
 def test_capture_is_a_pipeline_option(fx256):
     """Capture is chosen per pipeline, not by the backend's name: off for the eager reference and ONNX Runtime
     by default, refused without a GPU; on a GPU the torch backend captured gives the eager run's tokens."""

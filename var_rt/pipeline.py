@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import threading
@@ -76,6 +77,29 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def _engine_maker(backend: str):
+    """The callable that makes ``backend``'s engine, and the parameters the pipeline fills in itself (the rest
+    are the user's ``engine_options``)."""
+    if backend in EXPORTED:
+        if backend == "onnxruntime":
+            from var_rt.engines.onnxruntime import OnnxRuntimeEngine as Engine
+        else:
+            from var_rt.engines.tensorrt import TensorRTEngine as Engine
+        return Engine.from_dir, ("out_dir", "device", "expected_cfg", "expected_weights_hash", "precision")
+    from var_rt.engines.torch_engine import TorchEngine
+    return TorchEngine, ("var", "vae", "name", "compile")
+
+
+def check_engine_options(backend: str, options: dict) -> None:
+    """ConfigError naming the engine's options when ``options`` has a key its engine does not take."""
+    make, own = _engine_maker(backend)
+    allowed = [n for n in inspect.signature(make).parameters if n not in own]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"engine_options: the {backend!r} backend's engine has no option "
+                          f"{', '.join(map(repr, unknown))}; it takes {', '.join(allowed)}")
 
 
 def check_backend(backend: str, device: Optional[torch.device], engine_dir) -> None:
@@ -241,6 +265,7 @@ class VARPipeline:
         self.engine_dir = Path(engine_dir) if engine_dir is not None else None
         # Extra keyword arguments of the exported engine (e.g. onnxruntime's cuda_graph=True).
         self.engine_options = dict(engine_options or {})
+        check_engine_options(backend, self.engine_options)
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
         if capture and device.type != "cuda":
             raise ConfigError("capture needs a CUDA GPU (--device cuda): CUDA graphs record GPU work")
@@ -272,19 +297,14 @@ class VARPipeline:
         if self._engine is None:
             # engine_options: the engine's own keyword options (TorchEngine: use_ops=False, ...; ONNX Runtime:
             # dynamic, cuda_graph, providers).
+            make, _ = _engine_maker(self.backend)
             if self.backend in EXPORTED:
                 m = self._exported_manifest()
-                if self.backend == "onnxruntime":
-                    from var_rt.engines.onnxruntime import OnnxRuntimeEngine as Engine
-                else:
-                    from var_rt.engines.tensorrt import TensorRTEngine as Engine
-                self._engine = Engine.from_dir(self.engine_dir, self.device, expected_cfg=self.cfg,
-                                               expected_weights_hash=m["weights_hash"], precision=self.precision,
-                                               **self.engine_options)
+                self._engine = make(self.engine_dir, self.device, expected_cfg=self.cfg,
+                                    expected_weights_hash=m["weights_hash"], precision=self.precision,
+                                    **self.engine_options)
             else:
-                from var_rt.engines.torch_engine import TorchEngine
-                self._engine = TorchEngine(self.var, self.vae, name=self.backend, compile=self.compile,
-                                           **self.engine_options)
+                self._engine = make(self.var, self.vae, name=self.backend, compile=self.compile, **self.engine_options)
         return self._engine
 
     @property
