@@ -9,8 +9,8 @@
 //      next   = area_downsample(f_hat, pn_next) as (B, pn_next^2, Cv)
 //    or, with the conv left to cuDNN (TransitionParams::u_out / conv; three launches, the conv summed in
 //    cuDNN's order so that the result has the bits of the PyTorch transition): the same kernel writes u in
-//    the compute dtype and returns; the caller convolves it (at::conv2d, bias included); the kernel runs
-//    again with that result in place of its own sums.
+//    the compute dtype (channels-last) and returns; the caller convolves it (at::conv2d, bias included);
+//    the kernel runs again with that result in place of its own sums.
 //  kv_write / kv_append: byte-level strided copies with 16-byte vectors where alignment allows.
 #pragma once
 
@@ -103,9 +103,10 @@ struct TransitionParams {
   float one_minus_ratio;  // 1 - r computed in double, then rounded (PyTorch's h * (1 - r) with a Python float)
   int B, Cv, P, pn, pn_next;
   DType h_dtype, next_dtype, w_dtype;
-  // The conv left to the caller (cuDNN): non-null u_out: write u rounded to w_dtype, (B, Cv, P, P), and
-  // return (no conv, f_hat untouched); non-null conv: conv3x3(u, W) + b as the caller computed it, (B, Cv,
-  // P, P) w_dtype, used in place of the kernel's own sums.
+  // The conv left to the caller (cuDNN): non-null u_out: write u rounded to w_dtype and return (no conv,
+  // f_hat untouched); non-null conv: conv3x3(u, W) + b as the caller computed it, w_dtype, used in place of
+  // the kernel's own sums. Both (B, Cv, P, P) in channels-last memory, (B, P, P, Cv) in index order: the
+  // layout of the PyTorch transition's conv input (h's token-major view), so cuDNN picks the same algorithm.
   void* u_out = nullptr;
   const void* conv = nullptr;
 };
@@ -277,14 +278,14 @@ scale_transition_kernel(const TransitionParams p) {
     for (int g = 0; g < G && co0 + g < Cv; ++g) {
       const float* u = s_u + (co0 + g - ci0) * Q * Q;
       for (int pix = tid; pix < PP; pix += blockDim.x)
-        store_from_float(p.u_out, (static_cast<int64_t>(b) * Cv + co0 + g) * PP + pix,
+        store_from_float(p.u_out, (static_cast<int64_t>(b) * PP + pix) * Cv + co0 + g,
                          u[(pix / P + 1) * Q + pix % P + 1], wt);
     }
     return;
   }
   const float r = p.ratio, one_minus_r = p.one_minus_ratio;
   float* __restrict__ f_img = p.f_hat + static_cast<int64_t>(b) * Cv * PP;
-  const int64_t conv_base = static_cast<int64_t>(b) * Cv * PP;
+  const int64_t conv_base = static_cast<int64_t>(b) * PP;  // channels-last
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const int co = co0 + g;
@@ -296,7 +297,7 @@ scale_transition_kernel(const TransitionParams p) {
       const int pix = tid + k * kTransitionThreads;
       if (pix < PP) {
         const float conv = own_conv ? round_to(__fadd_rn(round_to(acc[k][g], wt), bias), wt)
-                                    : load_as_float(p.conv, conv_base + co * PP + pix, wt);
+                                    : load_as_float(p.conv, (conv_base + pix) * Cv + co, wt);
         const float y = round_to(__fmul_rn(conv, r), wt);
         const float blend = __fadd_rn(__fmul_rn(u[(pix / P + 1) * Q + pix % P + 1], one_minus_r), y);
         acc[k][g] = __fadd_rn(f_img[co * PP + pix], blend);

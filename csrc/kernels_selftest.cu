@@ -100,16 +100,20 @@ double max_rel(const std::vector<double>& ref, const std::vector<float>& got) {
   return err / scale;
 }
 
-// conv3x3(u) + bias in double from the kernel's own u (B, Cv, P, P), as the caller's conv of the u_out/conv mode.
-std::vector<float> conv_of(const std::vector<float>& u, const std::vector<float>& w, const std::vector<float>& bias,
+// conv3x3(u) + bias in double from the kernel's own u, as the caller's conv of the u_out/conv mode; u and the
+// result channels-last ((B, P, P, Cv) in index order), as the kernel writes and reads them.
+std::vector<float> conv_of(const std::vector<float>& u_nhwc, const std::vector<float>& w, const std::vector<float>& bias,
                            int B, int Cv, int P) {
-  std::vector<float> out(u.size());
-  for (int b = 0; b < B; ++b)
+  const size_t PP = (size_t)P * P;
+  std::vector<float> u(PP * Cv), out(u_nhwc.size());
+  for (int b = 0; b < B; ++b) {
+    for (size_t pix = 0; pix < PP; ++pix)
+      for (int c = 0; c < Cv; ++c) u[c * PP + pix] = u_nhwc[((size_t)b * PP + pix) * Cv + c];
     for (int co = 0; co < Cv; ++co)
       for (int Y = 0; Y < P; ++Y)
         for (int X = 0; X < P; ++X)
-          out[(((size_t)b * Cv + co) * P + Y) * P + X] =
-              (float)conv_at(u.data() + (size_t)b * Cv * P * P, w, bias, Cv, P, co, Y, X);
+          out[((size_t)b * PP + (size_t)Y * P + X) * Cv + co] = (float)conv_at(u.data(), w, bias, Cv, P, co, Y, X);
+  }
   return out;
 }
 

@@ -102,12 +102,15 @@ void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Ten
   if (cudnn_conv && B > 0) {
     // phi's conv by at::conv2d, the call the PyTorch transition makes (cuDNN, its summation order, its bias
     // add), on u as the kernel rounds it to the compute dtype; the kernel then blends, accumulates, downsamples.
-    at::Tensor u = at::empty({B, Cv, P, P}, phi_w.options());
+    // Channels-last, as the PyTorch transition's conv input is (h (B, pn*pn, Cv) viewed as (B, Cv, pn, pn),
+    // upsampled in that memory format): cuDNN's choice of algorithm, and so its sums, depend on the layout.
+    at::Tensor u = at::empty({B, Cv, P, P}, phi_w.options().memory_format(at::MemoryFormat::ChannelsLast));
     p.u_out = u.data_ptr();
     C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     p.u_out = nullptr;
-    conv = at::conv2d(u, phi_w, phi_b, /*stride=*/{1, 1}, /*padding=*/{1, 1}).contiguous();
+    conv = at::conv2d(u, phi_w, phi_b, /*stride=*/{1, 1}, /*padding=*/{1, 1})
+               .contiguous(at::MemoryFormat::ChannelsLast);  // (a no-op: cuDNN answers in its input's layout)
     p.conv = conv.data_ptr();
   }
   C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), stream));
