@@ -7,10 +7,6 @@
 //               (the compute dtype) with float32 sums; its result rounded as PyTorch's conv in that dtype
 //               rounds it (conv, + b, * r: each rounded to the compute dtype); the blend and f_hat float32
 //      next   = area_downsample(f_hat, pn_next) as (B, pn_next^2, Cv)
-//    or, with the conv left to cuDNN (TransitionParams::u_out / conv; three launches, the conv summed in
-//    cuDNN's order so that the result has the bits of the PyTorch transition): the same kernel writes u in
-//    the compute dtype (channels-last) and returns; the caller convolves it (at::conv2d, bias included);
-//    the kernel runs again with that result in place of its own sums.
 //  kv_write / kv_append: byte-level strided copies with 16-byte vectors where alignment allows.
 #pragma once
 
@@ -103,12 +99,6 @@ struct TransitionParams {
   float one_minus_ratio;  // 1 - r computed in double, then rounded (PyTorch's h * (1 - r) with a Python float)
   int B, Cv, P, pn, pn_next;
   DType h_dtype, next_dtype, w_dtype;
-  // The conv left to the caller (cuDNN): non-null u_out: write u rounded to w_dtype and return (no conv,
-  // f_hat untouched); non-null conv: conv3x3(u, W) + b as the caller computed it, w_dtype, used in place of
-  // the kernel's own sums. Both (B, Cv, P, P) in channels-last memory, (B, P, P, Cv) in index order: the
-  // layout of the PyTorch transition's conv input (h's token-major view), so cuDNN picks the same algorithm.
-  void* u_out = nullptr;
-  const void* conv = nullptr;
 };
 
 // x rounded to t and back (the conv's operands are in the compute dtype; products and sums in float32).
@@ -196,13 +186,11 @@ scale_transition_kernel(const TransitionParams p) {
     for (int g = 0; g < G; ++g) acc[k][g] = 0.f;
 
   // Input channels in chunks, this CTA's own chunk last: G divides the chunk, so the G output channels
-  // lie in one chunk, and its upsampled u is still in s_u for the epilogue's (1 - r) u. Without a conv of
-  // its own (u_out or conv given) the CTA upsamples its own chunk only.
-  const bool own_conv = p.u_out == nullptr && p.conv == nullptr;
+  // lie in one chunk, and its upsampled u is still in s_u for the epilogue's (1 - r) u.
   const int64_t h_base = static_cast<int64_t>(b) * pn * pn * Cv;
   const int chunks = (Cv + kTransitionChunk - 1) / kTransitionChunk, own = co0 / kTransitionChunk;
   int ci0 = 0;
-  for (int step = own_conv ? 1 : chunks; step <= chunks; ++step) {
+  for (int step = 1; step <= chunks; ++step) {
     ci0 = ((own + step) % chunks) * kTransitionChunk;
     __syncthreads();  // previous chunk's conv done with s_u (and, first time, tables/halo ready)
     const int nc = min(kTransitionChunk, Cv - ci0);
@@ -237,7 +225,6 @@ scale_transition_kernel(const TransitionParams p) {
       }
     }
     __syncthreads();
-    if (!own_conv) break;  // (the only chunk)
     // 3x3 conv of this chunk into the G accumulators of each of the thread's pixels.
     for (int c = 0; c < nc; ++c) {
       const float* u = s_u + c * Q * Q;
@@ -274,18 +261,8 @@ scale_transition_kernel(const TransitionParams p) {
   // phi(u) as PyTorch computes it in the compute dtype: y = round(round(round(conv) + b) * r), then
   // f_hat + ((1 - r) u + y) in float32. Explicit _rn operations: no contraction into an fma, whose single
   // rounding would differ from PyTorch's separate kernels. The own chunk's u is read from s_u (last chunk).
-  if (p.u_out != nullptr) {  // u of this CTA's channels, the conv's input operand, for the caller's conv
-    for (int g = 0; g < G && co0 + g < Cv; ++g) {
-      const float* u = s_u + (co0 + g - ci0) * Q * Q;
-      for (int pix = tid; pix < PP; pix += blockDim.x)
-        store_from_float(p.u_out, (static_cast<int64_t>(b) * PP + pix) * Cv + co0 + g,
-                         u[(pix / P + 1) * Q + pix % P + 1], wt);
-    }
-    return;
-  }
   const float r = p.ratio, one_minus_r = p.one_minus_ratio;
   float* __restrict__ f_img = p.f_hat + static_cast<int64_t>(b) * Cv * PP;
-  const int64_t conv_base = static_cast<int64_t>(b) * PP;  // channels-last
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const int co = co0 + g;
@@ -296,8 +273,7 @@ scale_transition_kernel(const TransitionParams p) {
     for (int k = 0; k < PPT; ++k) {
       const int pix = tid + k * kTransitionThreads;
       if (pix < PP) {
-        const float conv = own_conv ? round_to(__fadd_rn(round_to(acc[k][g], wt), bias), wt)
-                                    : load_as_float(p.conv, (conv_base + pix) * Cv + co, wt);
+        const float conv = round_to(__fadd_rn(round_to(acc[k][g], wt), bias), wt);
         const float y = round_to(__fmul_rn(conv, r), wt);
         const float blend = __fadd_rn(__fmul_rn(u[(pix / P + 1) * Q + pix % P + 1], one_minus_r), y);
         acc[k][g] = __fadd_rn(f_img[co * PP + pix], blend);

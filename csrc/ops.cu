@@ -1,7 +1,7 @@
 // CUDA implementations of the var_rt ops. The schemas are defined in Python (var_rt/ops.py,
 // torch.library); this file only registers the CUDA kernels for them, so the library must be
 // loaded after var_rt.ops has defined the namespace (var_rt.ops does this itself).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -52,7 +52,7 @@ int group_override() {
 }
 
 void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Tensor& phi_w, const at::Tensor& phi_b,
-                           double ratio, int64_t pn_next, at::Tensor& next_tokens, bool cudnn_conv) {
+                           double ratio, int64_t pn_next, at::Tensor& next_tokens) {
   TORCH_CHECK(f_hat.dim() == 4 && f_hat.scalar_type() == at::kFloat && f_hat.is_contiguous(),
               "var_rt.scale_transition: f_hat must be a contiguous float32 (B, Cv, P, P) tensor");
   const int64_t B = f_hat.size(0), Cv = f_hat.size(1), P = f_hat.size(2);
@@ -97,23 +97,7 @@ void scale_transition_cuda(at::Tensor& f_hat, const at::Tensor& h, const at::Ten
   p.h_dtype = to_dtype(h, "h");
   p.next_dtype = next_dtype;
   p.w_dtype = to_dtype(phi_w, "phi_w");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor conv;  // kept alive until the second launch is queued (the caching allocator orders its reuse)
-  if (cudnn_conv && B > 0) {
-    // phi's conv by at::conv2d, the call the PyTorch transition makes (cuDNN, its summation order, its bias
-    // add), on u as the kernel rounds it to the compute dtype; the kernel then blends, accumulates, downsamples.
-    // Channels-last, as the PyTorch transition's conv input is (h (B, pn*pn, Cv) viewed as (B, Cv, pn, pn),
-    // upsampled in that memory format): cuDNN's choice of algorithm, and so its sums, depend on the layout.
-    at::Tensor u = at::empty({B, Cv, P, P}, phi_w.options().memory_format(at::MemoryFormat::ChannelsLast));
-    p.u_out = u.data_ptr();
-    C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    p.u_out = nullptr;
-    conv = at::conv2d(u, phi_w, phi_b, /*stride=*/{1, 1}, /*padding=*/{1, 1})
-               .contiguous(at::MemoryFormat::ChannelsLast);  // (a no-op: cuDNN answers in its input's layout)
-    p.conv = conv.data_ptr();
-  }
-  C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), stream));
+  C10_CUDA_CHECK(launch_scale_transition(p, group_override(), num_sms(), c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -96,17 +96,6 @@ def test_fixed_graphs_keep_constants_right_of_matmuls(case):
     assert not left, f"MatMuls with a constant left operand: {left}"
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_step_graphs_have_no_expand(case):
-    """The step graphs broadcast the q/k norms in their Div instead of materialising them with an Expand
-    (F.normalize's expand_as; ONNX Runtime's CUDA provider runs each Expand as a kernel: 320 per d16
-    generation, H200 2026-12-04)."""
-    out = export_of(case, "fp16")
-    found = {f.name: n for f in fixed_files(out) if f.name.startswith("step")
-             for n in [sum(1 for x in load(f).graph.node if x.op_type == "Expand")] if n}
-    assert not found, f"Expand nodes in step graphs: {found}"
-
-
 def unfolded(out: Path, graph: str, module, B: int, where: Path) -> Path:
     """The fixed graph as export wrote it before folding: its dynamic graph specialised, saved in ``where``
     beside a link to (or copy of) the export's weights.bin."""

@@ -368,23 +368,3 @@ def test_transition_cuda_compute_dtype_policy(P, si, dtype):
         # the policy path's to float32 precision (without the roundings about half of them are not).
         same = ((f_hat - pol_f).abs() <= 1e-5 * (1 + pol_f.abs())).float().mean().item()
         assert same > 0.995, f"only {same:.4f} of f_hat matches PyTorch's {dtype} transition"
-
-
-@needs_kernels
-@pytest.mark.parametrize("P,si", CASES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_transition_cuda_cudnn_conv_has_the_policy_bits(P, si, dtype):
-    """cudnn_conv=True: the kernel writes u, cuDNN convolves it (the PyTorch transition's own F.conv2d), the
-    kernel blends, accumulates and downsamples: f_hat and the next tokens are the policy path's, bit for bit."""
-    q = _policy_quantizer(P, dtype, seed=si).cuda()
-    pn_next = next_side(q, si)
-    w, b, r = ops.transition_params(q, si)
-    f_hat, h = random_inputs(q, si, 3, device="cuda", seed=7 * si + 1)
-    pol_f, pol_n = reference_transition(q, si, f_hat, h)
-    nxt = _poison(torch.empty(3, pn_next ** 2, 32, device="cuda", dtype=dtype)) if pn_next else None
-    ops.scale_transition(f_hat, h, w, b, r, pn_next, nxt, cudnn_conv=True)
-    torch.cuda.synchronize()
-    diff = (f_hat - pol_f).abs()
-    assert torch.equal(f_hat, pol_f), f"{(diff > 0).float().mean().item():.2e} of f_hat differs, max {diff.max().item():.2e}"
-    if pn_next:
-        assert torch.equal(nxt, pol_n.to(dtype)), (nxt.float() - pol_n).abs().max().item()

@@ -222,7 +222,7 @@ def test_unknown_engine_option_is_one_clear_error(fx256):
     """A misspelt engine option fails when the pipeline is made, naming the engine's options (not a TypeError
     at the first generation)."""
     fx = fx256
-    with pytest.raises(ConfigError, match=r"no option 'use_op'.*use_ops.*cudnn_transition"):
+    with pytest.raises(ConfigError, match=r"no option 'use_op'.*use_ops.*norm_kernels"):
         VARPipeline(fx.cfg, copy.deepcopy(fx.var), copy.deepcopy(fx.vae), torch.device("cpu"), torch.float32,
                     progress=False, engine_options={"use_op": False})
     with pytest.raises(ConfigError, match=r"no option 'cuda_graphs'.*cuda_graph"):

@@ -38,7 +38,7 @@ __all__ = [
 _lib = torch.library.Library("var_rt", "DEF")  # noqa: the library object must stay alive
 _lib.define(
     "scale_transition(Tensor(a!) f_hat, Tensor h, Tensor phi_w, Tensor phi_b, float ratio, int pn_next, "
-    "Tensor(b!) next_tokens, bool cudnn_conv=False) -> ()"
+    "Tensor(b!) next_tokens) -> ()"
 )
 _lib.define("kv_write(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k_new, Tensor v_new, int begin) -> ()")
 _lib.define("kv_append(Tensor(a!) dst, Tensor past, Tensor present) -> ()")
@@ -102,7 +102,7 @@ def scale_transition_reference(f_hat_BChw: torch.Tensor, h_BlC: torch.Tensor, ph
     return f_new, area_downsample(f_new, pn_next).flatten(2).transpose(1, 2)
 
 
-def _scale_transition_torch(f_hat, h, phi_w, phi_b, ratio, pn_next, next_tokens, cudnn_conv=False):
+def _scale_transition_torch(f_hat, h, phi_w, phi_b, ratio, pn_next, next_tokens):
     _check_transition(f_hat, h, phi_w, phi_b, pn_next, next_tokens)
     f_new, nxt = scale_transition_reference(f_hat, h, phi_w, phi_b, ratio, pn_next)
     f_hat.copy_(f_new)
@@ -110,7 +110,7 @@ def _scale_transition_torch(f_hat, h, phi_w, phi_b, ratio, pn_next, next_tokens,
         next_tokens.copy_(nxt)
 
 
-def _scale_transition_fake(f_hat, h, phi_w, phi_b, ratio, pn_next, next_tokens, cudnn_conv=False):
+def _scale_transition_fake(f_hat, h, phi_w, phi_b, ratio, pn_next, next_tokens):
     _check_transition(f_hat, h, phi_w, phi_b, pn_next, next_tokens)
 
 
@@ -220,8 +220,7 @@ load_extension()
 # ----------------------------------------------------------------------------------------------
 
 def scale_transition(f_hat: torch.Tensor, h: torch.Tensor, phi_w: torch.Tensor, phi_b: torch.Tensor,
-                     ratio: float, pn_next: int, next_tokens: Optional[torch.Tensor] = None,
-                     cudnn_conv: bool = False) -> None:
+                     ratio: float, pn_next: int, next_tokens: Optional[torch.Tensor] = None) -> None:
     """One scale transition, in place: ``f_hat += phi(bicubic_up(h))``; ``next_tokens = area(f_hat, pn_next)``.
 
     Args:
@@ -235,17 +234,12 @@ def scale_transition(f_hat: torch.Tensor, h: torch.Tensor, phi_w: torch.Tensor, 
         pn_next: next scale's grid side; 0 for the last scale.
         next_tokens: (B, pn_next^2, Cv), written in its own dtype (token-major, channel-last).
             Ignored (may be None) when pn_next == 0.
-        cudnn_conv: the CUDA kernel leaves phi's conv to ``F.conv2d`` (cuDNN), the call the PyTorch
-            transition makes: three launches instead of one, and the conv summed in cuDNN's order, so the
-            result has the PyTorch transition's bits. The PyTorch implementation (CPU, or CUDA without the
-            extension) ignores it.
     """
     if next_tokens is None:
         if pn_next != 0:
             raise ValueError("scale_transition: next_tokens is required when pn_next > 0")
         next_tokens = f_hat.new_empty(0)
-    torch.ops.var_rt.scale_transition(f_hat, h, phi_w, phi_b, float(ratio), int(pn_next), next_tokens,
-                                      bool(cudnn_conv))
+    torch.ops.var_rt.scale_transition(f_hat, h, phi_w, phi_b, float(ratio), int(pn_next), next_tokens)
 
 
 def kv_write(cache_k: torch.Tensor, cache_v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

@@ -79,7 +79,7 @@ class TorchEngine:
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
                  block_kernels: Optional[bool] = None, conv_autotune: bool = True,
-                 norm_kernels: Optional[bool] = None, cudnn_transition: bool = False):
+                 norm_kernels: Optional[bool] = None):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -89,10 +89,6 @@ class TorchEngine:
         self._scratch: Dict[tuple, torch.Tensor] = {}  # next-scale tokens of the fused transition, per shape
         # The fused CUDA transition (one launch per scale; any compute dtype, var_rt.precision).
         self.use_ops = use_ops and ops is not None and ops.runs_on(self.device)
-        # cudnn_transition: the fused transition leaves phi's conv to cuDNN (three launches per scale instead of
-        # one), so that its result has the PyTorch transition's bits (var_rt.ops.scale_transition). Off until
-        # its cost is measured on the GPU (benchmarks/NOTES.md, session 13).
-        self.cudnn_transition = bool(cudnn_transition) and self.use_ops
         self.compiled = bool(compile and self.device.type == "cuda")  # this engine's own choice, not process-wide
         # Each step through var_rt.kernels.block (9 launches per block instead of ~15): on by default with
         # compile on CUDA (the cudagraph backend), where it measured faster (benchmarks/NOTES.md).
@@ -194,7 +190,6 @@ class TorchEngine:
         nxt = self._scratch.get(shape)
         if nxt is None:  # allocated once per shape, not per call
             nxt = self._scratch[shape] = torch.empty(shape, dtype=self.act_dtype, device=f_hat.device)
-        ops.scale_transition(f_hat, inputs["h"], w, b, ratio, 0 if last else pns[si + 1], nxt,
-                             cudnn_conv=self.cudnn_transition)
+        ops.scale_transition(f_hat, inputs["h"], w, b, ratio, 0 if last else pns[si + 1], nxt)
         if not last:  # nxt holds the area-downsampled f_hat rounded to the compute dtype, word_embed's input
             outputs["x"].copy_(self.var.scale_input(si + 1, nxt))

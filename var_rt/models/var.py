@@ -55,19 +55,13 @@ def residual_modulated_layer_norm(x, y, gamma, C: int, scale, shift, eps: float,
     return x, modulated_layer_norm(x, C, scale, shift, eps, out_dtype)
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """F.normalize(x, dim=-1) (x / max(|x|, 1e-12)) without its expand_as: the same values, and an exported
-    graph without an Expand node that ONNX Runtime would run as a kernel materialising the norm per element."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def split_heads_l2(qkv: torch.Tensor, scale_mul_1H11: torch.Tensor, heads: int):
     """(B, l, 3C) with biases -> q, k, v (B, H, l, c); cosine attention: unit q and k (normalised in
     float32), q scaled per head by exp(min(s, ln 100)) in float32, then cast to v's dtype."""
     B, l, C3 = qkv.shape
     q, k, v = qkv.view(B, l, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    q = _unit(q.float()) * scale_mul_1H11.float().clamp(max=math.log(100.0)).exp()
-    k = _unit(k.float())
+    q = F.normalize(q.float(), dim=-1) * scale_mul_1H11.float().clamp(max=math.log(100.0)).exp()
+    k = F.normalize(k.float(), dim=-1)
     return q.to(v.dtype), k.to(v.dtype), v
 
 
