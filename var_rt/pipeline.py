@@ -263,7 +263,8 @@ class VARPipeline:
         captured); True where the engine's sessions cannot be captured is a ConfigError."""
         check_backend(backend, device, engine_dir)
         self.engine_dir = Path(engine_dir) if engine_dir is not None else None
-        # Extra keyword arguments of the exported engine (e.g. onnxruntime's cuda_graph=True).
+        # The engine's own keyword options (TorchEngine: use_ops=False, ...; ONNX Runtime: cuda_graph=True, ...),
+        # checked against its signature here, passed on when the engine is made (_engine_maker).
         self.engine_options = dict(engine_options or {})
         check_engine_options(backend, self.engine_options)
         self.cfg, self.device, self.dtype, self.backend, self.progress = cfg, device, dtype, backend, progress
@@ -295,8 +296,6 @@ class VARPipeline:
         """This pipeline's engine, made at first use: the PyTorch engine, or the export's engine, which opens
         the export once for every batch size it was built for (the weights held once)."""
         if self._engine is None:
-            # engine_options: the engine's own keyword options (TorchEngine: use_ops=False, ...; ONNX Runtime:
-            # dynamic, cuda_graph, providers).
             make, _ = _engine_maker(self.backend)
             if self.backend in EXPORTED:
                 m = self._exported_manifest()
