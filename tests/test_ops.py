@@ -242,23 +242,27 @@ def test_transition_cuda_odd_shapes(Cv, P, pn, pn_next):
 
 @needs_kernels
 def test_transition_cuda_current_stream():
+    """The kernel runs on PyTorch's current stream. Captured into a CUDA graph (torch.cuda.graph captures on
+    its own stream in global mode, where a launch on the legacy default stream is an error and one on any
+    other stream runs at once): nothing runs at capture, the replay gives the reference. (A check that keeps
+    the default stream busy and reads the results on another stream did not fail with the kernel launched on
+    stream 0: H200, 2026-12-04.)"""
     q = make_quantizer(16)
     w, b, r = (t.cuda() if torch.is_tensor(t) else t for t in ops.transition_params(q, 5))
     f_hat, h = random_inputs(q, 5, 8, device="cuda")
     ref_f, ref_n = ops.scale_transition_reference(f_hat.double(), h.double(), w, b, r, 8)
     nxt = _poison(torch.empty(8, 64, 16, device="cuda"))
-    s = torch.cuda.Stream()
+    f0 = f_hat.clone()
     torch.cuda.synchronize()
-    # The default stream is kept busy (~100 ms GPU spin). A kernel wrongly launched on the default stream
-    # would not have run when the copies taken on `s` right after it are read: they would hold the poison.
-    torch.cuda._sleep(200_000_000)
-    with torch.cuda.stream(s):
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
         ops.scale_transition(f_hat, h, w, b, r, 8, nxt)
-        done_f, done_n = f_hat.clone(), nxt.clone()
-    s.synchronize()
     torch.cuda.synchronize()
-    torch.testing.assert_close(done_n.double(), ref_n, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(done_f.double(), ref_f, rtol=1e-5, atol=1e-5)
+    assert torch.equal(f_hat, f0) and nxt.isnan().all(), "the kernel ran at capture: not on the capturing stream"
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(nxt.double(), ref_n, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f_hat.double(), ref_f, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
