@@ -9,7 +9,9 @@ size, on the ``cudagraph`` backend after warm-up:
 - ``generate_ms``: median of ``VARPipeline.generate`` (request in, images and tokens back on the host),
   CUDA events; ``replay_ms``: median of the captured loop alone (``CudaGraphLoop.run``);
   ``host_overhead_ms`` = generate - replay: what the request path and the result copies add;
-  ``set_request_ms``: host time of ``ScaleLoop.set_request`` alone.
+  ``set_request_ms``: host time of ``ScaleLoop.set_request`` alone; ``launch_ms``: host time of the
+  replay call until it returns (the GPU idle before the first kernel is at most this); ``output_ms``: host
+  time of ``ScaleLoop.output`` to the host after the GPU finished (result copies and their sync).
 - ``kernels_per_generation``, ``gpu_us_per_generation``: from torch.profiler (CUDA activity) around
   ``--replays`` replays of the captured loop (it sees the kernels inside a graph replay), per replay;
   ``families``: launches and GPU microseconds per kernel family (``FAMILIES``); ``top``: the largest kernels;
@@ -212,9 +214,19 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     loop.set_request(lab, seeds, params)
                     sr.append((time.perf_counter() - t) * 1e3)
-                torch.cuda.synchronize()
+                lt, ot = [], []
+                for _ in range(args.iters):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    runner.run(params)
+                    lt.append((time.perf_counter() - t) * 1e3)
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    loop.output(rows=B, device="cpu")
+                    ot.append((time.perf_counter() - t) * 1e3)
                 c.update(generate_ms=round(statistics.median(g), 3), replay_ms=round(statistics.median(r), 3),
-                         set_request_ms=round(statistics.median(sr), 4))
+                         set_request_ms=round(statistics.median(sr), 4), launch_ms=round(statistics.median(lt), 4),
+                         output_ms=round(statistics.median(ot), 4))
                 c["host_overhead_ms"] = round(c["generate_ms"] - c["replay_ms"], 3)
                 c["img_per_s"] = round(B / c["generate_ms"] * 1e3, 2)
                 c.update(kernel_table(lambda: runner.run(params), args.replays))
