@@ -55,32 +55,6 @@ def test_fixture_decoder_fp16_close_to_fp32(fx256):
     assert err_max < FP16_MAX_ERR and err_mean < FP16_MEAN_ERR, (err_max, err_mean)
 
 
-def test_attention_bmm_form_is_the_sdpa_function():
-    """AttnBlock's two forms (SDPA, and the official code's bmm / softmax / bmm) compute one function: equal to
-    float64 rounding, and in float16 (softmax in float32) within the FP16 bound of the whole decoder."""
-    torch.manual_seed(0)
-    blk = vqvae.AttnBlock(64).double()
-    with torch.no_grad():
-        for p in blk.parameters():
-            p.normal_(0, 0.2)
-        x = torch.randn(2, 64, 6, 6, dtype=torch.float64)
-        want = blk(x)
-        blk.form = "bmm"
-        assert (blk(x) - want).abs().max().item() < 1e-12
-        got16 = blk.half()(x.half()).double()
-    assert (got16 - want).abs().max().item() < FP16_MAX_ERR
-
-
-def test_fixture_decoder_bmm_attention_fp16_close_to_fp32(fx256):
-    """The decoder with the bmm attention form in real float16 against the FP32 (SDPA) decoder."""
-    vae16 = copy.deepcopy(fx256.vae).to(torch.float16)
-    for m in vae16.modules():
-        if isinstance(m, vqvae.AttnBlock):
-            m.form = "bmm"
-    err_max, err_mean = _fp16_error(vae16, fx256.vae, _f_hat(fx256, 8))
-    assert err_max < FP16_MAX_ERR and err_mean < FP16_MEAN_ERR, (err_max, err_mean)
-
-
 # ---- 2. the GPU benchmark's command line (it does not run here) ----------------------------------
 
 def test_decoder_bench_cli(capsys):

@@ -28,14 +28,13 @@ if not sampler.available(torch.zeros(1, device=DEV)):
 SCALE, NUM_SCALES = 3, 6
 
 
-def _run(logits, seeds, top_k, top_p, codebook, guidance=None, candidates=None):
+def _run(logits, seeds, top_k, top_p, codebook, guidance=None):
     """sample_fused into views of larger buffers (as the scale loop's), returns (ids, h, ids buffer)."""
     B, l = seeds.shape[0], logits.shape[1]
     keys = sampling.request_keys(seeds, NUM_SCALES)[:, SCALE]  # a column: strided
     ids_buf = torch.full((B, l + 3), -1, dtype=torch.int64, device=DEV)
     h = torch.full((B, l, codebook.shape[1]), float("nan"), device=DEV)
-    sampler.sample_fused(logits, keys, top_k, top_p, codebook, ids_buf[:, 2:2 + l], h, guidance,
-                         candidates=candidates)
+    sampler.sample_fused(logits, keys, top_k, top_p, codebook, ids_buf[:, 2:2 + l], h, guidance)
     return ids_buf[:, 2:2 + l], h, ids_buf
 
 
@@ -43,25 +42,22 @@ def _reference(logits, seeds, top_k, top_p):
     return sampling.sample_tokens(logits, seeds, SCALE, top_k, top_p)
 
 
-# candidates: thresholds per search round (1: bisection; 16: the few-rows default); every value the same tokens.
-@pytest.mark.parametrize("candidates", [1, 16])
 @pytest.mark.parametrize("B,l,V,Cv", [(2, 5, 64, 4), (3, 4, 100, 5), (1, 3, 4096, 8)])
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (1, 0.0), (7, 0.0), (0, 0.7), (10, 0.5), (40, 0.95),
                                          (10 ** 6, 0.9), (0, 1.0)])
-def test_same_tokens_as_reference(B, l, V, Cv, top_k, top_p, candidates):
+def test_same_tokens_as_reference(B, l, V, Cv, top_k, top_p):
     g = torch.Generator().manual_seed(V + top_k)
     logits = (torch.randn(B, l, V, generator=g) * 3).to(DEV)
     codebook = torch.randn(V, Cv, generator=g).to(DEV)
     seeds = torch.arange(B, device=DEV) * 1000 + 17
-    ids, h, ids_buf = _run(logits, seeds, top_k, top_p, codebook, candidates=candidates)
+    ids, h, ids_buf = _run(logits, seeds, top_k, top_p, codebook)
     assert torch.equal(ids, _reference(logits, seeds, top_k, top_p))
     assert torch.equal(h, codebook[ids])
     assert (ids_buf[:, :2] == -1).all() and (ids_buf[:, 2 + l:] == -1).all()  # only the view is written
 
 
-@pytest.mark.parametrize("candidates", [1, 16])
 @pytest.mark.parametrize("top_k,top_p", [(2, 0.0), (2, 0.6), (0, 0.6)])
-def test_ties_at_the_thresholds(top_k, top_p, candidates):
+def test_ties_at_the_thresholds(top_k, top_p):
     """Every tied logit at the k-th value (and a whole tied group at the top-p boundary) is drawn,
     exactly as by the reference. (2, 0.6): the mass above the 3s is .475 over all of them, .73
     over the top 2 alone, so the tied ones beyond k must count in the normalisation."""
@@ -69,7 +65,7 @@ def test_ties_at_the_thresholds(top_k, top_p, candidates):
     logits = torch.tensor(row, device=DEV).expand(2, 40, len(row)).contiguous()
     codebook = torch.randn(len(row), 3).to(DEV)
     seeds = torch.tensor([1, 2], device=DEV)
-    ids, _, _ = _run(logits, seeds, top_k, top_p, codebook, candidates=candidates)
+    ids, _, _ = _run(logits, seeds, top_k, top_p, codebook)
     assert torch.equal(ids, _reference(logits, seeds, top_k, top_p))
     kept = sampling.candidate_mask(logits[:1, :1], top_k, top_p).view(-1)
     assert kept.sum() == (4 if top_k else 3)  # ties beyond k, or a two-member group, are candidates
@@ -82,9 +78,8 @@ def test_fp16_ties():
     codebook = torch.randn(512, 4, generator=g).to(DEV)
     seeds = torch.tensor([8, 9], device=DEV)
     for top_k, top_p in [(50, 0.0), (50, 0.9), (0, 0.8)]:
-        for candidates in (1, 4):
-            ids, _, _ = _run(logits, seeds, top_k, top_p, codebook, candidates=candidates)
-            assert torch.equal(ids, _reference(logits, seeds, top_k, top_p)), (top_k, top_p, candidates)
+        ids, _, _ = _run(logits, seeds, top_k, top_p, codebook)
+        assert torch.equal(ids, _reference(logits, seeds, top_k, top_p)), (top_k, top_p)
 
 
 def test_guidance_mixed_in_the_kernel():
@@ -112,9 +107,6 @@ def test_bad_buffers_are_refused():
     with pytest.raises(ValueError, match="logits must be a contiguous float32"):
         sampler.sample_fused(logits.half(), keys, 5, 0.0, codebook, torch.empty(2, 3, dtype=torch.int64,
                                                                                 device=DEV), h)
-    with pytest.raises(ValueError, match="candidates must be a power of two, got 3"):
-        sampler.sample_fused(logits, keys, 5, 0.0, codebook, torch.empty(2, 3, dtype=torch.int64, device=DEV), h,
-                             candidates=3)
 
 
 def test_filters_read_from_device_tensors():

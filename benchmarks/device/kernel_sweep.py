@@ -8,9 +8,9 @@
    against the current launch shape's (FP16: within one rounding).
 2. Step attention (``var_rt.kernels.attention``) against SDPA (cuDNN) at every scale of d16 and d30, B 1
    and 64: every launch shape, per scale and summed per generation; outputs checked against SDPA's.
-3. The fused sampler (``var_rt.kernels.sampler``): thresholds per search round x warps per row at every
-   scale of a d16 generation, B 1, 16 and 64, with guidance; tokens checked equal to bisection's. (Session 9
-   also swept search variants since deleted: benchmarks/NOTES.md.)
+3. The fused sampler (``var_rt.kernels.sampler``): warps per row at every scale of a d16 generation, B 1,
+   16 and 64, with guidance; tokens checked equal to the default launch's. (Sessions 9 and 15 also swept
+   search variants since deleted: benchmarks/NOTES.md.)
 
 Times: median of CUDA-event timings over a CUDA graph of ``--reps`` launches (launch overhead amortised
 as in the captured loop). Prints one line per case and writes every timing as JSON.
@@ -69,8 +69,8 @@ def sweep_groupnorm(reps: int) -> list:
 
 
 def sweep_sampler(reps: int) -> list:
-    """Per scale of a d16 generation (B 1, 16, 64, with guidance): thresholds per search round (1 =
-    bisection) x warps per row; tokens checked equal to bisection at the default warps."""
+    """Per scale of a d16 generation (B 1, 16, 64, with guidance): warps per row; tokens checked equal to
+    the default launch's (``sampler.warps_for``)."""
     dev, V, Cv = torch.device("cuda"), 4096, 32
     cases = []
     for B in (1, 16, 64):
@@ -88,24 +88,21 @@ def sweep_sampler(reps: int) -> list:
             h = torch.empty(B, l, Cv, device=dev)
             scales.append((l, logits, ids, h))
         case = {"B": B, "rows_per_scale": [B * l for l, *_ in scales], "runs": []}
-        ref = None
-        for nt, warps in product((1, 2, 4, 8, 16), (4, 8, 16)):
+        for warps in (None, 2, 4, 8, 16):  # None: the default rule
             per_scale, got = [], []
             for l, logits, ids, h in scales:
                 run = lambda: sampler.sample_fused(logits, keys, top_k, top_p, cb, ids, h, guid,  # noqa: E731
-                                                   num_warps=warps, candidates=nt)
+                                                   num_warps=warps)
                 per_scale.append(round(time_us(run, reps), 2))
                 run()
                 got.append(ids.clone())
-            if nt == 1 and warps == sampler.warps_for(V):
-                ref = got
-            case["runs"].append({"candidates": nt, "warps": warps, "us_per_scale": per_scale,
+            case["runs"].append({"warps": warps or "default", "us_per_scale": per_scale,
                                  "us_per_generation": round(sum(per_scale), 1), "ids": got})
+        ref = case["runs"][0]["ids"]
         for r in case["runs"]:
-            r["tokens_equal_bisection"] = all(torch.equal(a, b) for a, b in zip(r.pop("ids"), ref))
-            print(f"[sampler] B{B} candidates {r['candidates']} warps {r['warps']}: {r['us_per_generation']:.0f} us "
-                  f"per generation, per scale {r['us_per_scale']}, tokens equal {r['tokens_equal_bisection']}",
-                  flush=True)
+            r["tokens_equal_default"] = all(torch.equal(a, b) for a, b in zip(r.pop("ids"), ref))
+            print(f"[sampler] B{B} warps {r['warps']}: {r['us_per_generation']:.0f} us per generation, per scale "
+                  f"{r['us_per_scale']}, tokens equal {r['tokens_equal_default']}", flush=True)
         cases.append(case)
     return cases
 

@@ -22,7 +22,7 @@ from var_rt.kernels import guidance as guidance_kernel
 from var_rt.kernels.groupnorm import fuse_decoder_norms
 from var_rt.graphs import DecodeGraph, all_graphs, guide, resolved_spec
 from var_rt.models.var import VAR, Condition
-from var_rt.models.vqvae import VQVAE, AttnBlock
+from var_rt.models.vqvae import VQVAE
 from var_rt.names import GraphId
 
 
@@ -79,9 +79,7 @@ class TorchEngine:
 
     def __init__(self, var: VAR, vae: VQVAE, name: str = "torch", use_ops: bool = True, compile: bool = False,
                  block_kernels: Optional[bool] = None, conv_autotune: bool = True,
-                 norm_kernels: Optional[bool] = None, decoder_attention: str = "sdpa"):
-        if decoder_attention not in ("sdpa", "bmm"):
-            raise ValueError(f"decoder_attention must be 'sdpa' or 'bmm', got {decoder_attention!r}")
+                 norm_kernels: Optional[bool] = None):
         self.var, self.vae, self.name = var, vae, name
         self.device = var.head.weight.device
         self.act_dtype = var.head.weight.dtype  # the compute dtype (var_rt.precision)
@@ -127,9 +125,6 @@ class TorchEngine:
             self.norm_kernels = norm_kernels is None or bool(norm_kernels)
             if self.norm_kernels:
                 fuse_decoder_norms(dec.vae.decoder)
-            for m in dec.vae.decoder.modules():
-                if isinstance(m, AttnBlock):
-                    m.form = decoder_attention  # an instance attribute of the engine's own copy
             self._decode = torch.compile(dec, dynamic=False)
 
     def graph_names(self) -> List[str]:

@@ -60,7 +60,7 @@ if triton is not None:
     def _sample_kernel(logits_ptr, c1_ptr, c0_ptr, keys_ptr, keys_stride, top_k_ptr, top_p_ptr,
                        cb_ptr, cb_s0, cb_s1, ids_ptr, ids_s0, ids_s1, h_ptr, h_s0, h_s1, h_s2,
                        B, l, V, Cv, u_max,
-                       MIX: tl.constexpr, COUNTER_STRIDE: tl.constexpr, NT: tl.constexpr,
+                       MIX: tl.constexpr, COUNTER_STRIDE: tl.constexpr,
                        BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0)  # b * l + pos
         b = row // l
@@ -82,56 +82,42 @@ if triton is not None:
         top_k = tl.where(k_on, top_k, V)  # off: every valid id counts, so the bisection keeps them all
 
         key = _order_key(x)
-        key2 = key[None, :]
-        j = tl.arange(0, NT)
         # Largest T with count(key >= T) >= top_k, in [min, max]: the key of the k-th largest logit.
         lo = tl.min(tl.where(valid, key, 2147483647)).to(tl.int64)
         hi = tl.max(tl.where(valid, key, -2147483648)).to(tl.int64)
         top = hi
-        # NT-ary search (NT = 1: bisection) for the largest T with count(key >= T) >= top_k, keeping
-        # count(key >= lo) >= top_k and count(key >= T) < top_k for T > hi. Each round counts NT candidates
-        # spread over [lo + 1, hi] (one reduction for all) and keeps the gap between the last that passes and
-        # the first that fails. It stops once count(key >= lo) == top_k: no key then lies in [lo, T), so the kept
+        # Bisection that stops once count(key >= mid) == top_k: then no key lies in [mid, T), so the kept
         # set is already final. Off (k counts as V): T is the row minimum, no search.
         go = k_on & (hi > lo)
         while go:
-            mid = lo + 1 + ((hi - lo - 1) * (j + 1)) // (NT + 1)  # NT candidates in [lo + 1, hi], ascending
-            cnt = tl.sum(tl.where(valid[None, :] & (key2 >= mid.to(tl.int32)[:, None]), 1, 0), axis=1)
-            ok = cnt >= top_k  # a prefix of the candidates
-            n_ok = tl.sum(ok.to(tl.int32))
-            last_ok = j == n_ok - 1
-            lo = tl.where(n_ok > 0, tl.sum(tl.where(last_ok, mid, 0)), lo)
-            cnt_lo = tl.sum(tl.where(last_ok, cnt, 0))
-            hi = tl.where(n_ok < NT, tl.sum(tl.where(j == n_ok, mid, 0)) - 1, hi)
-            go = (hi > lo) & ((n_ok == 0) | (cnt_lo != top_k))
+            mid = lo + (hi - lo + 1) // 2  # in [lo + 1, hi]: an int32, compared as one
+            cnt = tl.sum(tl.where(valid & (key >= mid.to(tl.int32)), 1, 0))
+            ok = cnt >= top_k
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+            go = (hi > lo) & (cnt != top_k)
         kept = valid & (key >= lo)
         # Smallest T with mass(kept, key > T) / Z < top_p: a key in (bad, good]. bad = lo - 1 fails (mass 1,
         # top_p <= 1); good = the row maximum passes (mass 0 < top_p, when top-p is on). The mass only
-        # grows as T falls (float sums of non-negative terms are monotone), so an NT-ary search finds that T
-        # (candidates strictly inside (bad, good), those that pass a suffix); it stops once a single kept id
-        # lies in (bad, good] (n_bad - n_good == 1, the counts of kept ids above each bound): that id is T, and
-        # the kept set is every key above bad either way.
+        # grows as T falls (float sums of non-negative terms are monotone), so bisection finds that T;
+        # it stops once a single kept id lies in (bad, good] (n_bad - n_good == 1, the counts of kept ids
+        # above each bound): that id is T, and the kept set is every key above bad either way.
         e = tl.where(kept, tl.exp(x - tl.max(x)), 0.0)
         z = tl.sum(e)
-        kept2 = kept[None, :]
-        e2 = e[None, :]
         bad = lo - 1
         good = top
         n_bad = tl.sum(kept.to(tl.int32))
         n_good = n_bad * 0
         go = p_on & (good - bad > 1) & (n_bad > 1)
         while go:
-            mid = bad + 1 + ((good - bad - 2) * (j + 1)) // (NT + 1)  # NT candidates in [bad + 1, good - 1]
-            above = kept2 & (key2 > mid.to(tl.int32)[:, None])
-            n = tl.sum(above.to(tl.int32), axis=1)
-            ok = tl.sum(tl.where(above, e2, 0.0), axis=1) / z < top_p  # a suffix of the candidates
-            n_fail = NT - tl.sum(ok.to(tl.int32))
-            last_fail = j == n_fail - 1
-            first_ok = j == n_fail
-            bad = tl.where(n_fail > 0, tl.sum(tl.where(last_fail, mid, 0)), bad)
-            n_bad = tl.where(n_fail > 0, tl.sum(tl.where(last_fail, n, 0)), n_bad)
-            good = tl.where(n_fail < NT, tl.sum(tl.where(first_ok, mid, 0)), good)
-            n_good = tl.where(n_fail < NT, tl.sum(tl.where(first_ok, n, 0)), n_good)
+            mid = bad + (good - bad) // 2
+            above = kept & (key > mid.to(tl.int32))
+            n = tl.sum(above.to(tl.int32))
+            ok = tl.sum(tl.where(above, e, 0.0)) / z < top_p
+            good = tl.where(ok, mid, good)
+            n_good = tl.where(ok, n, n_good)
+            bad = tl.where(ok, bad, mid)
+            n_bad = tl.where(ok, n_bad, n)
             go = (good - bad > 1) & (n_bad - n_good > 1)
         good = tl.where(p_on, bad + 1, -2147483648)  # off: below every key, so top-p keeps them all
         kept = kept & (key >= good)
@@ -202,7 +188,7 @@ def _check(logits: torch.Tensor, keys: torch.Tensor, codebook: torch.Tensor,
 def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codebook: torch.Tensor,
                  ids_out: torch.Tensor, h_out: torch.Tensor,
                  guidance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                 num_warps: Optional[int] = None, candidates: Optional[int] = None) -> None:
+                 num_warps: Optional[int] = None) -> None:
     """Draw one token per position into ids_out (B, l) int64 and its codebook row into h_out (B, l, Cv).
 
     Args:
@@ -216,9 +202,7 @@ def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codeboo
         codebook: (V, Cv) float32.
         ids_out, h_out: written in place (any strides, e.g. views into larger buffers).
         guidance: ((1 + t), t) as 1-element float32 tensors, read on the device (graph-safe).
-        num_warps: warps per row's program; None: ``warps_for(V)``.
-        candidates: thresholds tested per search round (a power of two; 1 is bisection); None:
-            ``candidates_for(rows)``. Any value draws the same tokens.
+        num_warps: warps per row's program; None: ``warps_for(V, B * l)``.
 
     Launches one kernel on the current stream and, with tensor filters, allocates nothing.
     """
@@ -229,30 +213,27 @@ def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codeboo
     Cv = codebook.shape[1]
     c1, c0 = guidance if guidance is not None else (logits, logits)  # unread when MIX is off
     block_v = triton.next_power_of_2(V)
-    nt = candidates or candidates_for(B * l)
-    if nt < 1 or nt & (nt - 1):
-        raise ValueError(f"candidates must be a power of two, got {nt}")
     _sample_kernel[(B * l,)](
         logits, c1, c0, keys, keys.stride(0), top_k, top_p,
         codebook, codebook.stride(0), codebook.stride(1),
         ids_out, ids_out.stride(0), ids_out.stride(1), h_out, h_out.stride(0), h_out.stride(1), h_out.stride(2),
         B, l, V, Cv, sampling.U_MAX,
-        MIX=guidance is not None, COUNTER_STRIDE=sampling.COUNTER_STRIDE, NT=nt, BLOCK_V=block_v,
-        BLOCK_C=triton.next_power_of_2(Cv), num_warps=num_warps or warps_for(V),
+        MIX=guidance is not None, COUNTER_STRIDE=sampling.COUNTER_STRIDE, BLOCK_V=block_v,
+        BLOCK_C=triton.next_power_of_2(Cv), num_warps=num_warps or warps_for(V, B * l),
         enable_fp_fusion=False)
 
 
-def warps_for(V: int) -> int:
-    """Warps per row for a vocabulary of V."""
+# Below this many rows a launch is one row's latency (more warps per row shorten it); from it on, the rows'
+# total work (fewer warps per row keep more rows in flight). H200, V = 4,096 (benchmarks/NOTES.md, session
+# 15): 8 warps about 3 us faster per launch up to 100 rows, 4 warps 20-35 % faster from 144 rows.
+FEW_ROWS = 128
+
+
+def warps_for(V: int, rows: int = 1) -> int:
+    """Warps per row's program for a vocabulary of V and a launch of ``rows`` rows."""
     block_v = triton.next_power_of_2(V)
-    return 4 if block_v <= 2048 else 8 if block_v <= 8192 else 16
-
-
-# Rows below which a search round tests several thresholds: with few rows the launch is one round's latency
-# times the rounds, with many it is the total work. (To be set from the sweep on the GPU.)
-FEW_ROWS, FEW_ROWS_CANDIDATES = 512, 16
-
-
-def candidates_for(rows: int) -> int:
-    """Thresholds per search round for a launch of ``rows`` rows."""
-    return FEW_ROWS_CANDIDATES if rows < FEW_ROWS else 1
+    if block_v <= 2048:
+        return 4
+    if block_v <= 8192:
+        return 8 if rows < FEW_ROWS else 4
+    return 16

@@ -66,19 +66,9 @@ class AttnBlock(nn.Module):
         self.qkv = Conv2d(channels, 3 * channels, 1)
         self.proj_out = Conv2d(channels, channels, 1)
 
-    # "sdpa": F.scaled_dot_product_attention with one head of width C; "bmm": the official code's form, two
-    # batched matmuls around a softmax in at least float32. An engine sets it on its own copy of the decoder.
-    form = "sdpa"
-
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x_BCHW.shape
         q, k, v = self.qkv(self.norm(x_BCHW)).reshape(B, 3, C, H * W).unbind(1)
-        if self.form == "bmm":
-            # w[b, i, j] = q_i . k_j * C^-1/2, softmax over j in float32, h[b, :, i] = sum_j w[b, i, j] v_j.
-            w = torch.bmm(q.transpose(1, 2), k).mul_(C ** -0.5)
-            w = F.softmax(w, dim=2, dtype=torch.promote_types(w.dtype, torch.float32)).to(v.dtype)
-            h = torch.bmm(v, w.transpose(1, 2)).reshape(B, C, H, W)
-            return x_BCHW + self.proj_out(h)
         # (B, 1, HW, C) as one head of width C; softmax scale C^-1/2 like the official code.
         q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
         h = F.scaled_dot_product_attention(q, k, v, scale=C ** -0.5)
