@@ -202,7 +202,7 @@ def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codeboo
         codebook: (V, Cv) float32.
         ids_out, h_out: written in place (any strides, e.g. views into larger buffers).
         guidance: ((1 + t), t) as 1-element float32 tensors, read on the device (graph-safe).
-        num_warps: warps per row's program; None: ``warps_for(V, B * l)``.
+        num_warps: warps per row's program; None: ``warps_for(V)``.
 
     Launches one kernel on the current stream and, with tensor filters, allocates nothing.
     """
@@ -219,21 +219,11 @@ def sample_fused(logits: torch.Tensor, keys: torch.Tensor, top_k, top_p, codeboo
         ids_out, ids_out.stride(0), ids_out.stride(1), h_out, h_out.stride(0), h_out.stride(1), h_out.stride(2),
         B, l, V, Cv, sampling.U_MAX,
         MIX=guidance is not None, COUNTER_STRIDE=sampling.COUNTER_STRIDE, BLOCK_V=block_v,
-        BLOCK_C=triton.next_power_of_2(Cv), num_warps=num_warps or warps_for(V, B * l),
+        BLOCK_C=triton.next_power_of_2(Cv), num_warps=num_warps or warps_for(V),
         enable_fp_fusion=False)
 
 
-# Below this many rows a launch is one row's latency (more warps per row shorten it); from it on, the rows'
-# total work (fewer warps per row keep more rows in flight). H200, V = 4,096 (benchmarks/NOTES.md, session
-# 15): 8 warps about 3 us faster per launch up to 100 rows, 4 warps 20-35 % faster from 144 rows.
-FEW_ROWS = 128
-
-
-def warps_for(V: int, rows: int = 1) -> int:
-    """Warps per row's program for a vocabulary of V and a launch of ``rows`` rows."""
+def warps_for(V: int) -> int:
+    """Warps per row for a vocabulary of V."""
     block_v = triton.next_power_of_2(V)
-    if block_v <= 2048:
-        return 4
-    if block_v <= 8192:
-        return 8 if rows < FEW_ROWS else 4
-    return 16
+    return 4 if block_v <= 2048 else 8 if block_v <= 8192 else 16
