@@ -20,8 +20,11 @@ What is measured, per (model, backend, batch):
 - ``peak_mem_gib``: torch.cuda.max_memory_allocated after reset_peak_memory_stats, over the steady-state
   calls (``peak_mem_first_gib``: over setup + first call).
 
-Baselines: "official-style" is OUR RE-IMPLEMENTATION of the official algorithm (benchmarks/official_style.py);
-the official code's own measured numbers (benchmarks/reference_baselines.json) are printed beside it.
+Baselines: "official-code" is the official code itself (FoundationVision/VAR's ``autoregressive_infer_cfg``,
+benchmarks/official_code.py), imported from a checkout given with ``--official-src`` and run on the same
+weights in this process; "official-style" is OUR RE-IMPLEMENTATION of the official algorithm
+(benchmarks/official_style.py), which needs no checkout; the official code's numbers measured on an H100
+(benchmarks/reference_baselines.json) are printed beside them.
 DiT-XL/2 runs through diffusers with random weights (benchmarks/dit.py) when diffusers is importable.
 """
 from __future__ import annotations
@@ -48,9 +51,11 @@ import torch
 
 from benchmarks import dit as dit_mod
 from benchmarks import floors as floors_mod
+from benchmarks import official_code
 from benchmarks.official_style import OfficialStyle
 
 ALL_BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
+BASELINES = ("official", "official-code", "dit")
 PRESET_NAMES = ("d16", "d20", "d24", "d30", "d36")
 REF_PATH = Path(__file__).with_name("reference_baselines.json")
 REPO = Path(__file__).resolve().parents[1]
@@ -419,6 +424,31 @@ def run_official_model(args, mc, cpu_models, clock: Clock, budget: Budget, resul
     run_cases(cases, args, clock, budget, save, setup, body)
 
 
+def run_official_code_model(args, mc, cpu_models, clock: Clock, budget: Budget, results, save):
+    """The official code on this model's weights, every batch size (skipped, with the reason, where it
+    cannot run: no checkout given, a package it needs missing, a config it cannot express)."""
+    cases = [new_case("official_code", mc.name, "official-code", B) for B in args.batch_sizes]
+    results["cases"].extend(cases)
+    ac = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    sp = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+
+    def setup():
+        src = official_code.source_dir(args.official_src)
+        off, ms = timed_setup(clock, lambda: official_code.OfficialCode(
+            src, mc, cpu_models[0].state_dict(), cpu_models[1].state_dict(), clock.device, ac))
+        results["meta"]["official_code"] = {"source": repo_relative(src),
+                                            "sha256_16": official_code.fingerprint(src)}
+        return off, dict(setup_s=round(ms / 1e3, 3), model_load_s=cpu_models[2],
+                         autocast=str(ac) if ac is not None else "off (float32)")
+
+    def body(off, c):
+        labels = labels_for(c["batch"], mc.var.num_classes)
+        measure(c, clock, budget, lambda seed: off.generate(labels, seed=seed, **sp), c["batch"], args.warmup,
+                args.iters)
+
+    run_cases(cases, args, clock, budget, save, setup, body, setup_failure="skipped")
+
+
 def run_dit(args, clock: Clock, budget: Budget, results, save):
     cases = [new_case("dit", "DiT-XL/2" + (" (tiny)" if args.dit_tiny else ""), f"diffusers-ddim{steps}", B,
                       steps=steps)
@@ -473,6 +503,7 @@ def add_ratios(results: dict) -> None:
     ref = results.get("reference", {}) if same_kind_as_reference(results) else {}
     ok = [c for c in results["cases"] if c["status"] == "ok"]
     official = {(c["model"], c["batch"]): c for c in ok if c["kind"] == "official_style"}
+    code = {(c["model"], c["batch"]): c for c in ok if c["kind"] == "official_code"}
     dit = {}
     for c in ok:
         if c["kind"] == "dit":
@@ -487,6 +518,9 @@ def add_ratios(results: dict) -> None:
         o = official.get((c["model"], c["batch"]))
         if c["kind"] == "backend" and o is not None:
             c["x_vs_official_style"] = round(o["median_ms"] / c["median_ms"], 3)
+        oc = code.get((c["model"], c["batch"]))
+        if c["kind"] in ("backend", "official_style") and oc is not None:
+            c["x_vs_official_code"] = round(oc["median_ms"] / c["median_ms"], 3)
         r = ref_off.get(c["model"], {}).get(str(c["batch"]))
         if r is not None:
             c["x_vs_official_measured"] = round(r * 1e3 / c["median_ms"], 3)
@@ -519,21 +553,26 @@ def write_markdown(results: dict, path: Path) -> None:
          f"dtype {m['args']['dtype']}; weights: {m['weights']}",
          f"- steady state: median / p90 of {m['args']['iters']} timed calls after {m['args']['warmup']} warm-up "
          f"calls ({clock}); first call reported apart.", "",
+         f"**official-code** is the official code itself (FoundationVision/VAR, `autoregressive_infer_cfg`, "
+         f"{autocast_text(m['args']['dtype'])}, decode included) on the same weights in this run"
+         + (f" (checkout `{m['official_code']['source']}`, files sha256 {m['official_code']['sha256_16']})"
+            if m.get("official_code") else "") + "; "
          f"**official-style** is our re-implementation of the official algorithm (eager, "
          f"{autocast_text(m['args']['dtype'])}, KV cache by "
          "concatenation, AdaLN recomputed per scale, torch.multinomial sampling, decode included); the official "
-         "code's own measured numbers are in the reference table below. `x official-style` / `x official (ref)`: "
-         "baseline latency / our latency at the same batch; `x DiT-50/250`: our img/s / DiT's img/s (same batch "
-         "when measured, else the basis named in results.json).", "",
+         "code's numbers measured on an H100 are in the reference table below. `x official code` / "
+         "`x official-style` / `x official (ref)`: baseline latency / our latency at the same batch; "
+         "`x DiT-50/250`: our img/s / DiT's img/s (same batch when measured, else the basis named in "
+         "results.json).", "",
          "| model | backend | batch | status | first call ms | median ms | p90 ms | img/s | loop ms | peak GiB "
-         "| x official-style | x official (ref) | x DiT-50 | x DiT-250 |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| x official code | x official-style | x official (ref) | x DiT-50 | x DiT-250 |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         status = c["status"] if c["status"] == "ok" else f"{c['status']}: {c.get('reason') or ''}"
         L.append(f"| {c['model']} | {c['backend']} | {c['batch']} | {status} | {fmt(c.get('first_call_ms'))} | "
                  f"{fmt(c.get('median_ms'), 2)} | {fmt(c.get('p90_ms'), 2)} | {fmt(c.get('img_per_s'), 2)} | "
                  f"{fmt(c.get('loop_median_ms'), 2)} | {fmt(c.get('peak_mem_gib'), 2)} | "
-                 f"{fmt(c.get('x_vs_official_style'), 2)} | {fmt(c.get('x_vs_official_measured'), 2)} | "
+                 f"{fmt(c.get('x_vs_official_code'), 2)} | {fmt(c.get('x_vs_official_style'), 2)} | {fmt(c.get('x_vs_official_measured'), 2)} | "
                  f"{fmt(c.get('x_vs_dit50'), 1)} | {fmt(c.get('x_vs_dit250'), 1)} |")
     inst = [c for c in results["cases"] if c.get("per_scale_ms")]
     if inst:
@@ -622,7 +661,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--backends", nargs="+", default=["torch", "cudagraph"],
                    help=f"any of {', '.join(ALL_BACKENDS)} (comma or space separated)")
-    p.add_argument("--baselines", default="official", help="comma list of: official, dit, none")
+    p.add_argument("--baselines", default="official",
+                   help="comma list of: official (official-style, our re-implementation), official-code (the "
+                        "official code itself, needs --official-src), dit, none")
+    p.add_argument("--official-src", default=None,
+                   help=f"a checkout of {official_code.REPO_URL} for the official-code baseline "
+                        f"(default: ${official_code.ENV})")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     p.add_argument("--random-weights", action="store_true", default=None,
@@ -657,9 +701,9 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown backend(s) {bad}: use {', '.join(ALL_BACKENDS)}")
     a.baselines = [b for b in a.baselines.split(",") if b and b != "none"]
-    bad = [b for b in a.baselines if b not in ("official", "dit")]
+    bad = [b for b in a.baselines if b not in BASELINES]
     if bad:
-        p.error(f"unknown baseline(s) {bad}: use official, dit or none")
+        p.error(f"unknown baseline(s) {bad}: use {', '.join(BASELINES)} or none")
     if (a.var_ckpt or a.vae_ckpt) and a.random_weights:
         p.error("--random-weights cannot be combined with --var-ckpt/--vae-ckpt")
     n_models = len(a.model or a.config)
@@ -773,16 +817,21 @@ def main(argv=None) -> dict:
     for model, config in models:
         if budget.exceeded():
             name = model or Path(config).stem
-            for b in (["official-style"] if "official" in args.baselines else []) + args.backends:
+            kinds = {"official-code": "official_code", "official-style": "official_style"}
+            names = ((["official-code"] if "official-code" in args.baselines else [])
+                     + (["official-style"] if "official" in args.baselines else []) + args.backends)
+            for b in names:
                 for B in args.batch_sizes:
-                    results["cases"].append(new_case("official_style" if b == "official-style" else "backend",
-                                                     name, b, B, reason="time budget exceeded before this case"))
+                    results["cases"].append(new_case(kinds.get(b, "backend"), name, b, B,
+                                                     reason="time budget exceeded before this case"))
             save()
             continue
         mc, cpu_models = build_cpu_models(args, model, config)
         sh = floors_mod.shape_from_config(mc)
         results["floors"][mc.name] = {B: {k: v for k, v in floors_mod.floors(sh, B).items() if k != "per_scale"}
                                       for B in args.batch_sizes}
+        if "official-code" in args.baselines:
+            run_official_code_model(args, mc, cpu_models, clock, budget, results, save)
         if "official" in args.baselines:
             run_official_model(args, mc, cpu_models, clock, budget, results, save)
         for backend in args.backends:
@@ -805,13 +854,14 @@ def main(argv=None) -> dict:
 def print_summary(results: dict) -> None:
     print(f"\n# {results['meta']['device']}  torch {results['meta']['torch']}  ({results['meta']['elapsed_s']} s)")
     print(f"{'model':>10} {'backend':>16} {'B':>3} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'peak GiB':>8} "
-          f"{'x off-st':>8} {'x off-ref':>9} {'x DiT50':>8} {'x DiT250':>8}")
+          f"{'x off-code':>10} {'x off-st':>8} {'x off-ref':>9} {'x DiT50':>8} {'x DiT250':>8}")
     for c in results["cases"]:
         if c["status"] != "ok":
             print(f"{c['model']:>10} {c['backend']:>16} {c['batch']:>3} {c['status']}: {(c.get('reason') or '')[:90]}")
             continue
         print(f"{c['model']:>10} {c['backend']:>16} {c['batch']:>3} {c['median_ms']:10.2f} {c['p90_ms']:9.2f} "
-              f"{c['img_per_s']:8.2f} {fmt(c.get('peak_mem_gib'), 2):>8} {fmt(c.get('x_vs_official_style'), 2):>8} "
+              f"{c['img_per_s']:8.2f} {fmt(c.get('peak_mem_gib'), 2):>8} {fmt(c.get('x_vs_official_code'), 2):>10} "
+              f"{fmt(c.get('x_vs_official_style'), 2):>8} "
               f"{fmt(c.get('x_vs_official_measured'), 2):>9} {fmt(c.get('x_vs_dit50'), 1):>8} "
               f"{fmt(c.get('x_vs_dit250'), 1):>8}")
 

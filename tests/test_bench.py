@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from benchmarks import bench, floors
+from benchmarks import bench, floors, official_code
 from conftest import fixtures_dir
 
 
@@ -19,7 +20,8 @@ def tiny_config():
 def bench_run(tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     res = bench.main(["--config", tiny_config, "--random-weights", "--device", "cpu", "--dtype", "float32",
-                      "--batch-sizes", "1", "--backends", "torch,onnxruntime", "--baselines", "official",
+                      "--batch-sizes", "1", "--backends", "torch,onnxruntime", "--baselines", "official,official-code",
+                      "--official-src", str(out),  # not a checkout of the official code: that baseline is skipped
                       "--iters", "2", "--warmup", "0", "--instrument-runs", "1", "--out-dir", str(out)])
     return out, res
 
@@ -44,8 +46,12 @@ def test_bench_outputs(bench_run):
     # a backend this build does not have is skipped with a reason, not a crash
     sk = cases[("onnxruntime", 1)]
     assert sk["status"] == "skipped" and sk["reason"]
+    oc = cases[("official-code", 1)]  # so is the official code without a checkout, saying what to give
+    assert oc["status"] == "skipped" and "is not a checkout of https://github.com/FoundationVision/VAR" in oc["reason"]
+    assert "x_vs_official_code" not in cases[("torch", 1)]
     md = (out / "results.md").read_text()
     assert "| model | backend | batch |" in md and "official-style" in md and "re-implementation" in md
+    assert "| x official code | x official-style |" in md
     assert "Reference" in md and "227.3" in md  # the official code's measured numbers are printed
     assert "Where the time goes" in md
     assert data["floors"]
@@ -64,9 +70,10 @@ def test_bench_outputs(bench_run):
 
 def test_bench_time_budget(tiny_config, tmp_path):
     res = bench.main(["--config", tiny_config, "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1", "2",
-                      "--backends", "torch", "--baselines", "official", "--iters", "1", "--warmup", "0",
+                      "--backends", "torch", "--baselines", "official,official-code", "--iters", "1", "--warmup", "0",
                       "--time-budget-s", "0", "--out-dir", str(tmp_path)])
     assert res["cases"] and all(c["status"] == "not_run" and "budget" in c["reason"] for c in res["cases"])
+    assert sorted({c["kind"] for c in res["cases"]}) == ["backend", "official_code", "official_style"]
     assert (tmp_path / "results.md").is_file()
 
 
@@ -85,6 +92,40 @@ def test_bench_dit_tiny(tmp_path, tiny_config):
     assert d[0]["status"] == "ok" and d[0]["median_ms"] > 0
     t = [c for c in res["cases"] if c["backend"] == "torch"][0]
     assert t["x_vs_dit1"] > 0 and "this run" in t["x_vs_dit1_basis"]
+
+
+@pytest.mark.skipif(not os.environ.get(official_code.ENV),
+                    reason=f"needs a checkout of {official_code.REPO_URL} named by {official_code.ENV} (no network here)")
+def test_official_code_computes_what_var_rt_computes(tmp_path):
+    """The official-code baseline runs the official code on the benchmark's weights: with top-k 1 (no
+    randomness) its images are var-rt's, on both fixtures (256 px, and 512 px with shared AdaLN); and the
+    benchmark times it."""
+    from conftest import get_fixture
+    from var_rt.pipeline import VARPipeline
+    src = official_code.source_dir()
+    for name in ("var_tiny_256", "var_tiny_512_saln"):
+        fx = get_fixture(name)
+        off = official_code.OfficialCode(src, fx.cfg, fx.var.state_dict(), fx.vae.state_dict(),
+                                         torch.device("cpu"), None)
+        img = off.generate(torch.tensor([3, 7]), seed=0, cfg=1.5, top_k=1, top_p=0.0)
+        ours = VARPipeline(fx.cfg, fx.var, fx.vae, torch.device("cpu"), torch.float32, progress=False).generate(
+            class_labels=[3, 7], seed=0, cfg=1.5, top_k=1, top_p=0.0).images
+        assert (img - ours).abs().max() < 1e-4, name
+    res = bench.main(["--config", str(fixtures_dir() / "var_tiny_256" / "config.json"), "--device", "cpu",
+                      "--dtype", "float32", "--batch-sizes", "1", "--backends", "torch", "--baselines",
+                      "official-code", "--iters", "1", "--warmup", "0", "--instrument-runs", "0",
+                      "--out-dir", str(tmp_path)])
+    cases = {c["backend"]: c for c in res["cases"]}
+    assert cases["official-code"]["status"] == "ok" and cases["torch"]["x_vs_official_code"] > 0
+    assert len(res["meta"]["official_code"]["sha256_16"]) == 16
+
+
+def test_official_code_source_is_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv(official_code.ENV, raising=False)
+    with pytest.raises(official_code.Unavailable, match="give --official-src DIR"):
+        official_code.source_dir(None)
+    with pytest.raises(official_code.Unavailable, match="dist.py, models/var.py, models/vqvae.py missing"):
+        official_code.source_dir(str(tmp_path))
 
 
 def test_bench_cli_errors(tmp_path):

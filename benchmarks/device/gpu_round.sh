@@ -4,7 +4,8 @@
 # Steps: selftest (csrc/kernels_selftest.cu against its float64 reference), tests (GPU tests of the fused
 # paths; TESTS_K narrows them with pytest -k), sweep (benchmarks/device/kernel_sweep.py; SWEEP=attention,
 # sampler or groupnorm, default attention), profile (benchmarks.profile, every lever A/B in one process),
-# bench (benchmarks.bench, d16 and d30 at batch 1 and 64 with the official-style baseline), suite (all tests).
+# bench (benchmarks.bench, d16 and d30 at batch 1 and 64 with the official-style baseline, and the official code
+# itself when a checkout of it is at $OFFICIAL_SRC, default out/official-var), suite (all tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD VAR_RT_FIXTURES=${VAR_RT_FIXTURES:-$PWD/.fixtures}  # carry .fixtures
@@ -38,7 +39,9 @@ for step in "$@"; do
       $PY -m benchmarks.profile --model ${MODEL:-d16} --batch-sizes ${BATCHES:-1 64} "${args[@]}" ${PROFILE_ARGS:-} \
         --out "$OUT/profile-${MODEL:-d16}${PROFILE_TAG:-}.json" 2>&1 | grep -v Warning | cut -c1-400 ;;
     bench)
-      $PY -m benchmarks.bench --model d16 d30 --batch-sizes 1 64 --backends cudagraph --baselines official \
+      src=${OFFICIAL_SRC:-out/official-var}  # a checkout of FoundationVision/VAR (carry it): the official code too
+      base=(--baselines official); [ -f "$src/models/var.py" ] && base=(--baselines official,official-code --official-src "$src")
+      $PY -m benchmarks.bench --model ${BENCH_MODELS:-d16 d30} --batch-sizes ${BENCH_BATCHES:-1 64} --backends cudagraph "${base[@]}" \
         --dtype float16 --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench" \
         --time-budget-s ${BENCH_BUDGET:-400} 2>&1 | tail -15 ;;
     *) echo "unknown step $step"; exit 2 ;;
