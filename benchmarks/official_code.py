@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from var_rt.sampling import DEFAULTS
+
 REPO_URL = "https://github.com/FoundationVision/VAR"
 ENV = "VAR_OFFICIAL_SRC"
 # Buffers the official constructors compute (causal mask, level ids, zero key bias, codebook-usage statistics):
@@ -115,8 +117,8 @@ class OfficialCode:
                               f"{device}")
         self.device, self.autocast_dtype = torch.device(device), autocast_dtype
 
-    def generate(self, labels_B: torch.Tensor, seed: int = 0, cfg: float = 1.5, top_k: int = 900,
-                 top_p: float = 0.96) -> torch.Tensor:
+    def generate(self, labels_B: torch.Tensor, seed: int = 0, cfg: float = DEFAULTS.cfg, top_k: int = DEFAULTS.top_k,
+                 top_p: float = DEFAULTS.top_p) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] on the device, as ``autoregressive_infer_cfg`` returns them. A top-k of
         the vocabulary size or more keeps every token, as in var-rt (the official filter would fail on it)."""
         top_k = top_k if top_k < self.var.V else 0
