@@ -116,3 +116,62 @@ def test_policy_keeps_fp32_where_the_official_autocast_does(fx):
         assert var.blocks[0].attn.scale_mul_1H11.dtype == torch.float32
     if fx.cfg.var.shared_aln:
         assert var.blocks[0].ada_gss.dtype == torch.float32
+
+
+# ---- against the official code itself, beyond the fixtures' sizes ---------------------------------------------
+# Models the official classes can express (their VQVAE is fixed at ch_mult (1, 1, 2, 2, 4), 2 res blocks), each
+# differing from both fixtures: class count, vocabulary, Cvae, depth, heads, width, MLP ratio, AdaLN form, L2
+# attention on and off, phi sharing (one per scale, one for all, n shared), schedules of 5 and 7 scales.
+OFFICIAL_SHAPED = {
+    "c7_d3_h3_saln_nol2": ({"vocab_size": 96, "z_channels": 8, "ch": 32, "share_quant_resi": 0,
+                            "v_patch_nums": [1, 2, 3, 5, 8]},
+                           {"num_classes": 7, "depth": 3, "embed_dim": 96, "num_heads": 3, "shared_aln": True,
+                            "attn_l2_norm": False, "norm_eps": 1e-6, "mlp_ratio": 2.0}),
+    "c13_d1_h4_l2_phi1": ({"vocab_size": 200, "z_channels": 12, "ch": 32, "share_quant_resi": 1,
+                           "v_patch_nums": [1, 2, 4, 6, 7, 9, 12]},
+                          {"num_classes": 13, "depth": 1, "embed_dim": 64, "num_heads": 4, "shared_aln": False,
+                           "attn_l2_norm": True, "norm_eps": 1e-5, "mlp_ratio": 3.0}),
+    "c1_d2_h1_phi3": ({"vocab_size": 64, "z_channels": 4, "ch": 32, "share_quant_resi": 3,
+                       "v_patch_nums": [1, 2, 3, 4, 6]},
+                      {"num_classes": 1, "depth": 2, "embed_dim": 32, "num_heads": 1, "shared_aln": False,
+                       "attn_l2_norm": True, "norm_eps": 1e-6, "mlp_ratio": 4.0}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_SHAPED))
+def test_greedy_generation_is_the_official_codes(name, tmp_path):
+    """var-rt (``torch`` backend, float32) computes the official code's teacher-forced logits and draws its greedy
+    images (top-k 1, cfg 1.5, the linear schedule) from the same random weights, for models of other sizes than
+    the fixtures'. The official code is
+    imported from a checkout (benchmarks/official_code.py); without one the test skips."""
+    import json
+    import os
+    from benchmarks import official_code
+    if not os.environ.get(official_code.ENV):
+        pytest.skip(f"needs a checkout of {official_code.REPO_URL} named by {official_code.ENV} (no network here)")
+    vae_cfg, var_cfg = OFFICIAL_SHAPED[name]
+    path = tmp_path / name / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"vae": vae_cfg, "var": var_cfg}))
+    pipe = _load(path)
+    with torch.no_grad():  # larger weights than init_random_weights' (whose tiny AdaLN gates leave the blocks
+        g = torch.Generator().manual_seed(1)  # almost no say in the greedy tokens): every block counts
+        for p in pipe.var.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    off = official_code.OfficialCode(official_code.source_dir(), pipe.cfg, pipe.var.state_dict(),
+                                     pipe.vae.state_dict(), torch.device("cpu"), None)
+    # Teacher forcing (the official forward, class dropout off) on random token maps: the logits.
+    gen = torch.Generator().manual_seed(2)
+    idx = [torch.randint(0, vae_cfg["vocab_size"], (2, pn * pn), generator=gen) for pn in vae_cfg["v_patch_nums"]]
+    x_in, lab = pipe.vae.quantize.idx_to_var_input(idx), torch.tensor([0, var_cfg["num_classes"] - 1])
+    off.var.cond_drop_rate = 0.0
+    with torch.no_grad():
+        want, got = off.var(lab, x_in), pipe.var.forward_teacher(lab, x_in)
+    rel = float((want - got).abs().max() / want.abs().max())
+    assert rel < 1e-5, f"{name}: teacher-forced logits {rel:.1e} (relative) from the official code's"
+    labels = [var_cfg["num_classes"] - 1, 0, var_cfg["num_classes"]]  # the last is the null (unconditional) class
+    ours = pipe.generate(class_labels=labels, seed=0, cfg=1.5, top_k=1, top_p=0.0).images
+    theirs = off.generate(torch.tensor(labels), seed=0, cfg=1.5, top_k=1, top_p=0.0)
+    assert theirs.shape == ours.shape
+    err = float((theirs - ours).abs().max())
+    assert err < 1e-4, f"{name}: the official code's greedy images are {err:.2e} from var-rt's"
