@@ -8,6 +8,11 @@ the checkpoints), the same labels and seeds, and greedy sampling (top-k 1: no ra
 differs only where the logits' order differs). The first backend is the reference: per scale, the share
 of its tokens that each other backend samples too, and the largest image difference. A flip at one scale
 changes the next scale's input, so later scales disagree more than the arithmetic alone would.
+
+``official-code`` in ``--backends`` is the official code itself (benchmarks/official_code.py, from the checkout
+``--official-src`` names) on the same weights, in float32 weights under ``--dtype`` autocast, as the official
+demo runs it: ``--backends official-code torch cudagraph`` measures how much of the official run's greedy
+tokens each backend keeps.
 """
 from __future__ import annotations
 
@@ -30,6 +35,21 @@ def generate_tokens(pipe, B: int, cfg: float, seed: int) -> Dict[str, object]:
     out = pipe.generate(class_labels=labels_for(B, pipe.cfg.var.num_classes).tolist(), seed=seed, cfg=cfg, top_k=1,
                         top_p=0.0, batch_size=B, progress=False)
     return {"tokens": [t.cpu() for t in out.tokens], "images": out.images.float().cpu()}
+
+
+def official_tokens(args, model: Optional[str], B: int, cfg: float, seed: int) -> Dict[str, object]:
+    """``generate_tokens`` for the official code: its greedy tokens and images for the same labels and weights."""
+    from benchmarks import official_code
+    from var_rt.pipeline import build_models, resolve_config, resolve_device
+    mc = resolve_config(model, args.config)
+    var, vae = build_models(mc, args.var_ckpt, args.vae_ckpt, args.var_ckpt is None, args.weight_seed)
+    amp = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    off = official_code.OfficialCode(official_code.source_dir(args.official_src), mc, var.state_dict(),
+                                     vae.state_dict(), resolve_device(args.device), amp)
+    del var, vae
+    images, tokens = off.generate_with_tokens(labels_for(B, mc.var.num_classes), seed=seed, cfg=cfg, top_k=1,
+                                              top_p=0.0)
+    return {"tokens": [t.cpu() for t in tokens], "images": images.float().cpu()}
 
 
 def compare(ref: Dict[str, object], got: Dict[str, object]) -> Dict[str, object]:
@@ -56,11 +76,15 @@ def run(args) -> Dict[str, object]:
         for backend in args.backends:
             t0 = time.perf_counter()
             try:
-                pipe = VARPipeline.load(model, config=args.config, var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt,
-                                        random_weights=args.var_ckpt is None, weight_seed=args.weight_seed,
-                                        device=args.device, dtype=args.dtype, backend=backend, progress=False,
-                                        engine_dir=args.engine_dir if backend in ("onnxruntime", "tensorrt") else None)
-                got = generate_tokens(pipe, args.batch, args.cfg, args.seed)
+                if backend == "official-code":
+                    got = official_tokens(args, model, args.batch, args.cfg, args.seed)
+                else:
+                    pipe = VARPipeline.load(model, config=args.config, var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt,
+                                            random_weights=args.var_ckpt is None, weight_seed=args.weight_seed,
+                                            device=args.device, dtype=args.dtype, backend=backend, progress=False,
+                                            engine_dir=args.engine_dir if backend in ("onnxruntime", "tensorrt")
+                                            else None)
+                    got = generate_tokens(pipe, args.batch, args.cfg, args.seed)
             except Exception as e:  # a backend that cannot run here says why, the others still run
                 entry["runs"].append({"backend": backend, "status": "error", "reason": f"{type(e).__name__}: {e}"[:400]})
                 print(f"[agreement] {entry['model']} {backend}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -87,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", nargs="+", default=["d16"], help="presets (d16 ... d36)")
     p.add_argument("--config", help="a model config JSON instead of --model")
     p.add_argument("--backends", nargs="+", default=["torch", "cudagraph"],
-                   help="the first is the reference")
+                   help="the first is the reference; official-code is the official code itself (--official-src)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=8)
@@ -97,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--var-ckpt")
     p.add_argument("--vae-ckpt")
     p.add_argument("--engine-dir", help="export folder for the onnxruntime/tensorrt backends")
+    p.add_argument("--official-src", help="a checkout of the official code, for the backend name official-code "
+                                           "(default: $VAR_OFFICIAL_SRC)")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     if len(args.backends) < 2:

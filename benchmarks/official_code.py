@@ -17,7 +17,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -116,6 +116,22 @@ class OfficialCode:
             raise Unavailable(f"the official code draws on {gen_dev} (its dist.get_device()), the benchmark runs on "
                               f"{device}")
         self.device, self.autocast_dtype = torch.device(device), autocast_dtype
+
+    def generate_with_tokens(self, labels_B: torch.Tensor, **kw) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``generate``'s images and the tokens sampled at each scale, (B, pn^2) each. The tokens are read by a
+        forward hook on the codebook embedding that ``autoregressive_infer_cfg`` looks them up in, once per scale
+        (without more_smooth, which this baseline never sets)."""
+        tokens: List[torch.Tensor] = []
+        emb = self.var.vae_quant_proxy[0].embedding
+        hook = emb.register_forward_hook(lambda mod, args, out: tokens.append(args[0].detach().clone()))
+        try:
+            images = self.generate(labels_B, **kw)
+        finally:
+            hook.remove()
+        if len(tokens) != len(self.var.patch_nums):
+            raise RuntimeError(f"the official code looked up the codebook {len(tokens)} times for "
+                               f"{len(self.var.patch_nums)} scales: this checkout samples differently")
+        return images, tokens
 
     def generate(self, labels_B: torch.Tensor, seed: int = 0, cfg: float = DEFAULTS.cfg, top_k: int = DEFAULTS.top_k,
                  top_p: float = DEFAULTS.top_p) -> torch.Tensor:

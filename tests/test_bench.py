@@ -236,6 +236,25 @@ def test_agreement_cli_same_backend_agrees(tmp_path):
     assert other["per_scale"] == [1.0] * 10 and other["image_max_abs_diff"] == 0.0
 
 
+def test_agreement_against_the_official_code(tmp_path, monkeypatch):
+    """``official-code`` as the reference of benchmarks.agreement: with a checkout its greedy tokens are var-rt's
+    at every scale (float32); without one that run says what to give and the others still run."""
+    from benchmarks import agreement
+    cfg, out = fixtures_dir() / "var_tiny_256" / "config.json", tmp_path / "agree.json"
+    src = os.environ.get(official_code.ENV)
+    args = ["--config", str(cfg), "--backends", "official-code", "torch", "--dtype", "float32", "--device", "cpu",
+            "--batch", "2", "--out", str(out)]
+    if src is None:
+        assert agreement.main(args + ["--official-src", str(tmp_path)]) == 1
+        off, torch_run = json.loads(out.read_text())["models"][0]["runs"]
+        assert off["status"] == "error" and "is not a checkout of" in off["reason"] and torch_run["status"] == "ok"
+        return
+    assert agreement.main(args) == 0
+    ref, ours = json.loads(out.read_text())["models"][0]["runs"]
+    assert ref["backend"] == "official-code" and ref["reference"]
+    assert ours["per_scale"] == [1.0] * 10 and ours["image_max_abs_diff"] < 1e-4
+
+
 def test_backend_arg_values():
     """--backend-arg values: booleans, numbers, JSON objects (engine_options) and paths."""
     v = bench.backend_arg_value
