@@ -5,7 +5,8 @@
 # paths; TESTS_K narrows them with pytest -k), sweep (benchmarks/device/kernel_sweep.py; SWEEP=attention,
 # sampler or groupnorm, default attention), profile (benchmarks.profile, every lever A/B in one process),
 # bench (benchmarks.bench, d16 and d30 at batch 1 and 64 with the official-style baseline, and the official code
-# itself when a checkout of it is at $OFFICIAL_SRC, default out/official-var), suite (all tests).
+# itself when a checkout of it is at $OFFICIAL_SRC, default out/official-var), agreement (greedy FP16 tokens of
+# torch and cudagraph against the official code's autocast run, per scale; needs that checkout), suite (all tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD VAR_RT_FIXTURES=${VAR_RT_FIXTURES:-$PWD/.fixtures}  # carry .fixtures
@@ -44,6 +45,10 @@ for step in "$@"; do
       $PY -m benchmarks.bench --model ${BENCH_MODELS:-d16 d30} --batch-sizes ${BENCH_BATCHES:-1 64} --backends cudagraph "${base[@]}" \
         --dtype float16 --iters 10 --warmup 2 --instrument-runs 0 --out-dir "$OUT/bench" \
         --time-budget-s ${BENCH_BUDGET:-400} 2>&1 | tail -15 ;;
+    agreement)  # greedy FP16 tokens per scale against the official code's autocast run (needs its checkout)
+      $PY -m benchmarks.agreement --model ${AGREE_MODELS:-d16 d30} --backends official-code torch cudagraph \
+        --dtype float16 --batch ${AGREE_BATCH:-16} --official-src "${OFFICIAL_SRC:-out/official-var}" \
+        --out "$OUT/agreement-official.json" 2>&1 | grep -v Warning | cut -c1-400 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "step $step: $(( $(date +%s) - t )) s"
