@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.bench import labels_for  # the benchmark's labels, so the two runs compare
+from benchmarks.bench import autocast_dtype, labels_for  # the benchmark's labels, so the two runs compare
 from var_rt.validation import DEFAULTS
 
 
@@ -43,9 +43,8 @@ def official_tokens(args, model: Optional[str], B: int, cfg: float, seed: int) -
     from var_rt.pipeline import build_models, resolve_config, resolve_device
     mc = resolve_config(model, args.config)
     var, vae = build_models(mc, args.var_ckpt, args.vae_ckpt, args.var_ckpt is None, args.weight_seed)
-    amp = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
     off = official_code.OfficialCode(official_code.source_dir(args.official_src), mc, var.state_dict(),
-                                     vae.state_dict(), resolve_device(args.device), amp)
+                                     vae.state_dict(), resolve_device(args.device), autocast_dtype(args.dtype))
     del var, vae
     images, tokens = off.generate_with_tokens(labels_for(B, mc.var.num_classes), seed=seed, cfg=cfg, top_k=1,
                                               top_p=0.0)

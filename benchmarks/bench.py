@@ -53,6 +53,7 @@ from benchmarks import dit as dit_mod
 from benchmarks import floors as floors_mod
 from benchmarks import official_code
 from benchmarks.official_style import OfficialStyle
+from var_rt.precision import DTYPES
 
 ALL_BACKENDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
 BASELINES = ("official", "official-code", "dit")
@@ -84,6 +85,11 @@ def timing_text(cuda: bool) -> Dict[str, str]:
 def autocast_text(dtype: str) -> str:
     """What the official-style baseline runs in for --dtype (see run_official_model)."""
     return {"float16": "FP16 autocast", "bfloat16": "BF16 autocast"}.get(dtype, "float32, no autocast")
+
+
+def autocast_dtype(dtype: str) -> Optional[torch.dtype]:
+    """The autocast the official code and the official-style baseline run under for --dtype (None: float32)."""
+    return None if dtype == "float32" else DTYPES[dtype]
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -361,7 +367,7 @@ def run_backend_model(args, mc, cpu_models, backend: str, clock: Clock, budget: 
     def setup():
         var, vae = copy.deepcopy(cpu_models[0]), copy.deepcopy(cpu_models[1])
         extra = dict(args.backend_arg)
-        pipe, ms = timed_setup(clock, lambda: pl.VARPipeline(mc, var, vae, clock.device, pl.DTYPES[args.dtype],
+        pipe, ms = timed_setup(clock, lambda: pl.VARPipeline(mc, var, vae, clock.device, DTYPES[args.dtype],
                                                             backend=backend, progress=False, **extra))
         del var, vae
         weights_gib = gib(torch.cuda.memory_allocated(clock.device)) if clock.cuda else None
@@ -405,7 +411,7 @@ def record_failure(c: dict, e: Exception, verbose: bool) -> None:
 def run_official_model(args, mc, cpu_models, clock: Clock, budget: Budget, results, save):
     cases = [new_case("official_style", mc.name, "official-style", B) for B in args.batch_sizes]
     results["cases"].extend(cases)
-    ac = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    ac = autocast_dtype(args.dtype)
     sp = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
 
     def setup():
@@ -429,7 +435,7 @@ def run_official_code_model(args, mc, cpu_models, clock: Clock, budget: Budget, 
     cannot run: no checkout given, a package it needs missing, a config it cannot express)."""
     cases = [new_case("official_code", mc.name, "official-code", B) for B in args.batch_sizes]
     results["cases"].extend(cases)
-    ac = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    ac = autocast_dtype(args.dtype)
     sp = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
 
     def setup():
@@ -461,7 +467,7 @@ def run_dit(args, clock: Clock, budget: Budget, results, save):
         save()
         return
     results["meta"]["diffusers"] = why
-    dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype, torch.float32)
+    dt = DTYPES[args.dtype]
 
     def setup():
         pipe, ms = timed_setup(clock, lambda: dit_mod.build_pipeline(clock.device, dt, tiny=args.dit_tiny))

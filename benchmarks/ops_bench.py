@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from var_rt import ops
+from var_rt.precision import DTYPES
 
 SCHEDULES = {16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 32: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # VAR-d16 at 256 px: depth 16, 16 heads of 64; the KV cache holds all 680 tokens of 2B rows (CFG).
 KV_DEPTH, KV_HEADS, KV_DIM = 16, 16, 64
 
